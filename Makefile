@@ -1,0 +1,36 @@
+# lorax-lite: the README's commands.
+#   make install   .venv/ with the package and its dev dependencies (idempotent)
+#   make test      install, fetch the default model, run the whole test suite
+#   make bench     install, fetch the default model, run the benchmarks -> docs/benchmarks.md
+#
+# GPU users: create .venv and install your own CUDA build of torch into it first;
+# `make install` only installs $(TORCH) when torch is not importable yet.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+MODEL_DIR ?= models/SmolLM2-135M-Instruct
+
+.PHONY: install test bench fetch-model clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+fetch-model: install
+	$(VENV)/bin/lorax-lite fetch-model --model-dir $(MODEL_DIR)
+
+test: fetch-model
+	$(PY) -m pytest -q tests
+
+bench: fetch-model
+	$(PY) scripts/bench_engine.py --model $(MODEL_DIR) --output docs/benchmarks.md
+
+clean:
+	rm -rf $(VENV) build *.egg-info

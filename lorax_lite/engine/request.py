@@ -1,0 +1,226 @@
+"""The plain objects that cross the engine boundary: SamplingParams in, Request inside, RequestOutput out."""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from lorax_lite.engine.detokenizer import IncrementalDetokenizer
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"  # max_tokens reached (or max_model_len)
+    STOP = "stop"  # a stop string or a stop token id
+    EOS = "eos"  # the model's end-of-sequence token
+    ABORT = "abort"  # the client went away or asked to abort
+    ERROR = "error"  # this request failed; `RequestOutput.error` says why
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens for one request. Invalid values raise ValueError naming the field.
+
+    temperature 0 is greedy; top_k 0 (or -1) and top_p 1.0 disable those filters. `seed` makes the
+    sampled output reproducible whatever else is in the batch. `stop` strings end generation and are
+    left out of the text; `stop_token_ids` end it too (the token is kept in `token_ids`).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not _is_real(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise ValueError(f"top_k must be an integer >= 0 (0 or -1 disables it), got {self.top_k!r}")
+        if not _is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        self.top_k = max(self.top_k, 0)
+        self.stop = _check_stop(self.stop)
+        self.stop_token_ids = _check_stop_token_ids(self.stop_token_ids)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_stop(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
+    if any(s == "" for s in stop):
+        raise ValueError("stop strings must not be empty")
+    return list(stop)
+
+
+def _check_stop_token_ids(ids: list[int] | None) -> list[int]:
+    if ids is None:
+        return []
+    if not isinstance(ids, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in ids):
+        raise ValueError(f"stop_token_ids must be a list of non-negative integers, got {ids!r}")
+    return list(ids)
+
+
+@dataclass
+class RequestMetrics:
+    """Wall-clock times (time.time()) of a request's life, for headers, metrics and benchmarks."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+    @property
+    def queue_time(self) -> float | None:
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+
+@dataclass
+class RequestOutput:
+    """What a caller sees of a request: cumulative, so the last one carries everything."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    finished: bool
+    adapter_id: str | None = None
+    error: str | None = None
+    metrics: RequestMetrics | None = None
+
+
+class Request:
+    """One sequence inside the engine: its tokens, progress, and sampling state.
+
+    `num_computed_tokens` counts the tokens whose K/V are in the cache; a step schedules the
+    tokens after them. A preempted request resets it to 0 and recomputes prompt + output later.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        prompt: str | None = None,
+        adapter_id: str | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.adapter_id = adapter_id
+        self.output_token_ids: list[int] = []
+        self.num_computed_tokens = 0
+        self.status = RequestStatus.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.error: str | None = None
+        self.metrics = RequestMetrics(arrival_time=arrival_time or time.time())
+        self.generator: torch.Generator | None = None  # set by the engine for sampled requests
+        self.detokenizer: IncrementalDetokenizer | None = None  # set by the engine
+        self.num_preemptions = 0
+        self.seed: int | None = sampling_params.seed  # the seed actually used (drawn when None)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def token_ids_slice(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output, without building the whole list."""
+        n = self.num_prompt_tokens
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        if start >= n:
+            return self.output_token_ids[start - n : end - n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
+
+    def finish(self, reason: FinishReason, error: str | None = None) -> None:
+        self.status = RequestStatus.FINISHED
+        self.finish_reason = reason
+        self.error = error
+        self.metrics.finished_time = time.time()
+
+    @property
+    def text(self) -> str:
+        return self.detokenizer.output_text if self.detokenizer is not None else ""
+
+    def to_output(self) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            token_ids=list(self.output_token_ids),
+            text=self.text,
+            finish_reason=self.finish_reason.value if self.finish_reason else None,
+            finished=self.is_finished,
+            adapter_id=self.adapter_id,
+            error=self.error,
+            metrics=self.metrics,
+        )
+
+
+__all__ = ["FinishReason", "Request", "RequestMetrics", "RequestOutput", "RequestStatus", "SamplingParams"]
