@@ -206,7 +206,8 @@ class Request:
 
     @property
     def text(self) -> str:
-        return self.detokenizer.output_text if self.detokenizer is not None else ""
+        """Text safe to show now: while running, a possible start of a stop string is held back."""
+        return self.detokenizer.stream_text(self.is_finished) if self.detokenizer is not None else ""
 
     def to_output(self) -> RequestOutput:
         return RequestOutput(

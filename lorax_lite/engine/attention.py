@@ -1,0 +1,125 @@
+"""Paged attention for a flattened batch, registered with transformers' AttentionInterface.
+
+The runner publishes an `AttentionMetadata` for the step through `forward_context`; every
+attention layer of the HF model then (1) writes the K/V of the scheduled tokens into their cache
+slots and (2) attends each sequence's queries to that sequence's cached keys. Sequences are
+grouped once per step (decodes, prefill chunks) into padded batches, so a layer runs at most
+two SDPA calls whatever the number of requests: no per-request Python inside the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from lorax_lite.engine.kv_cache import KVCache
+
+ATTN_IMPLEMENTATION = "lorax_paged"
+
+
+@dataclass
+class AttentionGroup:
+    """Sequences padded into one attention batch of B sequences, Q queries and L keys each."""
+
+    q_index: torch.Tensor  # [B, Q] index of each query in the flat batch (padding: 0)
+    kv_slots: torch.Tensor  # [B, L] cache slot of each key (padding: 0, masked out)
+    q_pos: torch.Tensor  # [B, Q] position of each query in its sequence
+    valid: torch.Tensor  # [B * Q] bool, which padded queries are real
+    dest: torch.Tensor  # [n_valid] index in the flat batch of each real query
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    def mask(self, sliding_window: int | None) -> torch.Tensor:
+        """[B, 1, Q, L] bool, True where a query may attend a key (causal, optionally windowed)."""
+        if sliding_window not in self._masks:
+            k_pos = torch.arange(self.kv_slots.shape[1], device=self.q_pos.device)
+            dist = self.q_pos[:, :, None] - k_pos[None, None, :]  # [B, Q, L]
+            allowed = dist >= 0
+            if sliding_window is not None:
+                allowed &= dist < sliding_window
+            self._masks[sliding_window] = allowed[:, None]
+        return self._masks[sliding_window]
+
+
+@dataclass
+class AttentionMetadata:
+    """What every attention layer needs for one step; built once by the runner."""
+
+    kv_cache: KVCache
+    slot_mapping: torch.Tensor  # [T] cache slot where each scheduled token's K/V is written
+    groups: list[AttentionGroup]
+
+
+_CONTEXT: contextvars.ContextVar[AttentionMetadata | None] = contextvars.ContextVar("lorax_attention", default=None)
+
+
+@contextlib.contextmanager
+def forward_context(metadata: AttentionMetadata) -> Iterator[None]:
+    """Publish the step's metadata to the attention layers for the duration of one forward."""
+    token = _CONTEXT.set(metadata)
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+def paged_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """HF attention signature. query: [1, Hq, T, D]; key, value: [1, Hkv, T, D] -> [1, T, Hq, D]."""
+    meta = _CONTEXT.get()
+    if meta is None:
+        raise RuntimeError(f"{ATTN_IMPLEMENTATION} attention called outside the engine's forward_context")
+    layer = module.layer_idx
+    k_cache, v_cache = meta.kv_cache.key[layer], meta.kv_cache.value[layer]
+    k_cache.index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1))
+    v_cache.index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1))
+    q = query[0].transpose(0, 1)  # [T, Hq, D]
+    out = torch.empty_like(q)
+    for group in meta.groups:
+        out[group.dest] = _attend_group(q, k_cache, v_cache, group, scaling, sliding_window)
+    return out.unsqueeze(0), None
+
+
+def _attend_group(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    group: AttentionGroup,
+    scaling: float | None,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    qb = q[group.q_index].transpose(1, 2)  # [B, Hq, Q, D]
+    kb = k_cache[group.kv_slots].transpose(1, 2)  # [B, Hkv, L, D]
+    vb = v_cache[group.kv_slots].transpose(1, 2)
+    ob = F.scaled_dot_product_attention(
+        qb, kb, vb, attn_mask=group.mask(sliding_window), scale=scaling, enable_gqa=kb.shape[1] != num_heads
+    )
+    return ob.transpose(1, 2).reshape(-1, num_heads, head_dim)[group.valid]  # [n_valid, Hq, D]
+
+
+def _no_mask(*args: object, **kwargs: object) -> None:
+    """Our attention masks each sequence itself from the step's metadata; HF builds no mask."""
+    return None
+
+
+def register_attention() -> str:
+    """Register the paged attention (and its mask entry) with transformers; returns its name."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _no_mask)
+    return ATTN_IMPLEMENTATION

@@ -1,0 +1,110 @@
+"""Paged KV cache: a BlockManager that hands out fixed-size blocks, and the per-layer tensors they index."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+
+class BlockManager:
+    """Owns the block tables: which physical blocks hold each sequence's K/V, in order.
+
+    Token `i` of a sequence lives in block `block_table[i // block_size]` at offset `i % block_size`.
+    Allocators ask first, then act: `can_allocate` → `allocate`, `can_append` → `append`, `free`.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks} and {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free: deque[int] = deque(range(num_blocks))
+        self._tables: dict[str, list[int]] = {}
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def block_table(self, seq_id: str) -> list[int]:
+        return self._tables[seq_id]
+
+    def has(self, seq_id: str) -> bool:
+        return seq_id in self._tables
+
+    def can_allocate(self, num_tokens: int) -> bool:
+        return self.blocks_for(num_tokens) <= len(self._free)
+
+    def allocate(self, seq_id: str, num_tokens: int) -> None:
+        """Give a new sequence enough blocks for its first `num_tokens` tokens."""
+        if seq_id in self._tables:
+            raise RuntimeError(f"sequence {seq_id!r} already has blocks")
+        self._tables[seq_id] = []
+        self.append(seq_id, num_tokens)
+
+    def num_new_blocks(self, seq_id: str, num_tokens: int) -> int:
+        """Blocks a sequence still needs to hold `num_tokens` tokens in total."""
+        have = len(self._tables.get(seq_id, ()))
+        return max(self.blocks_for(num_tokens) - have, 0)
+
+    def can_append(self, seq_id: str, num_tokens: int) -> bool:
+        return self.num_new_blocks(seq_id, num_tokens) <= len(self._free)
+
+    def append(self, seq_id: str, num_tokens: int) -> None:
+        """Grow a sequence's block table so it holds `num_tokens` tokens in total."""
+        needed = self.num_new_blocks(seq_id, num_tokens)
+        if needed > len(self._free):
+            raise RuntimeError(f"out of KV blocks: {seq_id!r} needs {needed}, {len(self._free)} free")
+        table = self._tables[seq_id]
+        for _ in range(needed):
+            table.append(self._free.popleft())
+
+    def free(self, seq_id: str) -> None:
+        """Return a sequence's blocks to the free list (no-op for an unknown sequence)."""
+        for block in self._tables.pop(seq_id, ()):
+            self._free.append(block)
+
+    def check_invariants(self) -> None:
+        used = [b for table in self._tables.values() for b in table]
+        if len(used) != len(set(used)):
+            raise AssertionError("a block is owned by two sequences (or twice by one)")
+        if set(used) & set(self._free):
+            raise AssertionError("a block is both free and used")
+        if len(used) + len(self._free) != self.num_blocks:
+            raise AssertionError(f"free {len(self._free)} + used {len(used)} != total {self.num_blocks}")
+        if len(self._free) != len(set(self._free)):
+            raise AssertionError("a block is on the free list twice")
+
+
+class KVCache:
+    """Per-layer K and V tensors, `[num_blocks * block_size, num_kv_heads, head_dim]` each.
+
+    Flat along the slot dimension so a token's K/V is addressed by one slot index:
+    `slot = block_table[pos // block_size] * block_size + pos % block_size`.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        self.key = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.value = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize

@@ -1,0 +1,137 @@
+"""ModelRunner: one scheduled batch -> one flattened forward pass of the HF model -> one token per sampling request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from lorax_lite.engine.attention import (
+    ATTN_IMPLEMENTATION,
+    AttentionGroup,
+    AttentionMetadata,
+    forward_context,
+    register_attention,
+)
+from lorax_lite.engine.kv_cache import BlockManager, KVCache
+from lorax_lite.engine.sampler import Sampler, SamplerOutput
+from lorax_lite.engine.scheduler import ScheduledBatch
+
+
+@dataclass
+class ModelShape:
+    """What the KV cache needs to know about the model."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int | None
+
+    @classmethod
+    def of(cls, model: PreTrainedModel) -> "ModelShape":
+        cfg = model.config.get_text_config()
+        num_heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
+        return cls(
+            num_layers=cfg.num_hidden_layers,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or num_heads,
+            head_dim=head_dim,
+            max_position_embeddings=getattr(cfg, "max_position_embeddings", None),
+        )
+
+
+@dataclass
+class StepInputs:
+    """The flat batch of one step, as tensors on the model's device."""
+
+    input_ids: torch.Tensor  # [1, T]
+    position_ids: torch.Tensor  # [1, T]
+    logits_indices: torch.Tensor  # [S] index in T of the last token of each sampling sequence
+    attention: AttentionMetadata
+
+
+class ModelRunner:
+    """Runs the HF model (its attention swapped for the paged one) over flattened batches."""
+
+    def __init__(self, model: PreTrainedModel, num_kv_blocks: int, block_size: int) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.block_size = block_size
+        self.shape = ModelShape.of(model)
+        model.set_attn_implementation(register_attention())
+        if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+            raise ValueError(f"{type(model).__name__} does not support custom attention (transformers' AttentionInterface)")
+        s = self.shape
+        self.kv_cache = KVCache(s.num_layers, num_kv_blocks, block_size, s.num_kv_heads, s.head_dim, self.dtype, self.device)
+        self.sampler = Sampler()
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch, block_manager: BlockManager) -> SamplerOutput:
+        inputs = self._prepare_inputs(batch, block_manager)
+        with forward_context(inputs.attention):
+            out = self.model(
+                input_ids=inputs.input_ids,
+                position_ids=inputs.position_ids,
+                use_cache=False,
+                logits_to_keep=inputs.logits_indices,
+            )
+        return self.sampler(out.logits[0], batch.sampling_requests)
+
+    def _prepare_inputs(self, batch: ScheduledBatch, block_manager: BlockManager) -> StepInputs:
+        reqs, counts = batch.requests, batch.num_new_tokens
+        context = torch.tensor([r.num_computed_tokens for r in reqs])  # [S] tokens already cached
+        num_new = torch.tensor(counts)  # [S]
+        starts = torch.cumsum(num_new, 0) - num_new  # [S] first index of each sequence in T
+        token_ids = [t for r, n in zip(reqs, counts) for t in r.token_ids_slice(r.num_computed_tokens, r.num_computed_tokens + n)]
+        seq_of_token = torch.repeat_interleave(torch.arange(len(reqs)), num_new)  # [T]
+        positions = context[seq_of_token] + torch.arange(len(token_ids)) - starts[seq_of_token]  # [T]
+        block_tables = self._prepare_block_tables(reqs, block_manager)  # [S, max_blocks]
+        bs = self.block_size
+        slot_mapping = block_tables[seq_of_token, positions // bs] * bs + positions % bs  # [T]
+        groups = [
+            self._prepare_group(idx, starts, num_new, context, block_tables)
+            for idx in (torch.nonzero(num_new == 1).flatten(), torch.nonzero(num_new > 1).flatten())
+            if len(idx)
+        ]
+        sampling = torch.tensor([batch.samples(i) for i in range(len(reqs))])
+        logits_indices = (starts + num_new - 1)[sampling]
+        dev = self.device
+        return StepInputs(
+            input_ids=torch.tensor([token_ids], device=dev),
+            position_ids=positions.unsqueeze(0).to(dev),
+            logits_indices=logits_indices.to(dev),
+            attention=AttentionMetadata(self.kv_cache, slot_mapping.to(dev), groups),
+        )
+
+    @staticmethod
+    def _prepare_block_tables(reqs: list, block_manager: BlockManager) -> torch.Tensor:
+        tables = [block_manager.block_table(r.request_id) for r in reqs]
+        width = max(len(t) for t in tables)
+        return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+
+    def _prepare_group(
+        self,
+        idx: torch.Tensor,
+        starts: torch.Tensor,
+        num_new: torch.Tensor,
+        context: torch.Tensor,
+        block_tables: torch.Tensor,
+    ) -> AttentionGroup:
+        """Pad the sequences `idx` into one attention batch [B, Q queries, L keys]."""
+        n, ctx = num_new[idx], context[idx]
+        q_len, kv_len = int(n.max()), int((ctx + n).max())
+        j = torch.arange(q_len)
+        valid = j[None, :] < n[:, None]  # [B, Q]
+        q_index = torch.where(valid, starts[idx][:, None] + j[None, :], 0)
+        bs = self.block_size
+        slots = (block_tables[idx][:, :, None] * bs + torch.arange(bs)).flatten(1)[:, :kv_len]  # [B, L]
+        dev = self.device
+        return AttentionGroup(
+            q_index=q_index.to(dev),
+            kv_slots=slots.to(dev),
+            q_pos=(ctx[:, None] + j[None, :]).to(dev),
+            valid=valid.flatten().to(dev),
+            dest=q_index[valid].to(dev),
+        )

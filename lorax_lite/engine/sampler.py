@@ -1,0 +1,137 @@
+"""Sampler: turns one row of logits per request into one token id per request.
+
+Order of operations follows transformers' `generate`: repetition penalty -> temperature -> top_k ->
+top_p -> softmax -> draw. Filters run batched over the rows; only the final draw loops over the
+sampled rows, each with its own `torch.Generator`, so a seeded request draws the same tokens
+whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lorax_lite.engine.request import Request
+
+
+@dataclass
+class SamplerOutput:
+    """The chosen token per request and its log-probability.
+
+    `logprobs[i]` is taken from the distribution row i was actually drawn from: for a sampled
+    row, the log-softmax of the processed logits (penalty, temperature, top_k, top_p applied);
+    for a greedy row, the log-softmax of the raw logits (before the repetition penalty).
+    """
+
+    token_ids: list[int]
+    logprobs: list[float]
+
+
+class Sampler:
+    """Picks one token per row of `logits`, following each request's `sampling_params`."""
+
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+        """logits: [N, V], row i belongs to requests[i]; any float dtype/device (computed in fp32)."""
+        if logits.dim() != 2 or logits.shape[0] != len(requests):
+            raise ValueError(f"logits must be [N, V] with N={len(requests)}, got {tuple(logits.shape)}")
+        raw = logits.float()  # [N, V]
+        penalized = self._apply_repetition_penalty(raw, requests)  # [N, V]
+        token_ids = torch.empty(len(requests), dtype=torch.long)
+        logprobs = torch.empty(len(requests), dtype=torch.float32)
+        greedy = [i for i, r in enumerate(requests) if r.sampling_params.is_greedy]
+        sampled = [i for i, r in enumerate(requests) if not r.sampling_params.is_greedy]
+        if greedy:
+            self._pick_greedy(raw, penalized, greedy, token_ids, logprobs)
+        if sampled:
+            self._pick_sampled(penalized, [requests[i] for i in sampled], sampled, token_ids, logprobs)
+        return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs.tolist())
+
+    # -- repetition penalty ---------------------------------------------------------------------
+
+    def _apply_repetition_penalty(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """HF RepetitionPenaltyLogitsProcessor per row: seen ids get logit*p if < 0 else logit/p."""
+        rows = [i for i, r in enumerate(requests) if r.sampling_params.repetition_penalty != 1.0]
+        if not rows:
+            return logits
+        vocab_size = logits.shape[1]
+        seen = self._seen_mask([requests[i].all_token_ids for i in rows], vocab_size, logits.device)  # [R, V]
+        penalty = torch.tensor(
+            [requests[i].sampling_params.repetition_penalty for i in rows], dtype=torch.float32, device=logits.device
+        )[:, None]  # [R, 1]
+        index = torch.tensor(rows, device=logits.device)
+        sub = logits[index]  # [R, V]
+        penalized = torch.where(sub < 0, sub * penalty, sub / penalty)
+        out = logits.clone()
+        out[index] = torch.where(seen, penalized, sub)
+        return out
+
+    @staticmethod
+    def _seen_mask(token_lists: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+        """[R, V] bool: token v appears in list r. Ids >= V are ignored (as HF does)."""
+        width = max(1, max(len(t) for t in token_lists))
+        ids = torch.full((len(token_lists), width), vocab_size, dtype=torch.long)  # pad with V, dropped below
+        for r, tokens in enumerate(token_lists):
+            ids[r, : len(tokens)] = torch.tensor(tokens, dtype=torch.long).clamp(max=vocab_size)
+        mask = torch.zeros(len(token_lists), vocab_size + 1, dtype=torch.bool, device=device)
+        mask.scatter_(1, ids.to(device), True)
+        return mask[:, :vocab_size]
+
+    # -- greedy ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _pick_greedy(
+        raw: torch.Tensor, penalized: torch.Tensor, rows: list[int], token_ids: torch.Tensor, logprobs: torch.Tensor
+    ) -> None:
+        index = torch.tensor(rows, device=raw.device)
+        chosen = penalized[index].argmax(dim=-1)  # [G]
+        lp = torch.log_softmax(raw[index], dim=-1).gather(1, chosen[:, None])[:, 0]  # [G]
+        token_ids[rows] = chosen.cpu()
+        logprobs[rows] = lp.cpu()
+
+    # -- sampled --------------------------------------------------------------------------------
+
+    def _pick_sampled(
+        self,
+        penalized: torch.Tensor,
+        requests: list[Request],
+        rows: list[int],
+        token_ids: torch.Tensor,
+        logprobs: torch.Tensor,
+    ) -> None:
+        device = penalized.device
+        params = [r.sampling_params for r in requests]
+        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+        logits = penalized[torch.tensor(rows, device=device)] / temperature[:, None]  # [S, V]
+        logits = self._apply_top_k_top_p(logits, [p.top_k for p in params], [p.top_p for p in params])
+        log_probs = torch.log_softmax(logits, dim=-1).cpu()  # [S, V], on CPU for the per-row draw
+        probs = log_probs.exp()
+        for s, (row, request) in enumerate(zip(rows, requests)):
+            if request.generator is None:
+                raise RuntimeError(f"request {request.request_id} samples but has no generator")
+            token = int(torch.multinomial(probs[s], 1, generator=request.generator))
+            token_ids[row] = token
+            logprobs[row] = log_probs[s, token]
+
+    @staticmethod
+    def _apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+        """Mask to -inf what top_k (0 = off) and then top_p (1.0 = off) remove. logits: [S, V]."""
+        if all(k == 0 for k in top_k) and all(p >= 1.0 for p in top_p):
+            return logits
+        num_rows, vocab_size = logits.shape
+        device = logits.device
+        sorted_logits, sorted_index = logits.sort(dim=-1, descending=True)  # [S, V]
+        # top_k: keep values >= the k-th largest (ties with it are kept, like HF's TopKLogitsWarper).
+        k = torch.tensor([min(k, vocab_size) if k > 0 else vocab_size for k in top_k], device=device)
+        kth = sorted_logits.gather(1, (k - 1)[:, None])  # [S, 1]
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+        # top_p: drop a token once the mass strictly above it already reaches top_p (top token stays).
+        p = torch.tensor(top_p, dtype=torch.float32, device=device)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs  # [S, V]
+        drop = (mass_above >= p[:, None]) & (p < 1.0)[:, None]
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        return torch.empty_like(logits).scatter_(1, sorted_index, sorted_logits)
+
+
+__all__ = ["Sampler", "SamplerOutput"]

@@ -1,0 +1,189 @@
+"""Continuous batching: which tokens of which requests run in the next forward pass.
+
+Every step is scheduled from scratch under two budgets, `max_num_seqs` running sequences and
+`max_num_batched_tokens` tokens. Running decodes go first (one token each), then running prefill
+chunks, then waiting requests in arrival order; a prompt longer than the token budget left is
+prefilled in chunks over several steps, so it never stalls the decodes. When the KV cache runs
+out, the newest running request is preempted: its blocks are freed and it goes back to the front
+of the waiting queue, to be recomputed (prompt + what it generated so far) later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from lorax_lite.engine.kv_cache import BlockManager
+from lorax_lite.engine.request import FinishReason, Request, RequestStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """The work of one step: `num_new_tokens[i]` tokens of `requests[i]`, after its computed ones."""
+
+    requests: list[Request] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.requests
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def samples(self, i: int) -> bool:
+        """Whether request i gets a next token this step (its scheduled tokens reach its end)."""
+        req = self.requests[i]
+        return req.num_computed_tokens + self.num_new_tokens[i] == req.num_tokens
+
+    @property
+    def sampling_requests(self) -> list[Request]:
+        return [r for i, r in enumerate(self.requests) if self.samples(i)]
+
+
+class Scheduler:
+    """Decides each step's batch and applies its results; owns the waiting and running queues."""
+
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        eos_token_ids: set[int],
+    ) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_ids = set(eos_token_ids)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order: the last is the newest
+        self.num_preemptions = 0
+        self._preempted_this_step = False
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, request_id: str) -> Request | None:
+        """Finish a request wherever it is, freeing its blocks. Unknown or finished ids: None."""
+        for req in list(self.waiting) + self.running:
+            if req.request_id == request_id:
+                self._finish(req, FinishReason.ABORT)
+                return req
+        return None
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        self._preempted_this_step = False
+        budget = self._schedule_running(batch, self.max_num_batched_tokens)
+        if not self._preempted_this_step:  # memory is tight: admit nobody new this step
+            self._schedule_waiting(batch, budget)
+        return batch
+
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+        decodes = [r for r in self.running if r.num_uncomputed_tokens == 1]
+        prefills = [r for r in self.running if r.num_uncomputed_tokens > 1]
+        for req in decodes + prefills:
+            if budget == 0:
+                break
+            if req.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this step
+            n = min(req.num_uncomputed_tokens, budget)
+            budget = self._reserve(batch, req, n, budget)
+            if req.status is RequestStatus.RUNNING:
+                batch.requests.append(req)
+                batch.num_new_tokens.append(n)
+                budget -= n
+        return budget
+
+    def _reserve(self, batch: ScheduledBatch, req: Request, n: int, budget: int) -> int:
+        """Make room for `n` more tokens of `req`, preempting the newest running requests; returns the budget."""
+        total = req.num_computed_tokens + n
+        while not self.block_manager.can_append(req.request_id, total):
+            victim = self.running[-1]
+            budget += self._unschedule(batch, victim)
+            self._preempt(victim)
+            if victim is req:
+                return budget
+        self.block_manager.append(req.request_id, total)
+        return budget
+
+    def _unschedule(self, batch: ScheduledBatch, req: Request) -> int:
+        if req not in batch.requests:
+            return 0
+        i = batch.requests.index(req)
+        batch.requests.pop(i)
+        return batch.num_new_tokens.pop(i)
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.block_manager.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+        self._preempted_this_step = True
+
+    def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            n = min(req.num_uncomputed_tokens, budget)
+            if not self.block_manager.can_allocate(n):
+                break  # first come, first served: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            self.block_manager.allocate(req.request_id, n)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            batch.requests.append(req)
+            batch.num_new_tokens.append(n)
+            budget -= n
+
+    def postprocess(self, batch: ScheduledBatch, sampled: list[int]) -> list[Request]:
+        """Apply a step's results; returns the requests that got a new token (finished or not)."""
+        sampling = iter(sampled)
+        updated = []
+        for i, req in enumerate(batch.requests):
+            samples = batch.samples(i)
+            req.num_computed_tokens += batch.num_new_tokens[i]
+            if samples:
+                self._append_token(req, next(sampling))
+                updated.append(req)
+        return updated
+
+    def _append_token(self, req: Request, token_id: int) -> None:
+        req.output_token_ids.append(token_id)
+        if req.detokenizer is not None:
+            req.detokenizer.append(token_id)
+        reason = self._stop_reason(req, token_id)
+        if reason is not None:
+            self._finish(req, reason)
+
+    def _stop_reason(self, req: Request, token_id: int) -> FinishReason | None:
+        params = req.sampling_params
+        if not params.ignore_eos and token_id in self.eos_token_ids:
+            return FinishReason.EOS
+        if token_id in params.stop_token_ids or (req.detokenizer is not None and req.detokenizer.stopped):
+            return FinishReason.STOP
+        if req.num_generated_tokens >= params.max_tokens or req.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, req: Request, reason: FinishReason, error: str | None = None) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.block_manager.free(req.request_id)
+        req.finish(reason, error)
+
+    def fail(self, requests: list[Request], error: str) -> None:
+        """Finish these requests with an error (e.g. their forward pass raised)."""
+        for req in requests:
+            if not req.is_finished:
+                self._finish(req, FinishReason.ERROR, error)
