@@ -28,17 +28,18 @@ ATTN_IMPLEMENTATION = "lorax_paged"
 class AttentionGroup:
     """Sequences padded into one attention batch of B sequences, Q queries and L keys each."""
 
-    q_index: torch.Tensor  # [B, Q] index of each query in the flat batch (padding: 0)
-    kv_slots: torch.Tensor  # [B, L] cache slot of each key (padding: 0, masked out)
+    q_index: torch.Tensor | None  # [B, Q] index of each query in the flat batch (padding: 0); None = all, in order
+    block_tables: torch.Tensor  # [B, NB] cache blocks of each sequence (padding: block 0, masked out)
     q_pos: torch.Tensor  # [B, Q] position of each query in its sequence
-    valid: torch.Tensor  # [B * Q] bool, which padded queries are real
-    dest: torch.Tensor  # [n_valid] index in the flat batch of each real query
+    valid: torch.Tensor | None  # [B * Q] bool, which padded queries are real; None = all
+    dest: torch.Tensor | None  # [n_valid] index in the flat batch of each real query; None = all, in order
+    block_size: int
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
     def mask(self, sliding_window: int | None) -> torch.Tensor:
         """[B, 1, Q, L] bool, True where a query may attend a key (causal, optionally windowed)."""
         if sliding_window not in self._masks:
-            k_pos = torch.arange(self.kv_slots.shape[1], device=self.q_pos.device)
+            k_pos = torch.arange(self.block_tables.shape[1] * self.block_size, device=self.q_pos.device)
             dist = self.q_pos[:, :, None] - k_pos[None, None, :]  # [B, Q, L]
             allowed = dist >= 0
             if sliding_window is not None:
@@ -89,6 +90,8 @@ def paged_attention_forward(
     k_cache.index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1))
     v_cache.index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1))
     q = query[0].transpose(0, 1)  # [T, Hq, D]
+    if len(meta.groups) == 1 and meta.groups[0].dest is None:  # e.g. all decodes: no scatter needed
+        return _attend_group(q, k_cache, v_cache, meta.groups[0], scaling, sliding_window).unsqueeze(0), None
     out = torch.empty_like(q)
     for group in meta.groups:
         out[group.dest] = _attend_group(q, k_cache, v_cache, group, scaling, sliding_window)
@@ -104,13 +107,18 @@ def _attend_group(
     sliding_window: int | None,
 ) -> torch.Tensor:
     num_heads, head_dim = q.shape[1], q.shape[2]
-    qb = q[group.q_index].transpose(1, 2)  # [B, Hq, Q, D]
-    kb = k_cache[group.kv_slots].transpose(1, 2)  # [B, Hkv, L, D]
-    vb = v_cache[group.kv_slots].transpose(1, 2)
+    num_seqs, num_kv_heads = group.block_tables.shape[0], k_cache.shape[1]
+    qb = (q[group.q_index] if group.q_index is not None else q.unsqueeze(1)).transpose(1, 2)  # [B, Hq, Q, D]
+    # k_cache: [num_blocks * bs, Hkv, D] viewed as blocks, gathered a block at a time -> [B, Hkv, L, D]
+    kb = k_cache.view(-1, group.block_size, num_kv_heads, head_dim)[group.block_tables]
+    vb = v_cache.view(-1, group.block_size, num_kv_heads, head_dim)[group.block_tables]
+    kb = kb.view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+    vb = vb.view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
     ob = F.scaled_dot_product_attention(
-        qb, kb, vb, attn_mask=group.mask(sliding_window), scale=scaling, enable_gqa=kb.shape[1] != num_heads
+        qb, kb, vb, attn_mask=group.mask(sliding_window), scale=scaling, enable_gqa=num_kv_heads != num_heads
     )
-    return ob.transpose(1, 2).reshape(-1, num_heads, head_dim)[group.valid]  # [n_valid, Hq, D]
+    ob = ob.transpose(1, 2).reshape(-1, num_heads, head_dim)  # [B * Q, Hq, D]
+    return ob[group.valid] if group.valid is not None else ob
 
 
 def _no_mask(*args: object, **kwargs: object) -> None:

@@ -125,13 +125,17 @@ class ModelRunner:
         j = torch.arange(q_len)
         valid = j[None, :] < n[:, None]  # [B, Q]
         q_index = torch.where(valid, starts[idx][:, None] + j[None, :], 0)
-        bs = self.block_size
-        slots = (block_tables[idx][:, :, None] * bs + torch.arange(bs)).flatten(1)[:, :kv_len]  # [B, L]
+        tables = block_tables[idx][:, : -(-kv_len // self.block_size)]  # [B, NB]
         dev = self.device
+        if len(idx) == len(starts) and bool(valid.all()) and q_len == 1:  # decodes only: queries already in order
+            q_index_dev = valid_dev = dest_dev = None
+        else:
+            q_index_dev, valid_dev, dest_dev = q_index.to(dev), valid.flatten().to(dev), q_index[valid].to(dev)
         return AttentionGroup(
-            q_index=q_index.to(dev),
-            kv_slots=slots.to(dev),
+            q_index=q_index_dev,
+            block_tables=tables.to(dev),
             q_pos=(ctx[:, None] + j[None, :]).to(dev),
-            valid=valid.flatten().to(dev),
-            dest=q_index[valid].to(dev),
+            valid=valid_dev,
+            dest=dest_dev,
+            block_size=self.block_size,
         )

@@ -85,7 +85,8 @@ class Sampler:
     ) -> None:
         index = torch.tensor(rows, device=raw.device)
         chosen = penalized[index].argmax(dim=-1)  # [G]
-        lp = torch.log_softmax(raw[index], dim=-1).gather(1, chosen[:, None])[:, 0]  # [G]
+        rows_raw = raw[index]  # [G, V]
+        lp = rows_raw.gather(1, chosen[:, None])[:, 0] - torch.logsumexp(rows_raw, dim=-1)  # [G]
         token_ids[rows] = chosen.cpu()
         logprobs[rows] = lp.cpu()
 

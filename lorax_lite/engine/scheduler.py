@@ -53,6 +53,9 @@ class Scheduler:
         max_model_len: int,
         eos_token_ids: set[int],
     ) -> None:
+        capacity = block_manager.num_blocks * block_manager.block_size
+        if max_model_len > capacity:  # else a long request could preempt itself forever
+            raise ValueError(f"max_model_len {max_model_len} exceeds the KV cache capacity of {capacity} tokens")
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens

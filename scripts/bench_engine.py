@@ -1,0 +1,621 @@
+"""Benchmark the lorax-lite engine against transformers on this machine; writes docs/benchmarks.md.
+
+What is measured, all in one run, on one model (fp32, torch's default thread count):
+
+1. Throughput: the same 32 prompts (fixed seed, ~10-120 tokens each) x 64 greedy tokens with
+   `ignore_eos`, as one `LLM.generate` call, against transformers `model.generate` on the same
+   batch (left-padded, `min_new_tokens` = `max_new_tokens` = 64). Both are warmed up, then run
+   alternately for `--repeats` rounds; we report medians and the ratio engine / transformers.
+   A few prompts are also run alone through transformers (batch 1, no padding) to check the
+   engine's greedy tokens are the same.
+2. Continuous batching (the seed's 100/10/10 experiment): three pirate-chat requests submitted
+   together with max_tokens 100, 10, 10; each short one's latency beside the long one is
+   compared with its latency when it runs alone. Times are taken around `LLMEngine.step()`.
+3. Sequential vs concurrent classification (seed 000): 16 article titles classified through
+   `LLM.chat` one request at a time, all 16 submitted together, and as one prompt holding all 16.
+
+Timings are wall-clock medians; the machine is shared and noisy, so only ratios measured in the
+same run are compared. Raw numbers go to the JSON file. `make bench` runs this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))  # import this checkout's lorax_lite whatever the editable install says
+
+from lorax_lite import LLM, SamplingParams  # noqa: E402
+from lorax_lite.llm import render_chat  # noqa: E402
+
+PROMPT_SEED = 1234
+
+# Short business questions and instructions; each prompt is some context sentences + one of these.
+QUESTIONS = [
+    "Summarize the main risks in our third-quarter sales forecast.",
+    "Draft a polite email asking a supplier to confirm the new delivery date.",
+    "What are three ways to reduce customer churn for a subscription software product?",
+    "Explain the difference between gross margin and operating margin.",
+    "Write a short agenda for a one-hour product planning meeting.",
+    "How should a small retailer prepare for the holiday season?",
+    "List the key points to include in a vendor contract renewal.",
+    "Suggest a name for an internal dashboard that tracks warehouse inventory.",
+    "What questions should we ask when interviewing a candidate for a data analyst role?",
+    "Rewrite this sentence to sound more professional: we messed up the shipment.",
+    "Give me a checklist for onboarding a new remote employee.",
+    "How can a finance team shorten the month-end close?",
+    "Describe a simple process for handling customer refund requests.",
+    "What metrics should a customer support team report every week?",
+    "Write a two-sentence update for the board about the delayed product launch.",
+    "What is a reasonable budget split between marketing channels for a new startup?",
+    "Explain why cash flow matters more than profit for a young company.",
+    "Draft a job posting for a part-time bookkeeper.",
+    "How do we decide whether to build or buy a new CRM system?",
+    "Give three tips for running an effective quarterly business review.",
+    "What should be in a risk register for a construction project?",
+    "Summarize the pros and cons of moving our servers to the cloud.",
+    "Write a short thank-you note to a long-standing client.",
+    "How can a sales team qualify leads faster?",
+    "Explain what a service level agreement is to a new manager.",
+    "Propose a fair policy for remote work in a team of twenty people.",
+    "What steps should we take after a data breach is discovered?",
+    "Suggest ways to cut travel expenses without hurting client relationships.",
+    "How do we measure the return on a training program for staff?",
+    "Write a brief announcement of a new office opening in Austin.",
+    "What are common mistakes when setting prices for a new product?",
+    "Outline a plan to improve on-time delivery from 85% to 95%.",
+]
+
+CONTEXT = [
+    "Our company sells accounting software to small and medium-sized businesses across North America.",
+    "Revenue grew eight percent last quarter, but new customer sign-ups slowed in the final month.",
+    "The operations team recently moved to a new warehouse management system.",
+    "Several large clients have asked for more flexible payment terms this year.",
+    "The board expects a clear plan before the next budget review in March.",
+    "Our main competitor cut its prices by fifteen percent in the spring.",
+    "The customer support team handles about four hundred tickets every week.",
+    "We have twelve sales representatives, most of whom joined in the last two years.",
+    "Shipping costs rose sharply after our logistics partner changed its rates.",
+    "Employee surveys show that people want clearer goals and more feedback from managers.",
+    "The finance department still reconciles many accounts by hand in spreadsheets.",
+    "Marketing spend is currently split between search ads, trade shows and email campaigns.",
+    "Two key suppliers are located overseas, which makes delivery times hard to predict.",
+    "Leadership wants to expand into Europe within the next eighteen months.",
+    "Our product roadmap includes a mobile app and better reporting features.",
+    "Last year an outage of our billing system lasted almost a full business day.",
+]
+
+PIRATE_SYSTEM = "You are a friendly chatbot who always responds in the style of a pirate"
+PIRATE_QUESTIONS = [
+    "If you could have dinner with any historical figure, who would it be and why?",
+    "What is one technological innovation you believe will have the most impact on society in the next decade?",
+    "If you had to live in another country for a year, which one would you choose and what would you most look forward to experiencing there?",
+]
+
+CLASSIFY_SYSTEM = (
+    "You are an helpful AI assistant that categorizes the text in one of the two categories : SCIENCE, AI. \n"
+    "###Important :\nDo not add any additional information"
+)
+ARTICLE_TITLES = [
+    "GPT-3 (Generative Pre-trained Transformer 3) - OpenAI's powerful language model capable of writing like a human",
+    "DALL-E - OpenAI's AI system that can create images from textual descriptions",
+    "Scientific research has led to significant advancements in medicine and healthcare.",
+    "CLIP (Contrastive Language-Image Pretraining) - OpenAI's model that understands images in the context of natural language",
+    "Science has contributed to our understanding of the natural world and the universe.",
+    "Codex - OpenAI's AI system that can understand and generate code, powering GitHub Copilot",
+    "GPT-4 - OpenAI's rumored next iteration of their language model with anticipated improvements",
+    "Azure AI - Microsoft's suite of AI services, including machine learning, cognitive services, and conversational AI",
+    "The collaboration and exchange of scientific knowledge across international borders have facilitated global progress in various fields.",
+    "Scientific innovations have improved communication and connectivity through technology.",
+    "Microsoft Turing Models - A series of large-scale language models developed by Microsoft",
+    "Microsoft Project Brainwave - Real-time AI platform for cloud and edge computing",
+    "Microsoft AI for Earth - A program applying AI to environmental challenges",
+    "Microsoft AI for Health - An initiative leveraging AI for health-related research",
+    "Scientific innovations have improved communication and connectivity through technology.",
+    "OpenAI's API - Providing access to GPT-3 and other models for various applications",
+]
+
+
+@dataclass
+class Workload:
+    """The sizes of every scenario; `--quick` shrinks them for a smoke run."""
+
+    num_prompts: int = 32
+    max_tokens: int = 64
+    min_prompt_tokens: int = 10
+    max_prompt_tokens: int = 120
+    repeats: int = 3
+    num_correctness_prompts: int = 4
+    latency_max_tokens: tuple[int, ...] = (100, 10, 10)
+    num_titles: int = 16
+    classify_max_tokens: int = 8
+    one_prompt_max_tokens: int = 128
+
+    @classmethod
+    def quick(cls) -> "Workload":
+        return cls(num_prompts=4, max_tokens=8, repeats=1, num_correctness_prompts=2,
+                   latency_max_tokens=(20, 4, 4), num_titles=4, one_prompt_max_tokens=16)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """Wall seconds of `fn()` and its result."""
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def build_prompts(tokenizer: PreTrainedTokenizerBase, w: Workload, seed: int = PROMPT_SEED) -> list[str]:
+    """Deterministic prompts: context sentences then a question, each grown to a random target length."""
+    rng = random.Random(seed)
+    prompts = []
+    for i in range(w.num_prompts):
+        target = rng.randint(w.min_prompt_tokens, w.max_prompt_tokens)
+        sentences = rng.sample(CONTEXT, len(CONTEXT))
+        prompt = QUESTIONS[i % len(QUESTIONS)]
+        for sentence in sentences:
+            longer = f"{sentence} {prompt}"
+            if len(tokenizer(longer).input_ids) > target:
+                break
+            prompt = longer
+        prompts.append(prompt)
+    return prompts
+
+
+def greedy(max_tokens: int, ignore_eos: bool = True) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=ignore_eos)
+
+
+# ---------------------------------------------------------------- 1. throughput
+
+
+def engine_generate(llm: LLM, prompts: list[str], max_tokens: int) -> tuple[float, list[list[int]]]:
+    seconds, outs = timed(lambda: llm.generate(prompts, greedy(max_tokens)))
+    return seconds, [list(o.token_ids) for o in outs]
+
+
+def hf_generate(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list[str], max_tokens: int
+) -> tuple[float, list[list[int]]]:
+    """transformers' batched generate, timed from text in to text out like the engine's."""
+
+    def run() -> list[list[int]]:
+        enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
+        with torch.inference_mode():
+            out = model.generate(**enc, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                                 do_sample=False, pad_token_id=tok.pad_token_id)
+        new = out[:, enc.input_ids.shape[1]:].tolist()
+        tok.batch_decode(new, skip_special_tokens=True)
+        return new
+
+    return timed(run)
+
+
+def run_throughput(llm: LLM, model: PreTrainedModel, tok: PreTrainedTokenizerBase,
+                   prompts: list[str], w: Workload) -> dict[str, Any]:
+    """Warm both up, then alternate engine and transformers for `w.repeats` rounds."""
+    engine_generate(llm, prompts[:2], 4)
+    hf_generate(model, tok, prompts[:2], 4)
+    engine_s: list[float] = []
+    hf_s: list[float] = []
+    engine_tokens: list[list[int]] = []
+    for r in range(w.repeats):
+        order = ("engine", "hf") if r % 2 == 0 else ("hf", "engine")
+        for name in order:
+            if name == "engine":
+                seconds, engine_tokens = engine_generate(llm, prompts, w.max_tokens)
+                engine_s.append(seconds)
+                assert all(len(t) == w.max_tokens for t in engine_tokens), "engine made fewer tokens than asked"
+            else:
+                seconds, hf_tokens = hf_generate(model, tok, prompts, w.max_tokens)
+                hf_s.append(seconds)
+                assert all(len(t) == w.max_tokens for t in hf_tokens), "transformers made fewer tokens than asked"
+        print(f"  round {r + 1}: engine {engine_s[-1]:.2f}s, transformers {hf_s[-1]:.2f}s", flush=True)
+    total = len(prompts) * w.max_tokens
+    eng_tps, hf_tps = total / median(engine_s), total / median(hf_s)
+    return {
+        "generated_tokens": total, "engine_seconds": engine_s, "hf_seconds": hf_s,
+        "engine_tok_s": eng_tps, "hf_tok_s": hf_tps, "ratio": eng_tps / hf_tps,
+        "correctness": check_correctness(model, tok, prompts, engine_tokens, w),
+    }
+
+
+def correctness_indices(prompts: list[str], tok: PreTrainedTokenizerBase, n: int) -> list[int]:
+    """The shortest, the longest and evenly spaced prompts between them."""
+    by_len = sorted(range(len(prompts)), key=lambda i: len(tok(prompts[i]).input_ids))
+    picks = [by_len[round(k * (len(by_len) - 1) / max(n - 1, 1))] for k in range(n)]
+    return list(dict.fromkeys(picks))
+
+
+def check_correctness(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list[str],
+                      engine_tokens: list[list[int]], w: Workload) -> list[dict[str, Any]]:
+    """Engine tokens vs transformers `generate` on each prompt alone (batch 1, no padding, no EOS stop)."""
+    results = []
+    for i in correctness_indices(prompts, tok, w.num_correctness_prompts):
+        enc = tok(prompts[i], return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**enc, max_new_tokens=w.max_tokens, do_sample=False,
+                                 eos_token_id=[], pad_token_id=tok.pad_token_id)  # no EOS: like ignore_eos
+        ref, got = out[0, enc.input_ids.shape[1]:].tolist(), engine_tokens[i]
+        same = next((k for k, (a, b) in enumerate(zip(ref, got)) if a != b), len(ref))
+        results.append({"prompt_index": i, "prompt_tokens": enc.input_ids.shape[1],
+                        "compared_tokens": len(ref), "identical": got == ref, "first_divergence": same})
+    return results
+
+
+# ---------------------------------------------------------------- 2. continuous batching latency
+
+
+@dataclass
+class RequestTiming:
+    """One request's life as seen around `engine.step()`, in seconds from its submission."""
+
+    max_tokens: int
+    ttft: float
+    latency: float
+    num_tokens: int
+    finish_rank: int  # 0 = first request of its group to finish
+    engine_metrics: dict[str, float | None] = field(default_factory=dict)
+
+
+def submit_together(llm: LLM, prompts: list[list[int]], max_tokens: Sequence[int]) -> list[RequestTiming]:
+    """Add all requests at once, step the engine until all finish; time each request."""
+    engine = llm.engine
+    arrival, ids = [], []
+    for prompt, n in zip(prompts, max_tokens):
+        arrival.append(time.time())
+        ids.append(engine.add_request(prompt, greedy(n)).request_id)
+    first: dict[str, float] = {}
+    done: dict[str, tuple[float, Any]] = {}
+    while len(done) < len(ids):
+        for out in engine.step():
+            now = time.time()
+            if out.token_ids and out.request_id not in first:
+                first[out.request_id] = now
+            if out.finished:
+                done[out.request_id] = (now, out)
+    ranks = {rid: k for k, rid in enumerate(sorted(done, key=lambda r: done[r][0]))}
+    return [_timing(done[rid], first[rid], t0, n, ranks[rid]) for rid, t0, n in zip(ids, arrival, max_tokens)]
+
+
+def _timing(done: tuple[float, Any], first: float, arrival: float, max_tokens: int, rank: int) -> RequestTiming:
+    finished, out = done
+    metrics = asdict(out.metrics) if out.metrics is not None else {}
+    return RequestTiming(max_tokens, first - arrival, finished - arrival, len(out.token_ids), rank, metrics)
+
+
+def run_latency(llm: LLM, w: Workload) -> dict[str, Any]:
+    """The seed's 100/10/10 experiment: each request beside the others vs the same request alone."""
+    prompts = [render_chat(llm.tokenizer, [{"role": "system", "content": PIRATE_SYSTEM},
+                                           {"role": "user", "content": q}])[1] for q in PIRATE_QUESTIONS]
+    n = w.latency_max_tokens
+    submit_together(llm, prompts[:1], [4])  # warm-up
+    together: list[list[RequestTiming]] = []
+    alone: list[list[RequestTiming]] = []
+    for r in range(w.repeats):
+        together.append(submit_together(llm, prompts, n))
+        alone.append([submit_together(llm, [p], [m])[0] for p, m in zip(prompts, n)])
+        print(f"  round {r + 1}: together {[round(t.latency, 2) for t in together[-1]]}s, "
+              f"alone {[round(t.latency, 2) for t in alone[-1]]}s", flush=True)
+    rows = [_latency_row(i, n[i], len(prompts[i]), [t[i] for t in together], [a[i] for a in alone])
+            for i in range(len(prompts))]
+    shorts_first = all(t[i].latency < t[0].latency for t in together for i in range(1, len(prompts)))
+    return {"rows": rows, "shorts_finished_first": shorts_first,
+            "raw_together": [[asdict(x) for x in t] for t in together],
+            "raw_alone": [[asdict(x) for x in a] for a in alone]}
+
+
+def _latency_row(i: int, max_tokens: int, prompt_tokens: int,
+                 together: list[RequestTiming], alone: list[RequestTiming]) -> dict[str, Any]:
+    lat_t, lat_a = median([t.latency for t in together]), median([a.latency for a in alone])
+    return {"request": i, "max_tokens": max_tokens, "prompt_tokens": prompt_tokens,
+            "latency_together": lat_t, "latency_alone": lat_a, "slowdown": lat_t / lat_a,
+            "ttft_together": median([t.ttft for t in together]), "ttft_alone": median([a.ttft for a in alone])}
+
+
+# ---------------------------------------------------------------- 3. sequential vs concurrent
+
+
+def run_classification(llm: LLM, w: Workload) -> dict[str, Any]:
+    """Classify the seed's article titles one at a time, all together, and as one prompt."""
+    titles = ARTICLE_TITLES[: w.num_titles]
+    convs = [[{"role": "system", "content": CLASSIFY_SYSTEM}, {"role": "user", "content": t}] for t in titles]
+    one = [{"role": "system", "content": CLASSIFY_SYSTEM}, {"role": "user", "content": json.dumps([titles])}]
+    sp, sp_one = greedy(w.classify_max_tokens, False), greedy(w.one_prompt_max_tokens, False)
+    llm.chat(convs[0], greedy(2))  # warm-up
+    modes: dict[str, list[float]] = {"sequential": [], "concurrent": [], "one_prompt": []}
+    for _ in range(w.repeats):
+        seconds, seq = timed(lambda: [llm.chat(c, sp)[0] for c in convs])
+        modes["sequential"].append(seconds)
+        seconds, conc = timed(lambda: llm.chat(convs, sp))
+        modes["concurrent"].append(seconds)
+        seconds, single = timed(lambda: llm.chat(one, sp_one)[0])
+        modes["one_prompt"].append(seconds)
+    return {
+        "seconds": modes, "median": {k: median(v) for k, v in modes.items()},
+        "answers": [o.text for o in conc], "same_answers": [o.token_ids for o in seq] == [o.token_ids for o in conc],
+        "tokens": {"sequential": sum(len(o.token_ids) for o in seq), "concurrent": sum(len(o.token_ids) for o in conc),
+                   "one_prompt": len(single.token_ids)},
+        "one_prompt_answer": single.text,
+    }
+
+
+# ---------------------------------------------------------------- environment and report
+
+
+def sh(*cmd: str) -> str:
+    try:
+        return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment(model_dir: str, command: str) -> dict[str, Any]:
+    dirty = sh("git", "status", "--porcelain", "--untracked-files=no")
+    return {
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "commit": sh("git", "rev-parse", "--short", "HEAD") + (" (with uncommitted changes)" if dirty else ""),
+        "cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "model": model_dir, "dtype": "float32", "device": "cpu", "command": command,
+        "loadavg_start": _loadavg(),
+    }
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def verdict(ok: bool) -> str:
+    return "**PASS**" if ok else "**FAIL**"
+
+
+def render(res: dict[str, Any]) -> str:
+    """The whole of docs/benchmarks.md."""
+    return "\n".join([_header(res), _throughput_md(res), _latency_md(res), _classify_md(res), _reading_md(res)])
+
+
+def _header(res: dict[str, Any]) -> str:
+    env, w = res["env"], res["workload"]
+    quick = "\n> **Quick smoke run (`--quick`): tiny workload, figures not meaningful.**\n" if res["quick"] else ""
+    return f"""# Benchmarks
+{quick}
+Generated by `scripts/bench_engine.py` — do not edit by hand; rerun `make bench`.
+
+| | |
+|---|---|
+| Date | {env['date']} |
+| Commit | `{env['commit']}` |
+| Machine | {env['cpu']}, {env['cores']} cores, torch threads {env['torch_threads']} |
+| Load average (start → end) | {env['loadavg_start']} → {env['loadavg_end']} |
+| Model | `{env['model']}`, {env['dtype']}, {env['device']} |
+| Software | Python {env['python']}, torch {env['torch']}, transformers {env['transformers']} |
+| Command | `{env['command']}` (`make bench` runs it with `--model models/SmolLM2-135M-Instruct --output docs/benchmarks.md`) |
+| Repeats | {w['repeats']} per figure (medians reported), whole run {res['total_seconds']:.0f} s |
+
+The machine is shared, so absolute times are noisy; compare the ratios, which are measured
+side by side in the same run. Raw numbers: `{res['json_path']}`.
+"""
+
+
+def _throughput_md(res: dict[str, Any]) -> str:
+    t, w, p = res["throughput"], res["workload"], res["prompt_tokens"]
+    corr = t["correctness"]
+    n_ok = sum(c["identical"] for c in corr)
+    corr_rows = "\n".join(f"| {c['prompt_index']} | {c['prompt_tokens']} | {c['compared_tokens']} | "
+                          f"{'yes' if c['identical'] else 'no, from token ' + str(c['first_divergence'])} |" for c in corr)
+    return f"""
+## 1. Throughput: one batch of {w['num_prompts']} prompts
+
+Workload: {w['num_prompts']} prompts (seed {PROMPT_SEED}; {min(p)}–{max(p)} tokens, median {median(p):.0f}),
+{w['max_tokens']} greedy tokens each with `ignore_eos`, so {t['generated_tokens']} generated tokens per run.
+Engine: `LLM(model, dtype="float32", device="cpu", max_num_seqs=64, max_num_batched_tokens=512).generate(prompts, ...)`.
+Baseline: transformers `model.generate` on the same {w['num_prompts']} prompts as one left-padded batch
+(`max_new_tokens=min_new_tokens={w['max_tokens']}`, `do_sample=False`). Both timed from text in to text out.
+
+| | median time (s) | all runs (s) | tokens/s |
+|---|---:|---:|---:|
+| lorax-lite engine | {median(t['engine_seconds']):.2f} | {_fmt_list(t['engine_seconds'])} | {t['engine_tok_s']:.1f} |
+| transformers generate | {median(t['hf_seconds']):.2f} | {_fmt_list(t['hf_seconds'])} | {t['hf_tok_s']:.1f} |
+| **ratio engine / transformers** | | | **{t['ratio']:.2f}×** |
+
+Bar: ratio ≥ 1.0× — {verdict(t['ratio'] >= 1.0)}.
+
+Correctness: the engine's greedy tokens vs transformers `generate` on the prompt alone (batch 1, no
+padding, EOS not stopping it, like `ignore_eos`): {n_ok}/{len(corr)} identical — {verdict(n_ok == len(corr))}.
+
+| prompt | prompt tokens | tokens compared | identical |
+|---:|---:|---:|---|
+{corr_rows}
+"""
+
+
+def _latency_md(res: dict[str, Any]) -> str:
+    lat, w = res["latency"], res["workload"]
+    rows = lat["rows"]
+    shorts = rows[1:]
+    bar_ok = all(r["slowdown"] <= 2.0 for r in shorts)
+    table = "\n".join(
+        f"| {r['request']} ({'long' if r['request'] == 0 else 'short'}) | {r['max_tokens']} | {r['prompt_tokens']} | "
+        f"{r['latency_together']:.2f} | {r['latency_alone']:.2f} | {r['slowdown']:.2f}× | "
+        f"{r['ttft_together'] * 1000:.0f} | {r['ttft_alone'] * 1000:.0f} |" for r in rows)
+    return f"""
+## 2. Continuous batching: the 100/10/10 experiment
+
+Three chat requests (system prompt: “{PIRATE_SYSTEM}”; the seed's three questions) are submitted
+together to `LLMEngine` with max_tokens {', '.join(map(str, w['latency_max_tokens']))} (greedy, `ignore_eos`), and each is
+also run alone. Latency = submission to last token, TTFT = submission to first token, both taken
+around `engine.step()`; medians of {w['repeats']} rounds.
+
+| request | max_tokens | prompt tokens | latency together (s) | latency alone (s) | together / alone | TTFT together (ms) | TTFT alone (ms) |
+|---|---:|---:|---:|---:|---:|---:|---:|
+{table}
+
+Bar: each short request beside the long one takes ≤ 2× its solo latency — {verdict(bar_ok)}
+(worst {max(r['slowdown'] for r in shorts):.2f}×). The short requests finished before the long one in every round — {verdict(lat['shorts_finished_first'])}.
+"""
+
+
+def _classify_md(res: dict[str, Any]) -> str:
+    c, w = res["classification"], res["workload"]
+    m = c["median"]
+    answers = ", ".join(f"`{a.strip()}`" for a in c["answers"])
+    return f"""
+## 3. Sequential vs concurrent classification (seed 000)
+
+The seed's {w['num_titles']} article titles, each classified as SCIENCE or AI through `LLM.chat` with the seed's
+system prompt (greedy, max_tokens {w['classify_max_tokens']}, stops at EOS); medians of {w['repeats']} rounds.
+
+| mode | median wall time (s) | generated tokens | speedup vs sequential |
+|---|---:|---:|---:|
+| sequential: one `chat` call per title | {m['sequential']:.2f} | {c['tokens']['sequential']} | 1.00× |
+| concurrent: all {w['num_titles']} conversations in one `chat` call | {m['concurrent']:.2f} | {c['tokens']['concurrent']} | {m['sequential'] / m['concurrent']:.2f}× |
+| one prompt holding all titles as JSON (max_tokens {w['one_prompt_max_tokens']}) | {m['one_prompt']:.2f} | {c['tokens']['one_prompt']} | {m['sequential'] / m['one_prompt']:.2f}× |
+
+No bar; the concurrent answers are token-identical to the sequential ones: {'yes' if c['same_answers'] else 'no'}.
+Answers (135M model, so quality is not the point): {answers}.
+"""
+
+
+def _reading_md(res: dict[str, Any]) -> str:
+    return "\n## Reading\n\n" + "\n".join([_read_throughput(res), _read_latency(res), _read_classification(res)]) + "\n"
+
+
+def _read_throughput(res: dict[str, Any]) -> str:
+    t, w, p = res["throughput"], res["workload"], res["prompt_tokens"]
+    padded = w["num_prompts"] * max(p)
+    verdict_text = ("the padding it saves outweighs its per-step overheads" if t["ratio"] >= 1.0
+                    else "its per-step overheads outweigh the padding it saves")
+    return f"""- **Throughput.** The engine ran at {t['ratio']:.2f}× transformers' tokens/s: {verdict_text}.
+  Both run the same HF modules for the linear layers, which dominate a 135M model on CPU, so the
+  difference is in what surrounds them. The engine packs the prompts without padding: its prefill
+  computes {sum(p)} real tokens where the left-padded batch computes {w['num_prompts']} × {max(p)} = {padded}
+  ({100 * (1 - sum(p) / padded):.0f}% of them padding); decode steps are one token per sequence in both, and
+  both attend over keys padded to the longest sequence. Against that, each engine step builds its
+  inputs in Python (block tables, slot
+  mapping, masks), gathers every sequence's K/V from the paged cache into a padded tensor in every
+  layer, and detokenizes each sequence incrementally, where transformers appends to contiguous K/V
+  tensors."""
+
+
+def _read_latency(res: dict[str, Any]) -> str:
+    rows = res["latency"]["rows"]
+    short = rows[1:]
+    return f"""- **Continuous batching.** Beside the long request, the short ones took
+  {' and '.join(f"{r['slowdown']:.2f}×" for r in short)} their solo latency; they joined the running batch at once and
+  left after their {short[0]['max_tokens']} tokens instead of waiting for the long request's {rows[0]['max_tokens']}. What they pay is
+  that every step carries three sequences instead of one (and the first step prefills all three
+  prompts); on a CPU a decode step is dominated by reading the weights, so a batch of three costs
+  little more than a batch of one. The long request took {rows[0]['slowdown']:.2f}× its solo latency."""
+
+
+def _read_classification(res: dict[str, Any]) -> str:
+    c, w = res["classification"], res["workload"]
+    m = c["median"]
+    return f"""- **Concurrency.** Submitting the {w['num_titles']} classifications together was
+  {m['sequential'] / m['concurrent']:.2f}× faster than one at a time: each step reads the weights once for all
+  {w['num_titles']} sequences instead of once per sequence, and the 16 prompts are prefilled in a few
+  packed steps. The single JSON prompt is one long sequence decoding token by token (and a 135M
+  model does not produce a clean array), so it is no shortcut here."""
+
+
+def _fmt_list(values: Sequence[float]) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="models/SmolLM2-135M-Instruct", help="HF model directory")
+    p.add_argument("--output", default=None, help="markdown report (default docs/benchmarks.md; --quick: bench_results/quick.md)")
+    p.add_argument("--json", default=None, help="raw results (default bench_results/engine.json; --quick: bench_results/quick.json)")
+    p.add_argument("--repeats", type=int, default=3, help="rounds per measurement; medians are reported")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own default)")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (seconds), not a benchmark")
+    args = p.parse_args(argv)
+    stem = "quick" if args.quick else None
+    args.output = args.output or ("bench_results/quick.md" if stem else "docs/benchmarks.md")
+    args.json = args.json or ("bench_results/quick.json" if stem else "bench_results/engine.json")
+    return args
+
+
+def load(model_dir: str) -> tuple[LLM, PreTrainedModel, PreTrainedTokenizerBase]:
+    llm = LLM(model_dir, dtype="float32", device="cpu", max_num_seqs=64, max_num_batched_tokens=512)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return llm, model, tok
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    w = Workload.quick() if args.quick else Workload()
+    w.repeats = 1 if args.quick else args.repeats
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    env = environment(args.model, " ".join([".venv/bin/python", "scripts/bench_engine.py", *sys.argv[1:]]))
+    llm, model, tok = load(args.model)
+    prompts = build_prompts(tok, w)
+    res: dict[str, Any] = {"env": env, "workload": asdict(w), "quick": args.quick, "json_path": args.json,
+                           "prompts": prompts, "prompt_tokens": [len(tok(p).input_ids) for p in prompts]}
+    print(f"1/3 throughput: {w.num_prompts} prompts x {w.max_tokens} tokens, {w.repeats} rounds", flush=True)
+    res["throughput"] = run_throughput(llm, model, tok, prompts, w)
+    print("2/3 continuous batching latency", flush=True)
+    res["latency"] = run_latency(llm, w)
+    print("3/3 sequential vs concurrent classification", flush=True)
+    res["classification"] = run_classification(llm, w)
+    env["loadavg_end"] = _loadavg()
+    res["total_seconds"] = time.perf_counter() - start
+    write(Path(args.output), render(res))
+    write(Path(args.json), json.dumps(res, indent=2, default=str))
+    print(f"wrote {args.output} and {args.json} in {res['total_seconds']:.0f} s")
+
+
+def write(path: Path, text: str) -> None:
+    path = path if path.is_absolute() else REPO_ROOT / path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + ("" if text.endswith("\n") else "\n"))
+
+
+if __name__ == "__main__":
+    main()
