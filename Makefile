@@ -27,7 +27,7 @@ fetch-model: install
 	$(VENV)/bin/lorax-lite fetch-model --model-dir $(MODEL_DIR)
 
 test: fetch-model
-	$(PY) -m pytest -q tests
+	LORAX_REQUIRE_DEFAULT_MODEL=1 LORAX_MODEL=$(MODEL_DIR) $(PY) -m pytest -q tests
 
 bench: fetch-model
 	$(PY) scripts/bench_engine.py --model $(MODEL_DIR) --output docs/benchmarks.md

@@ -173,3 +173,22 @@ def _llama_cpp_layout(name: str, tensor: torch.Tensor, config: LlamaConfig) -> n
             shape = weights.shape
             weights = weights.reshape(num_heads, 2, shape[0] // num_heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
     return np.ascontiguousarray(weights)
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The real default model fetched by `lorax-lite fetch-model` (`make test` fetches it first).
+
+    Skipped when absent, except under `make test` / CI (LORAX_REQUIRE_DEFAULT_MODEL=1), where a
+    missing model is a failure, not a silent skip.
+    """
+    import os
+
+    from lorax_lite.config import DEFAULT_MODEL_DIR
+
+    path = Path(os.environ.get("LORAX_MODEL", DEFAULT_MODEL_DIR))
+    if not (path / "config.json").exists():
+        if os.environ.get("LORAX_REQUIRE_DEFAULT_MODEL") == "1":
+            pytest.fail(f"default model missing at {path}: run `lorax-lite fetch-model`")
+        pytest.skip(f"default model not fetched ({path}); run `lorax-lite fetch-model`")
+    return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import time
@@ -220,7 +221,7 @@ class Request:
             finished=self.is_finished,
             adapter_id=self.adapter_id,
             error=self.error,
-            metrics=self.metrics,
+            metrics=dataclasses.replace(self.metrics),
         )
 
 

@@ -10,6 +10,7 @@ of the waiting queue, to be recomputed (prompt + what it generated so far) later
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -142,6 +143,8 @@ class Scheduler:
             self.waiting.popleft()
             self.block_manager.allocate(req.request_id, n)
             req.status = RequestStatus.RUNNING
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = time.time()
             self.running.append(req)
             batch.requests.append(req)
             batch.num_new_tokens.append(n)
@@ -161,6 +164,8 @@ class Scheduler:
 
     def _append_token(self, req: Request, token_id: int) -> None:
         req.output_token_ids.append(token_id)
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = time.time()
         if req.detokenizer is not None:
             req.detokenizer.append(token_id)
         reason = self._stop_reason(req, token_id)

@@ -1,0 +1,145 @@
+"""AsyncLLM: the engine in a background thread, streams per request, aborts, concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from lorax_lite import AsyncLLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def allm(tiny_llama_dir):
+    llm = AsyncLLM(str(tiny_llama_dir), dtype="float32", device="cpu", max_num_batched_tokens=64)
+    yield llm
+    llm.shutdown()
+
+
+def greedy(max_tokens, **kw):
+    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, **kw)
+
+
+async def collect(allm, prompt, params, **kw):
+    return [out async for out in allm.generate(prompt, params, **kw)]
+
+
+def wait_until_idle(allm, timeout=10.0):
+    import time
+
+    deadline = time.time() + timeout
+    while allm.engine.has_unfinished_requests() or allm.engine.block_manager.num_used_blocks:
+        assert time.time() < deadline, "engine did not go idle"
+        time.sleep(0.01)
+
+
+def test_stream_is_cumulative_and_ends_finished(allm):
+    outs = asyncio.run(collect(allm, "The quick brown fox", greedy(12)))
+    assert len(outs) == 12 and outs[-1].finished and not any(o.finished for o in outs[:-1])
+    for prev, cur in zip(outs, outs[1:]):
+        assert cur.token_ids[: len(prev.token_ids)] == prev.token_ids and cur.text.startswith(prev.text)
+    assert outs[-1].finish_reason == "length" and outs[-1].metrics.first_token_time is not None
+
+
+def test_concurrent_requests_match_offline_results(allm, tiny_llama_dir):
+    from lorax_lite import LLM
+
+    prompts = ["The quick brown fox", "Hello, world!", "What is the capital of France?", "Pricing"]
+    max_tokens = [30, 5, 12, 8]
+
+    async def main():
+        return await asyncio.gather(*(collect(allm, p, greedy(m)) for p, m in zip(prompts, max_tokens)))
+
+    streams = asyncio.run(main())
+    offline = LLM(str(tiny_llama_dir), dtype="float32", device="cpu").generate(prompts, [greedy(m) for m in max_tokens])
+    assert [s[-1].token_ids for s in streams] == [o.token_ids for o in offline]
+
+
+def test_short_requests_finish_first_and_late_request_is_served_early(allm):
+    """The seed experiment over the async API: 100/10/10 together, then one joining mid-flight."""
+    finish_order, first_token_at = [], {}
+
+    async def one(name, prompt, max_tokens, delay=0.0):
+        await asyncio.sleep(delay)
+        async for out in allm.generate(prompt, greedy(max_tokens), request_id=name):
+            first_token_at.setdefault(name, asyncio.get_running_loop().time())
+            if out.finished:
+                finish_order.append(name)
+
+    async def main():
+        await asyncio.gather(
+            one("long", "If you could have dinner with anyone", 100),
+            one("short-1", "What one technology will matter most", 10),
+            one("short-2", "Which country would you live in", 10),
+            one("late", "Hello", 3, delay=0.05),
+        )
+
+    asyncio.run(main())
+    assert finish_order[-1] == "long"
+    assert set(finish_order[:2]) <= {"short-1", "short-2", "late"}
+    assert finish_order.index("late") < finish_order.index("long")
+
+
+def test_leaving_the_stream_early_aborts_and_frees_blocks(allm):
+    async def main():
+        async for out in allm.generate("The quick brown fox", greedy(200), request_id="leaver"):
+            if len(out.token_ids) >= 3:
+                break
+
+    asyncio.run(main())
+    wait_until_idle(allm)
+    allm.engine.block_manager.check_invariants()
+
+
+def test_abort_ends_the_stream_with_reason_abort(allm):
+    async def main():
+        outs = []
+        async for out in allm.generate("The quick brown fox", greedy(500), request_id="to-abort"):
+            outs.append(out)
+            if len(outs) == 2:
+                await allm.abort("to-abort")
+        return outs
+
+    outs = asyncio.run(main())
+    assert outs[-1].finished and outs[-1].finish_reason == "abort" and len(outs[-1].token_ids) < 500
+    wait_until_idle(allm)
+
+
+def test_bad_request_raises_and_others_keep_streaming(allm):
+    async def bad():
+        with pytest.raises(ValueError, match="empty"):
+            await collect(allm, "", greedy(3))
+        with pytest.raises(ValueError, match="max_tokens"):
+            await collect(allm, "x", SamplingParams(max_tokens=0))
+
+    async def main():
+        good = asyncio.create_task(collect(allm, "Hello", greedy(20)))
+        await bad()
+        return await good
+
+    outs = asyncio.run(main())
+    assert outs[-1].finished and len(outs[-1].token_ids) == 20
+
+
+def test_duplicate_request_id_is_refused(allm):
+    async def main():
+        first = allm.generate("Hello", greedy(50), request_id="dup")
+        out = await first.__anext__()
+        with pytest.raises(ValueError, match="already in use"):
+            await collect(allm, "Hello", greedy(2), request_id="dup")
+        await first.aclose()
+        return out
+
+    assert not asyncio.run(main()).finished
+    wait_until_idle(allm)
+
+
+def test_shutdown_stops_the_loop(tiny_llama_dir):
+    from lorax_lite.engine.async_llm import EngineDeadError
+
+    llm = AsyncLLM(str(tiny_llama_dir), device="cpu")
+    assert llm.is_running
+    llm.shutdown()
+    assert not llm.is_running
+    with pytest.raises(EngineDeadError):
+        asyncio.run(collect(llm, "Hello", greedy(2)))
