@@ -51,6 +51,8 @@ def generate_command(
     from lorax_lite import LLM, SamplingParams
     from lorax_lite.config import default_model
 
+    if not prompt.strip():
+        fail("prompt is empty")
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
         llm = LLM(model=model or default_model(), dtype=dtype, device=device)

@@ -1,0 +1,33 @@
+"""`lorax-lite generate`: offline generation from the command line; bad input exits 2."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from lorax_lite.cli import app
+
+runner = CliRunner()
+
+
+def test_generate_prints_text(tiny_llama_dir):
+    result = runner.invoke(app, ["generate", "Hello", "--model", str(tiny_llama_dir), "--no-chat", "--max-tokens", "5", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip()
+
+
+def test_generate_chat_on_tiny_model(tiny_llama_dir):
+    result = runner.invoke(app, ["generate", "What is the capital of France?", "--model", str(tiny_llama_dir), "--max-tokens", "4"])
+    assert result.exit_code == 0, result.output
+
+
+def test_bad_input_exits_2_with_a_message(tiny_llama_dir):
+    for args, message in (
+        (["generate", "  "], "prompt is empty"),
+        (["generate", "hi", "--model", str(tiny_llama_dir), "--temperature", "-1"], "temperature"),
+        (["generate", "hi", "--model", str(tiny_llama_dir), "--max-tokens", "0"], "max_tokens"),
+        (["generate", "hi", "--model", "./no/such/model"], "check the path"),
+        (["generate", "hi", "--model", str(tiny_llama_dir), "--dtype", "int3"], "dtype"),
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.stderr, (args, result.stderr)
