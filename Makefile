@@ -30,7 +30,7 @@ test: fetch-model
 	LORAX_REQUIRE_DEFAULT_MODEL=1 LORAX_MODEL=$(MODEL_DIR) $(PY) -m pytest -q tests
 
 bench: fetch-model
-	$(PY) scripts/bench_engine.py --model $(MODEL_DIR) --output docs/benchmarks.md
+	$(PY) scripts/bench_engine.py --model $(MODEL_DIR) --output docs/benchmarks.md --json docs/benchmarks.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

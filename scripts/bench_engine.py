@@ -1,6 +1,6 @@
 """Benchmark the lorax-lite engine against transformers on this machine; writes docs/benchmarks.md.
 
-What is measured, all in one run, on one model (fp32, torch's default thread count):
+What is measured, all in one run, on one model (fp32, CPU, torch's default threads unless --threads):
 
 1. Throughput: the same 32 prompts (fixed seed, ~10-120 tokens each) x 64 greedy tokens with
    `ignore_eos`, as one `LLM.generate` call, against transformers `model.generate` on the same
@@ -10,7 +10,7 @@ What is measured, all in one run, on one model (fp32, torch's default thread cou
    engine's greedy tokens are the same.
 2. Continuous batching (the seed's 100/10/10 experiment): three pirate-chat requests submitted
    together with max_tokens 100, 10, 10; each short one's latency beside the long one is
-   compared with its latency when it runs alone. Times are taken around `LLMEngine.step()`.
+   compared with its latency when it runs alone. Times come from the engine's RequestMetrics.
 3. Sequential vs concurrent classification (seed 000): 16 article titles classified through
    `LLM.chat` one request at a time, all 16 submitted together, and as one prompt holding all 16.
 
@@ -214,32 +214,69 @@ def hf_generate(
     return timed(run)
 
 
+class ForwardTimer:
+    """Times each forward of a model: prefill calls (several tokens per sequence) vs decode calls."""
+
+    def __init__(self, model: PreTrainedModel, num_seqs: int) -> None:
+        self.num_seqs, self.calls, self._start = num_seqs, [], 0.0
+        self._is_prefill = False
+        self._handles = [model.register_forward_pre_hook(self._before, with_kwargs=True),
+                         model.register_forward_hook(self._after)]
+
+    def _before(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)  # engine: [1, T] flat; transformers: [B, L]
+        self._is_prefill = ids is not None and (ids.shape[1] > 1 if ids.shape[0] > 1 else ids.numel() > self.num_seqs)
+        self._start = time.perf_counter()
+
+    def _after(self, *args: object) -> None:
+        self.calls.append((self._is_prefill, time.perf_counter() - self._start))
+
+    def split(self, elapsed: float) -> dict[str, float]:
+        """Seconds in prefill forwards, median decode forward, and seconds outside the model."""
+        prefill = sum(t for p, t in self.calls if p)
+        decode = [t for p, t in self.calls if not p]
+        outside = elapsed - prefill - sum(decode)
+        return {"prefill_s": prefill, "decode_step_s": median(decode) if decode else 0.0, "outside_s": outside}
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
 def run_throughput(llm: LLM, model: PreTrainedModel, tok: PreTrainedTokenizerBase,
                    prompts: list[str], w: Workload) -> dict[str, Any]:
-    """Warm both up, then alternate engine and transformers for `w.repeats` rounds."""
-    engine_generate(llm, prompts[:2], 4)
-    hf_generate(model, tok, prompts[:2], 4)
-    engine_s: list[float] = []
-    hf_s: list[float] = []
-    engine_tokens: list[list[int]] = []
+    """Warm both up, then alternate engine and transformers (who goes first too) for `w.repeats` rounds."""
+    runs = {"engine": lambda n: engine_generate(llm, prompts, n), "hf": lambda n: hf_generate(model, tok, prompts, n)}
+    for run in runs.values():
+        run(4)
+    timers = {"engine": ForwardTimer(llm.engine.runner.model, len(prompts)), "hf": ForwardTimer(model, len(prompts))}
+    seconds: dict[str, list[float]] = {"engine": [], "hf": []}
+    splits: dict[str, list[dict[str, float]]] = {"engine": [], "hf": []}
+    tokens: dict[str, list[list[int]]] = {}
     for r in range(w.repeats):
-        order = ("engine", "hf") if r % 2 == 0 else ("hf", "engine")
-        for name in order:
-            if name == "engine":
-                seconds, engine_tokens = engine_generate(llm, prompts, w.max_tokens)
-                engine_s.append(seconds)
-                assert all(len(t) == w.max_tokens for t in engine_tokens), "engine made fewer tokens than asked"
-            else:
-                seconds, hf_tokens = hf_generate(model, tok, prompts, w.max_tokens)
-                hf_s.append(seconds)
-                assert all(len(t) == w.max_tokens for t in hf_tokens), "transformers made fewer tokens than asked"
-        print(f"  round {r + 1}: engine {engine_s[-1]:.2f}s, transformers {hf_s[-1]:.2f}s", flush=True)
-    total = len(prompts) * w.max_tokens
-    eng_tps, hf_tps = total / median(engine_s), total / median(hf_s)
+        for name in ("engine", "hf") if r % 2 == 0 else ("hf", "engine"):
+            timers[name].calls.clear()
+            elapsed, tokens[name] = runs[name](w.max_tokens)
+            seconds[name].append(elapsed)
+            splits[name].append(timers[name].split(elapsed))
+            if any(len(t) != w.max_tokens for t in tokens[name]):
+                raise RuntimeError(f"{name} made fewer than {w.max_tokens} tokens for some prompt")
+        print(f"  round {r + 1}: engine {seconds['engine'][-1]:.2f}s, transformers {seconds['hf'][-1]:.2f}s", flush=True)
+    for timer in timers.values():
+        timer.remove()
+    return _throughput_summary(seconds, splits, len(prompts) * w.max_tokens) | {
+        "correctness": check_correctness(model, tok, prompts, tokens["engine"], w)}
+
+
+def _throughput_summary(seconds: dict[str, list[float]], splits: dict[str, list[dict[str, float]]],
+                        total: int) -> dict[str, Any]:
+    eng_tps, hf_tps = total / median(seconds["engine"]), total / median(seconds["hf"])
+    split_medians = {name: {k: median([s[k] for s in runs]) for k in runs[0]} for name, runs in splits.items()}
     return {
-        "generated_tokens": total, "engine_seconds": engine_s, "hf_seconds": hf_s,
+        "generated_tokens": total, "engine_seconds": seconds["engine"], "hf_seconds": seconds["hf"],
         "engine_tok_s": eng_tps, "hf_tok_s": hf_tps, "ratio": eng_tps / hf_tps,
-        "correctness": check_correctness(model, tok, prompts, engine_tokens, w),
+        "ratio_best_runs": min(seconds["hf"]) / min(seconds["engine"]),
+        "split": split_medians, "split_runs": splits,
     }
 
 
@@ -271,7 +308,7 @@ def check_correctness(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prom
 
 @dataclass
 class RequestTiming:
-    """One request's life as seen around `engine.step()`, in seconds from its submission."""
+    """One request's life in seconds from its arrival, and the engine's raw metrics."""
 
     max_tokens: int
     ttft: float
@@ -302,9 +339,12 @@ def submit_together(llm: LLM, prompts: list[list[int]], max_tokens: Sequence[int
 
 
 def _timing(done: tuple[float, Any], first: float, arrival: float, max_tokens: int, rank: int) -> RequestTiming:
+    """Times from the engine's RequestMetrics; our stamps around `step()` stand in for any it lacks."""
     finished, out = done
-    metrics = asdict(out.metrics) if out.metrics is not None else {}
-    return RequestTiming(max_tokens, first - arrival, finished - arrival, len(out.token_ids), rank, metrics)
+    m = asdict(out.metrics) if out.metrics is not None else {}
+    arrival = m.get("arrival_time") or arrival
+    first, finished = m.get("first_token_time") or first, m.get("finished_time") or finished
+    return RequestTiming(max_tokens, first - arrival, finished - arrival, len(out.token_ids), rank, m)
 
 
 def hf_decode_step(model: PreTrainedModel, batch: int, repeats: int, context: int = 50) -> float:
@@ -443,7 +483,7 @@ Generated by `scripts/bench_engine.py` — do not edit by hand; rerun `make benc
 | Load average (start → end) | {env['loadavg_start']} → {env['loadavg_end']} |
 | Model | `{env['model']}`, {env['dtype']}, {env['device']} |
 | Software | Python {env['python']}, torch {env['torch']}, transformers {env['transformers']} |
-| Command | `{env['command']}` (`make bench` runs it with `--model models/SmolLM2-135M-Instruct --output docs/benchmarks.md`) |
+| Command | {env['command']} |
 | Repeats | {w['repeats']} per figure (medians reported), whole run {res['total_seconds']:.0f} s |
 
 The machine is shared, so absolute times are noisy; compare the ratios, which are measured
@@ -453,7 +493,7 @@ side by side in the same run. Raw numbers: `{res['json_path']}`.
 
 def _throughput_md(res: dict[str, Any]) -> str:
     t, w, p = res["throughput"], res["workload"], res["prompt_tokens"]
-    corr = t["correctness"]
+    corr, sp = t["correctness"], t["split"]
     n_ok = sum(c["identical"] for c in corr)
     corr_rows = "\n".join(f"| {c['prompt_index']} | {c['prompt_tokens']} | {c['compared_tokens']} | "
                           f"{'yes' if c['identical'] else 'no, from token ' + str(c['first_divergence'])} |" for c in corr)
@@ -472,7 +512,15 @@ Baseline: transformers `model.generate` on the same {w['num_prompts']} prompts a
 | transformers generate | {median(t['hf_seconds']):.2f} | {_fmt_list(t['hf_seconds'])} | {t['hf_tok_s']:.1f} |
 | **ratio engine / transformers** | | | **{t['ratio']:.2f}×** |
 
-Bar: ratio ≥ 1.0× — {verdict(t['ratio'] >= 1.0)}.
+Bar: ratio ≥ 1.0× — {verdict(t['ratio'] >= 1.0)}. (Ratio of the fastest run of each, less sensitive to
+other load on the machine: {t['ratio_best_runs']:.2f}×.)
+
+Where the time goes (medians; forward passes timed with hooks on each model):
+
+| | prefill forwards (s) | one decode forward (ms) | outside the model (s) |
+|---|---:|---:|---:|
+| lorax-lite engine | {sp['engine']['prefill_s']:.2f} | {sp['engine']['decode_step_s'] * 1000:.0f} | {sp['engine']['outside_s']:.2f} |
+| transformers generate | {sp['hf']['prefill_s']:.2f} | {sp['hf']['decode_step_s'] * 1000:.0f} | {sp['hf']['outside_s']:.2f} |
 
 Correctness: the engine's greedy tokens vs transformers `generate` on the prompt alone (batch 1, no
 padding, EOS not stopping it, like `ignore_eos`): {n_ok}/{len(corr)} identical — {verdict(n_ok == len(corr))}.
@@ -499,8 +547,8 @@ def _latency_md(res: dict[str, Any]) -> str:
 
 Three chat requests (system prompt: “{PIRATE_SYSTEM}”; the seed's three questions) are submitted
 together to `LLMEngine` with max_tokens {', '.join(map(str, w['latency_max_tokens']))} (greedy, `ignore_eos`), and each is
-also run alone. Latency = submission to last token, TTFT = submission to first token, both taken
-around `engine.step()`; medians of {w['repeats']} rounds. “ms per later token” is
+also run alone. Latency = `finished_time − arrival_time` and TTFT = `first_token_time − arrival_time`
+from the engine's `RequestMetrics`; medians of {w['repeats']} rounds. “ms per later token” is
 (latency − TTFT) / (max_tokens − 1), the average decode step while the request ran.
 
 | request | max_tokens | prompt tokens | latency together (s) | latency alone (s) | together / alone | TTFT together (ms) | TTFT alone (ms) | ms per later token, together | ms per later token, alone |
@@ -537,23 +585,46 @@ Answers (135M model, so quality is not the point): {answers}.
 
 
 def _reading_md(res: dict[str, Any]) -> str:
-    return "\n## Reading\n\n" + "\n".join([_read_throughput(res), _read_latency(res), _read_classification(res)]) + "\n"
+    parts = [_read_throughput(res), _read_latency(res), _read_classification(res), _read_noise(res)]
+    return "\n## Reading\n\n" + "\n".join(parts) + "\n"
+
+
+def _read_noise(res: dict[str, Any]) -> str:
+    t, env = res["throughput"], res["env"]
+    spread = {k: max(v) / min(v) - 1 for k, v in (("engine", t["engine_seconds"]), ("hf", t["hf_seconds"]))}
+    return f"""- **Noise.** Runs of the same batch differed by up to {100 * spread['engine']:.0f}% (engine) and
+  {100 * spread['hf']:.0f}% (transformers); the load average went from {env['loadavg_start']} to {env['loadavg_end']}.
+  {_threads_note(env)} The medians, the alternating order and the best-run ratio are there to absorb other load.{_disturbed(res)}"""
+
+
+def _threads_note(env: dict[str, Any]) -> str:
+    if env["torch_threads"] < env["cores"]:
+        return f"Torch ran {env['torch_threads']} thread(s) on {env['cores']} cores (`--threads`), leaving room for other load."
+    return (f"With torch using every core ({env['torch_threads']} threads), any other busy process stalls its thread\n"
+            "  pool and a round can take several times longer; `--threads 1` is steadier on a shared machine.")
+
+
+def _disturbed(res: dict[str, Any]) -> str:
+    t, env = res["throughput"], res["env"]
+    spread = max(max(v) / min(v) for v in (t["engine_seconds"], t["hf_seconds"])) - 1
+    busy = float(env["loadavg_end"].split()[0]) > env["torch_threads"] + 1  # others kept a core busy too
+    if spread < 0.25 and not busy:
+        return ""
+    return "\n  **This run was disturbed by other load: rerun on an idle machine before trusting its figures.**"
 
 
 def _read_throughput(res: dict[str, Any]) -> str:
     t, w, p = res["throughput"], res["workload"], res["prompt_tokens"]
+    eng, hf = t["split"]["engine"], t["split"]["hf"]
     padded = w["num_prompts"] * max(p)
-    verdict_text = ("the padding it saves outweighs its per-step overheads" if t["ratio"] >= 1.0
-                    else "its per-step overheads outweigh the padding it saves")
-    return f"""- **Throughput.** The engine ran at {t['ratio']:.2f}× transformers' tokens/s: {verdict_text}.
-  Both run the same HF modules for the linear layers, which dominate a 135M model on CPU, so the
-  difference is in what surrounds them. The engine packs the prompts without padding: its prefill
-  computes {sum(p)} real tokens where the left-padded batch computes {w['num_prompts']} × {max(p)} = {padded}
-  ({100 * (1 - sum(p) / padded):.0f}% of them padding); decode steps are one token per
-  sequence in both, and both attend over keys padded to the longest sequence. Against that, each
-  engine step builds its inputs in Python (block tables, slot mapping, masks), gathers every
-  sequence's K/V from the paged cache into a padded tensor in every layer, and detokenizes each
-  sequence incrementally, where transformers appends to contiguous K/V tensors."""
+    return f"""- **Throughput.** The engine ran at {t['ratio']:.2f}× transformers' tokens/s. Both run the same HF modules,
+  so the difference is in what the engine feeds them. Prefill: the engine packs the prompts without
+  padding ({sum(p)} real tokens, in chunks of up to 512) where the left-padded batch computes
+  {w['num_prompts']} × {max(p)} = {padded} positions ({100 * (1 - sum(p) / padded):.0f}% padding): {eng['prefill_s']:.2f} s vs {hf['prefill_s']:.2f} s. Decode: one
+  token per sequence in both, {eng['decode_step_s'] * 1000:.0f} ms vs {hf['decode_step_s'] * 1000:.0f} ms a step ({eng['decode_step_s'] / hf['decode_step_s']:.2f}×); the engine's
+  paged attention gathers every sequence's K/V blocks into a padded tensor in each layer, where
+  transformers' cache is already contiguous. Outside the model (scheduling, building the step's
+  tensors, sampling, detokenizing; for transformers its generate loop): {eng['outside_s']:.2f} s vs {hf['outside_s']:.2f} s."""
 
 
 def _read_latency(res: dict[str, Any]) -> str:
@@ -563,14 +634,14 @@ def _read_latency(res: dict[str, Any]) -> str:
     hf = {int(k): v for k, v in res["latency"]["hf_decode_step"].items()}
     ok = all(r["slowdown"] <= 2.0 for r in short)
     return f"""- **Continuous batching.** Beside the long request, the short ones took
-  {' and '.join(f"{r['slowdown']:.2f}×" for r in short)} their solo latency ({'within' if ok else 'over'} the 2× bar); they joined the running batch at
+  {' and '.join(f"{r['slowdown']:.2f}×" for r in short)} their solo latency (bar: ≤ 2×, {'met' if ok else 'missed'}); they joined the running batch at
   once and left after their {s0['max_tokens']} tokens instead of waiting for the long request's {rows[0]['max_tokens']} (which
   itself took {rows[0]['slowdown']:.2f}× its solo latency). What they pay is shared steps: the first step
   prefills all three prompts (TTFT {s0['ttft_together'] * 1000:.0f} ms vs {s0['ttft_alone'] * 1000:.0f} ms alone) and each later step decodes three
-  sequences ({s0['decode_step_together'] * 1000:.0f} ms vs {s0['decode_step_alone'] * 1000:.0f} ms per token alone). On this CPU a decode step of
-  a 135M fp32 model is mostly matrix multiplies that grow with the batch rather than a fixed
-  cost of reading the weights, so a batch of three is far from free, unlike on a GPU;
-  transformers' own decode step grows {hf[3] / hf[1]:.2f}× from one sequence to three (table note)."""
+  sequences ({s0['decode_step_together'] * 1000:.0f} ms vs {s0['decode_step_alone'] * 1000:.0f} ms per token alone). On a GPU a decode step
+  costs about the same for one sequence or three; on this CPU its fp32 matrix multiplies grow
+  with the rows: transformers' own decode step takes {hf[3] / hf[1]:.2f}× as long for three sequences as for
+  one (note under the table). So a short request sharing its steps pays about that factor."""
 
 
 def _read_classification(res: dict[str, Any]) -> str:
@@ -593,15 +664,16 @@ def _fmt_list(values: Sequence[float]) -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="models/SmolLM2-135M-Instruct", help="HF model directory")
-    p.add_argument("--output", default=None, help="markdown report (default docs/benchmarks.md; --quick: bench_results/quick.md)")
-    p.add_argument("--json", default=None, help="raw results (default bench_results/engine.json; --quick: bench_results/quick.json)")
+    p.add_argument("--output", help="markdown report (default docs/benchmarks.md, or bench_results/quick.md)")
+    p.add_argument("--json", help="raw results (default docs/benchmarks.json, or bench_results/quick.json)")
     p.add_argument("--repeats", type=int, default=3, help="rounds per measurement; medians are reported")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own default)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (seconds), not a benchmark")
     args = p.parse_args(argv)
-    stem = "quick" if args.quick else None
-    args.output = args.output or ("bench_results/quick.md" if stem else "docs/benchmarks.md")
-    args.json = args.json or ("bench_results/quick.json" if stem else "bench_results/engine.json")
+    args.output = args.output or ("bench_results/quick.md" if args.quick else "docs/benchmarks.md")
+    args.json = args.json or ("bench_results/quick.json" if args.quick else "docs/benchmarks.json")
+    if not Path(args.model).exists() and (REPO_ROOT / args.model).exists():
+        args.model = str(REPO_ROOT / args.model)  # run from elsewhere: the default is relative to the repo
     return args
 
 
@@ -614,6 +686,28 @@ def load(model_dir: str) -> tuple[LLM, PreTrainedModel, PreTrainedTokenizerBase]
     return llm, model, tok
 
 
+def command_line(argv: list[str]) -> str:
+    """How this run was started, as `make bench` when it is exactly what the Makefile runs."""
+    if argv == ["--model", "models/SmolLM2-135M-Instruct", "--output", "docs/benchmarks.md"]:
+        return "`make bench`"
+    return "`" + " ".join([".venv/bin/python", "scripts/bench_engine.py", *argv]) + "`"
+
+
+def run_all(model_dir: str, w: Workload) -> dict[str, Any]:
+    """The three scenarios, one after the other, on one loaded engine and one transformers model."""
+    llm, model, tok = load(model_dir)
+    prompts = build_prompts(tok, w)
+    res: dict[str, Any] = {"workload": asdict(w), "prompts": prompts,
+                           "prompt_tokens": [len(tok(p).input_ids) for p in prompts]}
+    print(f"1/3 throughput: {w.num_prompts} prompts x {w.max_tokens} tokens, {w.repeats} rounds", flush=True)
+    res["throughput"] = run_throughput(llm, model, tok, prompts, w)
+    print("2/3 continuous batching latency", flush=True)
+    res["latency"] = run_latency(llm, model, w)
+    print("3/3 sequential vs concurrent classification", flush=True)
+    res["classification"] = run_classification(llm, w)
+    return res
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     w = Workload.quick() if args.quick else Workload()
@@ -621,21 +715,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    env = environment(args.model, " ".join([".venv/bin/python", "scripts/bench_engine.py", *sys.argv[1:]]))
-    llm, model, tok = load(args.model)
-    prompts = build_prompts(tok, w)
-    res: dict[str, Any] = {"env": env, "workload": asdict(w), "quick": args.quick, "json_path": args.json,
-                           "prompts": prompts, "prompt_tokens": [len(tok(p).input_ids) for p in prompts]}
-    print(f"1/3 throughput: {w.num_prompts} prompts x {w.max_tokens} tokens, {w.repeats} rounds", flush=True)
-    res["throughput"] = run_throughput(llm, model, tok, prompts, w)
-    print("2/3 continuous batching latency", flush=True)
-    res["latency"] = run_latency(llm, model, w)
-    print("3/3 sequential vs concurrent classification", flush=True)
-    res["classification"] = run_classification(llm, w)
-    env["loadavg_end"] = _loadavg()
+    env = environment(args.model, command_line(sys.argv[1:]))
+    res = run_all(args.model, w)
+    res.update(env=env | {"loadavg_end": _loadavg()}, quick=args.quick, json_path=args.json)
     res["total_seconds"] = time.perf_counter() - start
-    write(Path(args.output), render(res))
     write(Path(args.json), json.dumps(res, indent=2, default=str))
+    write(Path(args.output), render(res))
     print(f"wrote {args.output} and {args.json} in {res['total_seconds']:.0f} s")
 
 
