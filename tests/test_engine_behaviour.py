@@ -139,6 +139,10 @@ def test_bad_prompts_raise_and_engine_keeps_serving(llm):
         llm.generate([[]], greedy(4))
     with pytest.raises(ValueError, match="max_model_len"):
         llm.generate([[5] * engine.max_model_len], greedy(4))
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate("price " * engine.max_model_len, greedy(4))
+    with pytest.raises(ValueError, match="string or a list"):
+        llm.engine.add_request(42, greedy(4))
     with pytest.raises(ValueError, match="token ids"):
         llm.generate([[5, 10**9]], greedy(4))
     with pytest.raises(ValueError, match="sampling_params"):

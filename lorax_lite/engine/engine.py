@@ -125,23 +125,27 @@ class LLMEngine:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
-            return prompt, self.tokenizer(prompt).input_ids
-        if not isinstance(prompt, (list, tuple)):
+            text, token_ids = prompt, self.tokenizer(prompt).input_ids
+        elif isinstance(prompt, (list, tuple)):
+            text, token_ids = None, list(prompt)
+        else:
             raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-        token_ids = list(prompt)
+        self._check_prompt_ids(token_ids)
+        return text, token_ids
+
+    def _check_prompt_ids(self, token_ids: list[int]) -> None:
         if not token_ids:
-            raise ValueError("prompt is empty (no token ids)")
+            raise ValueError("prompt is empty (no tokens)")
         if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in token_ids):
             raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
-        return None, token_ids
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(token_ids)} tokens but max_model_len is {self.max_model_len} "
+                "(prompt + at least one generated token must fit); shorten the prompt"
+            )
 
     def _init_sampling_state(self, request: Request) -> None:
         params = request.sampling_params
-        if len(request.prompt_token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {request.num_prompt_tokens} tokens but max_model_len is {self.max_model_len} "
-                "(prompt + at least one generated token must fit); shorten the prompt"
-            )
         if not params.is_greedy:
             request.seed = params.seed if params.seed is not None else random.getrandbits(63)
             request.generator = torch.Generator().manual_seed(request.seed)
