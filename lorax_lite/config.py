@@ -20,6 +20,8 @@ def default_model() -> str:
 class EngineConfig:
     """Everything the engine needs to know; names follow vLLM's where they exist.
 
+    `max_loras` adapters fit in device slots at once (0 turns LoRA off: no slot buffers, no
+    overhead), each of rank up to `max_lora_rank`; `max_cpu_loras` more are cached in host memory.
     `num_kv_blocks` fixes the size of the paged KV cache; when it is None the cache gets as many
     blocks as fit in `kv_cache_memory_gb`. `max_model_len` None means the model's context length,
     capped so that one sequence of that length fits in the KV cache.
@@ -34,6 +36,9 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     kv_cache_memory_gb: float = 1.0
     max_model_len: int | None = None
+    max_loras: int = 8
+    max_lora_rank: int = 16
+    max_cpu_loras: int = 64
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -47,6 +52,11 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be >= 1 (or None to size it from kv_cache_memory_gb), got {self.num_kv_blocks}")
         if not self.kv_cache_memory_gb > 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+        _check_positive(self, "max_lora_rank", "max_cpu_loras")
+        if not isinstance(self.max_loras, int) or isinstance(self.max_loras, bool) or self.max_loras < 0:
+            raise ValueError(f"max_loras must be an integer >= 0 (0 turns LoRA off), got {self.max_loras!r}")
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras}): every adapter in a slot is also cached in host memory")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2 (or None for the model's context length), got {self.max_model_len}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
@@ -9,6 +10,7 @@ from transformers import PreTrainedTokenizerBase
 from lorax_lite.config import EngineConfig
 from lorax_lite.engine.engine import LLMEngine, Prompt
 from lorax_lite.engine.request import Request, RequestOutput, SamplingParams
+from lorax_lite.lora.manager import check_adapter_id
 
 Message = dict[str, str]
 
@@ -18,6 +20,7 @@ class LLM:
 
     `LLM(model, **engine_config)`: `model` is an HF directory, a hub id or a .gguf file (default:
     `$LORAX_MODEL` or `models/SmolLM2-135M-Instruct`); engine settings are `EngineConfig` fields.
+    Adapters: `add_adapter(adapter_id, path)`, then `generate(..., adapter_ids=...)`.
     """
 
     def __init__(self, model: str | None = None, **engine_config: object) -> None:
@@ -27,29 +30,50 @@ class LLM:
     def tokenizer(self) -> PreTrainedTokenizerBase:
         return self.engine.tokenizer
 
+    def add_adapter(self, adapter_id: str, path: str | os.PathLike) -> None:
+        """Read and validate a PEFT adapter directory now (raising a specific AdapterError) and make it usable."""
+        check_adapter_id(adapter_id)  # before touching the filesystem
+        self.engine.add_adapter(adapter_id, path, self.engine.load_adapter_weights(path))
+
+    def remove_adapter(self, adapter_id: str) -> None:
+        """Forget an adapter; an unknown id raises AdapterNotFoundError."""
+        self.engine.remove_adapter(adapter_id)
+
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        adapter_ids: str | None | Sequence[str | None] = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (text or token ids); outputs come back in prompt order."""
+        """Generate for every prompt (text or token ids); outputs come back in prompt order.
+
+        `adapter_ids`: one adapter id for all prompts, or one per prompt; None means the base model.
+        A request whose adapter fails to load finishes with finish_reason "error" (its `exception`
+        says why); the others are unaffected.
+        """
         prompts = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompts))
-        requests = [self.engine.make_request(p, sp) for p, sp in zip(prompts, params)]
+        adapters = _as_per_prompt(adapter_ids, len(prompts), "adapter_ids")
+        requests = [self.engine.make_request(p, sp, adapter_id=a) for p, sp, a in zip(prompts, params, adapters)]
         return self._run(requests)
 
     def chat(
         self,
         messages: list[Message] | list[list[Message]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        adapter_id: str | None | Sequence[str | None] = None,
     ) -> list[RequestOutput]:
-        """Answer one conversation (a list of {"role", "content"}) or a list of them, via the chat template."""
+        """Answer one conversation (a list of {"role", "content"}) or a list of them, via the chat template.
+
+        `adapter_id`: one for all conversations or one per conversation; None means the base model.
+        """
         conversations = _as_conversations(messages)
         params = _as_params_list(sampling_params, len(conversations))
+        adapters = _as_per_prompt(adapter_id, len(conversations), "adapter_id")
         requests = []
-        for conversation, sp in zip(conversations, params):
+        for conversation, sp, a in zip(conversations, params, adapters):
             text, token_ids = render_chat(self.tokenizer, conversation)
-            requests.append(self.engine.make_request(token_ids, sp, prompt_text=text))
+            requests.append(self.engine.make_request(token_ids, sp, adapter_id=a, prompt_text=text))
         return self._run(requests)
 
     def _run(self, requests: list[Request]) -> list[RequestOutput]:
@@ -95,6 +119,16 @@ def _as_params_list(params: SamplingParams | Sequence[SamplingParams] | None, n:
     if len(params) != n:
         raise ValueError(f"got {len(params)} sampling_params for {n} prompts; pass one, or one per prompt")
     return params
+
+
+def _as_per_prompt(value: str | None | Sequence[str | None], n: int, name: str) -> list[str | None]:
+    if value is None or isinstance(value, str):
+        return [value] * n
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be an adapter id, None, or a list of them; got {type(value).__name__}")
+    if len(value) != n:
+        raise ValueError(f"got {len(value)} {name} for {n} prompts; pass one, or one per prompt")
+    return list(value)
 
 
 def _as_conversations(messages: list[Message] | list[list[Message]]) -> list[list[Message]]:

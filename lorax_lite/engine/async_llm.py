@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from lorax_lite.config import EngineConfig
 from lorax_lite.engine.engine import LLMEngine, Prompt
 from lorax_lite.engine.request import Request, RequestOutput, SamplingParams
+from lorax_lite.lora.manager import check_adapter_id
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +62,12 @@ class AsyncLLM:
         self,
         prompt: Prompt,
         sampling_params: SamplingParams | None = None,
-        request_id: str | None = None,
         adapter_id: str | None = None,
+        request_id: str | None = None,
         prompt_text: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream one request. Bad input raises ValueError; leaving the loop early aborts the request."""
+        """Stream one request. Bad input raises ValueError (an unknown adapter: AdapterNotFoundError);
+        leaving the loop early aborts the request. `adapter_id` None means the base model."""
         if not self.is_running:
             raise EngineDeadError(f"the engine is not running: {self._error or 'shut down'}")
         if request_id is not None and request_id in self._streams:
@@ -84,6 +87,18 @@ class AsyncLLM:
         finally:
             if not finished:
                 self._abort_now(request.request_id)
+
+    def add_adapter(self, adapter_id: str, path: str | os.PathLike) -> None:
+        """Validate a PEFT adapter (in the caller's thread: it reads the disk) and make it usable at once."""
+        check_adapter_id(adapter_id)
+        weights = self.engine.load_adapter_weights(path)
+        self.engine.register_adapter(adapter_id, path)
+        self._send(("cache_adapter", (adapter_id, weights)))
+
+    def remove_adapter(self, adapter_id: str) -> None:
+        """New requests cannot use it any more; running ones finish with it."""
+        self.engine.unregister_adapter(adapter_id)
+        self._send(("drop_adapter", adapter_id))
 
     async def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks; its stream ends with finish_reason "abort"."""
@@ -127,6 +142,10 @@ class AsyncLLM:
                 return
             if kind == "add":
                 self._add(arg)
+            elif kind == "cache_adapter":
+                self.engine.adapters.put(*arg)
+            elif kind == "drop_adapter":
+                self.engine.adapters.remove(arg)
             else:
                 aborted = self.engine.abort_request(arg)
                 if aborted is not None:

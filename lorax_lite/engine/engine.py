@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import random
 from collections.abc import Sequence
 
@@ -16,6 +17,9 @@ from lorax_lite.engine.kv_cache import BlockManager, KVCache
 from lorax_lite.engine.request import Request, RequestOutput, SamplingParams
 from lorax_lite.engine.runner import ModelRunner, ModelShape
 from lorax_lite.engine.scheduler import Scheduler
+from lorax_lite.lora.layers import LoRASlots
+from lorax_lite.lora.manager import AdapterManager, check_adapter_id
+from lorax_lite.lora.weights import AdapterNotFoundError, LoRAWeights, load_lora_weights
 from lorax_lite.model_loader import load_model_and_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -36,11 +40,14 @@ class LLMEngine:
         if model is None or tokenizer is None:
             model, tokenizer = load_model_and_tokenizer(config.model, dtype=config.dtype, device=config.device)
         self.tokenizer = tokenizer
+        self.dtype = next(model.parameters()).dtype
+        self.lora_slots, self.adapters = self._init_lora(model)
+        self._adapter_paths: dict[str, str] = {}
         self.vocab_size = model.get_input_embeddings().num_embeddings
         shape = ModelShape.of(model)
         num_blocks = self._num_kv_blocks(shape, next(model.parameters()).dtype)
         self.max_model_len = self._max_model_len(shape, num_blocks)
-        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, self.lora_slots)
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(
             self.block_manager,
@@ -48,9 +55,73 @@ class LLMEngine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             eos_token_ids=eos_token_ids(model, tokenizer),
+            adapters=self.adapters,
         )
         self._ids = itertools.count()
         self._requests: dict[str, Request] = {}
+
+    def _init_lora(self, model: PreTrainedModel) -> tuple[LoRASlots | None, AdapterManager | None]:
+        cfg = self.config
+        if cfg.max_loras == 0:
+            return None, None
+        slots = LoRASlots.inject(model, cfg.max_loras, cfg.max_lora_rank)
+        on_cuda = next(model.parameters()).device.type == "cuda"
+        return slots, AdapterManager(slots, cfg.max_cpu_loras, self._load_registered, pin_memory=on_cuda)
+
+    # ---- adapters ----------------------------------------------------------------------------
+
+    def load_adapter_weights(self, path: str | os.PathLike) -> LoRAWeights:
+        """Read and validate a PEFT adapter against this base model (raises a specific AdapterError)."""
+        self._require_lora()
+        return load_lora_weights(path, self.lora_slots.targets, self.config.max_lora_rank, dtype=self.dtype)
+
+    def add_adapter(self, adapter_id: str, path: str | os.PathLike, weights: LoRAWeights | None = None) -> None:
+        """Make `adapter_id` usable by requests; loaded from `path` on first use unless `weights` are given."""
+        self.register_adapter(adapter_id, path)
+        if weights is not None:
+            self.adapters.put(adapter_id, weights)
+
+    def register_adapter(self, adapter_id: str, path: str | os.PathLike) -> None:
+        """Only record where the adapter is (safe from any thread; the manager is untouched)."""
+        self._require_lora()
+        check_adapter_id(adapter_id)
+        if adapter_id in self._adapter_paths:
+            raise ValueError(f"adapter {adapter_id!r} is already added; remove it first to replace it")
+        self._adapter_paths[adapter_id] = os.fspath(path)
+
+    def remove_adapter(self, adapter_id: str) -> None:
+        """New requests cannot use it any more; running ones finish with it."""
+        self.unregister_adapter(adapter_id)
+        self.adapters.remove(adapter_id)
+
+    def unregister_adapter(self, adapter_id: str) -> None:
+        if self._adapter_paths.pop(adapter_id, None) is None:
+            raise AdapterNotFoundError(f"unknown adapter {adapter_id!r}")
+
+    @property
+    def adapter_ids(self) -> list[str]:
+        return sorted(self._adapter_paths)
+
+    def _require_lora(self) -> None:
+        if self.adapters is None:
+            raise ValueError("LoRA is turned off (max_loras=0); start the engine with max_loras >= 1 to serve adapters")
+
+    def _check_adapter(self, adapter_id: str | None) -> None:
+        if adapter_id is None:
+            return
+        self._require_lora()
+        check_adapter_id(adapter_id)
+        if adapter_id not in self._adapter_paths:
+            raise AdapterNotFoundError(f"unknown adapter {adapter_id!r}; add it first (known: {', '.join(self.adapter_ids) or 'none'})")
+
+    def _load_registered(self, adapter_id: str) -> LoRAWeights:
+        """Runs on the adapter loader thread."""
+        path = self._adapter_paths.get(adapter_id)
+        if path is None:
+            raise AdapterNotFoundError(f"adapter {adapter_id!r} was removed")
+        return self.load_adapter_weights(path)
+
+    # ---- requests ----------------------------------------------------------------------------
 
     def _num_kv_blocks(self, shape: ModelShape, dtype: torch.dtype) -> int:
         cfg = self.config
@@ -111,6 +182,7 @@ class LLMEngine:
         params = sampling_params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        self._check_adapter(adapter_id)
         text, token_ids = self._tokenize(prompt)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if not isinstance(request_id, str) or not request_id:
@@ -161,16 +233,19 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One continuous-batching step; returns outputs of requests that advanced."""
         batch = self.scheduler.schedule()
+        failed, self.scheduler.failed = self.scheduler.failed, []
         if batch.is_empty:
-            return []
+            if self.scheduler.is_waiting_for_adapters:
+                self.adapters.wait(timeout=0.05)  # adapters are on their way from disk: do not spin
+            return self._collect(failed)
         try:
             sampled = self.runner.run(batch, self.block_manager)
         except Exception as exc:  # a failed forward fails its batch, never the engine
             logger.exception("forward pass failed for %d requests", len(batch.requests))
             self.scheduler.fail(batch.requests, f"forward pass failed: {exc}")
-            return self._collect(batch.requests)
+            return self._collect(failed + batch.requests)
         updated = self.scheduler.postprocess(batch, sampled.token_ids)
-        return self._collect(updated)
+        return self._collect(failed + updated)
 
     def _collect(self, requests: list[Request]) -> list[RequestOutput]:
         for req in requests:

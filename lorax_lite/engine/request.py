@@ -6,7 +6,7 @@ import dataclasses
 import enum
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -132,6 +132,7 @@ class RequestOutput:
     adapter_id: str | None = None
     error: str | None = None
     metrics: RequestMetrics | None = None
+    exception: Exception | None = field(default=None, repr=False, compare=False)  # what failed it, e.g. an AdapterError
 
 
 class Request:
@@ -160,6 +161,8 @@ class Request:
         self.status = RequestStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.error: str | None = None
+        self.exception: Exception | None = None
+        self.lora_slot: int | None = None  # the adapter slot it holds while running
         self.metrics = RequestMetrics(arrival_time=arrival_time or time.time())
         self.generator: torch.Generator | None = None  # set by the engine for sampled requests
         self.detokenizer: IncrementalDetokenizer | None = None  # set by the engine
@@ -199,9 +202,11 @@ class Request:
             return self.output_token_ids[start - n : end - n]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
 
-    def finish(self, reason: FinishReason, error: str | None = None) -> None:
+    def finish(self, reason: FinishReason, error: str | Exception | None = None) -> None:
         self.status = RequestStatus.FINISHED
         self.finish_reason = reason
+        if isinstance(error, Exception):
+            self.exception, error = error, str(error)
         self.error = error
         self.metrics.finished_time = time.time()
 
@@ -222,6 +227,7 @@ class Request:
             adapter_id=self.adapter_id,
             error=self.error,
             metrics=dataclasses.replace(self.metrics),
+            exception=self.exception,
         )
 
 

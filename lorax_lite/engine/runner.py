@@ -17,6 +17,8 @@ from lorax_lite.engine.attention import (
 from lorax_lite.engine.kv_cache import BlockManager, KVCache
 from lorax_lite.engine.sampler import Sampler, SamplerOutput
 from lorax_lite.engine.scheduler import ScheduledBatch
+from lorax_lite.lora.layers import LoRASlots
+from lorax_lite.lora.ops import LoRAMapping, lora_context
 
 
 @dataclass
@@ -49,13 +51,15 @@ class StepInputs:
     position_ids: torch.Tensor  # [1, T]
     logits_indices: torch.Tensor  # [S] index in T of the last token of each sampling sequence
     attention: AttentionMetadata
+    lora: LoRAMapping | None  # None: no token of this step has an adapter
 
 
 class ModelRunner:
     """Runs the HF model (its attention swapped for the paged one) over flattened batches."""
 
-    def __init__(self, model: PreTrainedModel, num_kv_blocks: int, block_size: int) -> None:
+    def __init__(self, model: PreTrainedModel, num_kv_blocks: int, block_size: int, lora_slots: LoRASlots | None = None) -> None:
         self.model = model
+        self.lora_slots = lora_slots
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.block_size = block_size
@@ -69,15 +73,33 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, block_manager: BlockManager) -> SamplerOutput:
-        inputs = self._prepare_inputs(batch, block_manager)
-        with forward_context(inputs.attention):
+        """Sampled tokens in the order of `batch.sampling_requests`."""
+        ordered = self._group_by_slot(batch)
+        inputs = self._prepare_inputs(ordered, block_manager)
+        with forward_context(inputs.attention), lora_context(inputs.lora):
             out = self.model(
                 input_ids=inputs.input_ids,
                 position_ids=inputs.position_ids,
                 use_cache=False,
                 logits_to_keep=inputs.logits_indices,
             )
-        return self.sampler(out.logits[0], batch.sampling_requests)
+        sampled = self.sampler(out.logits[0], ordered.sampling_requests)
+        return sampled if ordered is batch else sampled.reordered(ordered.sampling_requests, batch.sampling_requests)
+
+    @staticmethod
+    def _group_by_slot(batch: ScheduledBatch) -> ScheduledBatch:
+        """The batch with adapter requests first, grouped by slot, and base-model requests last (see lora/ops.py)."""
+        slots = [r.lora_slot for r in batch.requests]
+        if all(s is None for s in slots):
+            return batch
+        order = sorted(range(len(slots)), key=lambda i: (slots[i] is None, slots[i] or 0))
+        return ScheduledBatch([batch.requests[i] for i in order], [batch.num_new_tokens[i] for i in order])
+
+    def _prepare_lora(self, batch: ScheduledBatch) -> LoRAMapping | None:
+        if self.lora_slots is None or all(r.lora_slot is None for r in batch.requests):
+            return None
+        seq_slots = [r.lora_slot for r in batch.requests]
+        return LoRAMapping.build(seq_slots, batch.num_new_tokens, self.lora_slots.slot_ranks, self.device)
 
     def _prepare_inputs(self, batch: ScheduledBatch, block_manager: BlockManager) -> StepInputs:
         reqs, counts = batch.requests, batch.num_new_tokens
@@ -103,6 +125,7 @@ class ModelRunner:
             position_ids=positions.unsqueeze(0).to(dev),
             logits_indices=logits_indices.to(dev),
             attention=AttentionMetadata(self.kv_cache, slot_mapping.to(dev), groups),
+            lora=self._prepare_lora(batch),
         )
 
     @staticmethod

@@ -27,6 +27,12 @@ class SamplerOutput:
     token_ids: list[int]
     logprobs: list[float]
 
+    def reordered(self, sampled_for: list, wanted: list) -> "SamplerOutput":
+        """The same results for the requests `wanted`, given they were sampled for `sampled_for` (same set)."""
+        index = {id(r): i for i, r in enumerate(sampled_for)}
+        order = [index[id(r)] for r in wanted]
+        return SamplerOutput([self.token_ids[i] for i in order], [self.logprobs[i] for i in order])
+
 
 class Sampler:
     """Picks one token per row of `logits`, following each request's `sampling_params`."""

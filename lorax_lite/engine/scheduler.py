@@ -6,6 +6,14 @@ chunks, then waiting requests in arrival order; a prompt longer than the token b
 prefilled in chunks over several steps, so it never stalls the decodes. When the KV cache runs
 out, the newest running request is preempted: its blocks are freed and it goes back to the front
 of the waiting queue, to be recomputed (prompt + what it generated so far) later.
+
+Adapters: a request for an adapter runs only while it holds a reference to that adapter's device
+slot, so at most `max_loras` distinct adapters are in a batch. A waiting request whose adapter is
+not ready (still loading from disk, or no slot free) is skipped, and requests behind it go ahead:
+no head-of-line blocking. Its disk load starts at once on the adapter manager's loader thread.
+When every slot is busy, the oldest request waiting for a slot gets one reserved (see
+`AdapterManager.reserve`), so a hot adapter cannot starve cold ones. A request whose adapter fails
+to load finishes with that error; nothing else is affected.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from dataclasses import dataclass, field
 
 from lorax_lite.engine.kv_cache import BlockManager
 from lorax_lite.engine.request import FinishReason, Request, RequestStatus
+from lorax_lite.lora.manager import AdapterManager
 
 
 @dataclass
@@ -53,6 +62,7 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_model_len: int,
         eos_token_ids: set[int],
+        adapters: AdapterManager | None = None,
     ) -> None:
         capacity = block_manager.num_blocks * block_manager.block_size
         if max_model_len > capacity:  # else a long request could preempt itself forever
@@ -62,6 +72,8 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.eos_token_ids = set(eos_token_ids)
+        self.adapters = adapters
+        self.failed: list[Request] = []  # finished by the scheduler itself (adapter load failed); taken by the engine
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last is the newest
         self.num_preemptions = 0
@@ -84,6 +96,7 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         self._preempted_this_step = False
+        self._fail_adapter_loads()
         budget = self._schedule_running(batch, self.max_num_batched_tokens)
         if not self._preempted_this_step:  # memory is tight: admit nobody new this step
             self._schedule_waiting(batch, budget)
@@ -127,6 +140,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.block_manager.free(req.request_id)
+        self._release_adapter(req)
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
@@ -135,20 +149,61 @@ class Scheduler:
         self._preempted_this_step = True
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            req = self.waiting[0]
+        blocked_on_slot = None  # adapter of the oldest request that is loaded but finds no free slot
+        ahead: set[str] = set()  # adapters of the waiting requests seen so far: loading others never evicts them
+        for req in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.max_num_seqs:
+                break
+            if not self._adapter_ready(req, ahead):
+                if blocked_on_slot is None and self.adapters.is_loaded(req.adapter_id):
+                    blocked_on_slot = req.adapter_id
+                ahead.add(req.adapter_id)
+                continue  # no head-of-line blocking: later requests for ready adapters go ahead
             n = min(req.num_uncomputed_tokens, budget)
             if not self.block_manager.can_allocate(n):
-                break  # first come, first served: nobody overtakes the head of the queue
-            self.waiting.popleft()
-            self.block_manager.allocate(req.request_id, n)
-            req.status = RequestStatus.RUNNING
-            if req.metrics.first_scheduled_time is None:
-                req.metrics.first_scheduled_time = time.time()
-            self.running.append(req)
-            batch.requests.append(req)
-            batch.num_new_tokens.append(n)
+                break  # first come, first served for KV memory: nobody overtakes this request
+            self._admit(batch, req, n)
             budget -= n
+        if self.adapters is not None:
+            self.adapters.reserve(blocked_on_slot, {r.adapter_id for r in self.waiting if r.adapter_id is not None})
+
+    def _adapter_ready(self, req: Request, ahead: set[str]) -> bool:
+        """Whether the request's adapter can take a slot now; if it is not in memory yet, start loading it."""
+        if req.adapter_id is None or self.adapters.can_acquire(req.adapter_id):
+            return True
+        if not self.adapters.is_loaded(req.adapter_id) and self.adapters.num_loading < self.adapters.max_loras:
+            self.adapters.prefetch(req.adapter_id, keep=ahead)
+        return False
+
+    def _admit(self, batch: ScheduledBatch, req: Request, n: int) -> None:
+        self.waiting.remove(req)
+        self.block_manager.allocate(req.request_id, n)
+        if req.adapter_id is not None:
+            req.lora_slot = self.adapters.acquire(req.adapter_id)
+        req.status = RequestStatus.RUNNING
+        if req.metrics.first_scheduled_time is None:
+            req.metrics.first_scheduled_time = time.time()
+        self.running.append(req)
+        batch.requests.append(req)
+        batch.num_new_tokens.append(n)
+
+    def _release_adapter(self, req: Request) -> None:
+        if req.lora_slot is not None:
+            self.adapters.release(req.adapter_id)
+            req.lora_slot = None
+
+    def _fail_adapter_loads(self) -> None:
+        if self.adapters is None:
+            return
+        for adapter_id, error in self.adapters.poll():
+            for req in [r for r in self.waiting if r.adapter_id == adapter_id]:
+                self._finish(req, FinishReason.ERROR, error)
+                self.failed.append(req)
+
+    @property
+    def is_waiting_for_adapters(self) -> bool:
+        """Nothing could be scheduled only because adapters are still loading from disk."""
+        return not self.running and self.adapters is not None and self.adapters.num_loading > 0
 
     def postprocess(self, batch: ScheduledBatch, sampled: list[int]) -> list[Request]:
         """Apply a step's results; returns the requests that got a new token (finished or not)."""
@@ -182,12 +237,13 @@ class Scheduler:
             return FinishReason.LENGTH
         return None
 
-    def _finish(self, req: Request, reason: FinishReason, error: str | None = None) -> None:
+    def _finish(self, req: Request, reason: FinishReason, error: str | Exception | None = None) -> None:
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
         self.block_manager.free(req.request_id)
+        self._release_adapter(req)
         req.finish(reason, error)
 
     def fail(self, requests: list[Request], error: str) -> None:

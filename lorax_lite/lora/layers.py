@@ -1,0 +1,125 @@
+"""LoRALinear: a base linear layer plus pre-allocated per-slot LoRA buffers, and the model-wide slot set.
+
+`LoRASlots.inject(model, ...)` wraps, once at start-up, every `nn.Linear` inside the decoder
+layers (for Llama-family models: q/k/v/o and gate/up/down projections). Which modules those are
+comes from the model itself, not a per-architecture list. After that the module tree never
+changes: putting an adapter into a slot is a tensor copy into the buffers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorax_lite.lora.ops import LoRABackend, current_mapping, select_backend
+from lorax_lite.lora.weights import LoRAWeights
+
+
+class LoRALinear(nn.Module):
+    """`base(x)` plus, for each token with an adapter, `x @ A[slot].T @ B[slot]`."""
+
+    def __init__(self, base_layer: nn.Linear, max_loras: int, max_lora_rank: int, backend: LoRABackend) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.backend = backend
+        w = base_layer.weight
+        # Buffers, not parameters: they are never trained and must not appear in the model's state dict keys
+        # of the base layer. lora_b is stored as [S, R, out] (B transposed) so the expand GEMM reads it as is.
+        self.register_buffer("lora_a", torch.zeros(max_loras, max_lora_rank, self.in_features, dtype=w.dtype, device=w.device), persistent=False)
+        self.register_buffer("lora_b", torch.zeros(max_loras, max_lora_rank, self.out_features, dtype=w.dtype, device=w.device), persistent=False)
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:  # some model code reads the wrapped layer's weight (dtype, device)
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        mapping = current_mapping()
+        if mapping is None or mapping.num_lora_tokens == 0:
+            return y
+        # x: [..., T, in] flattened by the runner to one sequence: [1, T, in]
+        self.backend.add_delta(y.view(-1, self.out_features), x.reshape(-1, self.in_features), self.lora_a, self.lora_b, mapping)
+        return y
+
+    def set_slot(self, slot: int, weights: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Copy (lora_a [r, in], lora_b [out, r]) into `slot`, zero-padding the rank; None clears the slot."""
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        if weights is None:
+            return
+        a, b = weights
+        r = a.shape[0]
+        self.lora_a[slot, :r].copy_(a, non_blocking=True)
+        self.lora_b[slot, :r].copy_(b.T, non_blocking=True)
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of decoder layers: the ModuleList with one entry per hidden layer."""
+    num_layers = model.config.get_text_config().num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise ValueError(f"{type(model).__name__}: no list of {num_layers} decoder layers found; LoRA cannot be served")
+
+
+class LoRASlots:
+    """Every LoRALinear of one model, addressed by base-module name; loads and clears slots model-wide."""
+
+    def __init__(self, layers: dict[str, LoRALinear], max_loras: int, max_lora_rank: int) -> None:
+        self.layers = layers
+        self.max_loras = max_loras
+        self.max_lora_rank = max_lora_rank
+        self.slot_ranks = [0] * max_loras
+
+    @classmethod
+    def inject(cls, model: nn.Module, max_loras: int, max_lora_rank: int) -> "LoRASlots":
+        """Wrap every nn.Linear inside the decoder layers in a LoRALinear (once, at start-up)."""
+        decoder = find_decoder_layers(model)
+        prefix = next(name for name, module in model.named_modules() if module is decoder)
+        param = next(model.parameters())
+        backend = select_backend(param.device, param.dtype)
+        layers: dict[str, LoRALinear] = {}
+        for name, module in list(decoder.named_modules()):
+            if type(module) is nn.Linear:
+                parent_name, _, leaf = name.rpartition(".")
+                wrapped = LoRALinear(module, max_loras, max_lora_rank, backend)
+                setattr(decoder.get_submodule(parent_name), leaf, wrapped)
+                layers[f"{prefix}.{name}"] = wrapped
+        if not layers:
+            raise ValueError(f"{type(model).__name__}: no linear layers in its decoder layers; LoRA cannot be served")
+        return cls(layers, max_loras, max_lora_rank)
+
+    @property
+    def targets(self) -> dict[str, tuple[int, int]]:
+        """Base-module name -> (in_features, out_features) of every module an adapter may target."""
+        return {name: (layer.in_features, layer.out_features) for name, layer in self.layers.items()}
+
+    @property
+    def supported_modules(self) -> list[str]:
+        return sorted({name.rsplit(".", 1)[-1] for name in self.layers})
+
+    @property
+    def backend(self) -> LoRABackend:
+        return next(iter(self.layers.values())).backend
+
+    def load(self, slot: int, weights: LoRAWeights) -> None:
+        for name, layer in self.layers.items():
+            layer.set_slot(slot, weights.modules.get(name))
+        self.slot_ranks[slot] = weights.rank
+
+    def clear(self, slot: int) -> None:
+        for layer in self.layers.values():
+            layer.set_slot(slot, None)
+        self.slot_ranks[slot] = 0

@@ -1,0 +1,379 @@
+"""AdapterManager: the two-tier adapter cache (device slots, host memory) with reference counts and pins.
+
+- Host tier: up to `max_cpu_loras` adapters' weights in CPU memory (pinned on CUDA), LRU. Every
+  adapter in a device slot is also in the host tier, so leaving a slot never means a disk read.
+- Device tier: `max_loras` slots in the model's LoRALinear buffers. A request holds a reference to
+  its adapter's slot while it runs; a slot with references is never given to another adapter.
+- Disk loads run on a loader thread: `prefetch` queues one, `poll` takes in what has landed. The
+  engine step never waits for disk.
+- Pinned adapters stay in host memory (never evicted from it); in the device tier they are the
+  last choice for eviction. At most `max_cpu_loras - max_loras - 1` adapters can be pinned, so a
+  request for an unpinned adapter always finds room eventually.
+- Starvation: when every slot is busy and an adapter is waiting for one, `reserve` marks the slot
+  with the fewest running requests (then least recently used): no new request is admitted to it,
+  and once its running requests finish the waiting adapter gets it.
+
+Allocator style: `can_acquire` -> `acquire` -> `release`. All methods except `wait` are called
+from the engine thread only.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from lorax_lite.lora.layers import LoRASlots
+from lorax_lite.lora.weights import AdapterError, LoRAWeights
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class InvalidAdapterIdError(AdapterError):
+    """An adapter id that does not match ADAPTER_ID_PATTERN."""
+
+
+def check_adapter_id(adapter_id: object) -> str:
+    """Return the id if it is well-formed (checked before any filesystem or registry access)."""
+    if not isinstance(adapter_id, str) or not ADAPTER_ID_PATTERN.match(adapter_id):
+        raise InvalidAdapterIdError(
+            f"invalid adapter id {adapter_id!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return adapter_id
+
+
+@dataclass
+class AdapterCacheStats:
+    """Counters since start-up (for /metrics and benchmarks)."""
+
+    slot_hits: int = 0  # acquire found the adapter in a slot
+    host_hits: int = 0  # acquire copied it from host memory into a slot
+    misses: int = 0  # disk loads started
+    load_failures: int = 0
+    evictions: int = 0  # adapters moved out of a device slot to make room
+    host_evictions: int = 0  # adapters dropped from host memory to make room
+    load_seconds: float = 0.0  # disk -> host, summed over loads
+    slot_load_seconds: float = 0.0  # host -> slot copies, summed
+
+
+@dataclass
+class _Slot:
+    adapter_id: str | None = None
+    refcount: int = 0
+    last_used: int = 0
+
+
+@dataclass
+class _Reservation:
+    slot: int
+    adapter_id: str  # the adapter the slot is kept for
+
+
+class AdapterManager:
+    """Which adapters are in device slots and host memory; loads, evicts and counts references."""
+
+    def __init__(
+        self,
+        slots: LoRASlots,
+        max_cpu_loras: int,
+        load_fn: Callable[[str], LoRAWeights],
+        pin_memory: bool = False,
+    ) -> None:
+        if max_cpu_loras < slots.max_loras:
+            raise ValueError(f"max_cpu_loras ({max_cpu_loras}) must be >= max_loras ({slots.max_loras})")
+        self.lora_slots = slots
+        self.max_loras = slots.max_loras
+        self.max_cpu_loras = max_cpu_loras
+        self.stats = AdapterCacheStats()
+        self._load_fn = load_fn
+        self._pin_memory = pin_memory
+        self._host: OrderedDict[str, LoRAWeights] = OrderedDict()  # least recently used first
+        self._slots = [_Slot() for _ in range(self.max_loras)]
+        self._slot_of: dict[str, int] = {}
+        self._pinned: set[str] = set()
+        self._loading: set[str] = set()
+        self._discard_on_landing: set[str] = set()
+        self._doomed: set[str] = set()  # removed while in use: dropped when its last reference goes
+        self._reservation: _Reservation | None = None
+        self._tick = 0
+        self._landed: queue.SimpleQueue = queue.SimpleQueue()
+        self._landed_event = threading.Event()
+        self._to_load: queue.SimpleQueue = queue.SimpleQueue()
+        self._loader: threading.Thread | None = None
+
+    # ---- host tier ---------------------------------------------------------------------------
+
+    def is_loaded(self, adapter_id: str) -> bool:
+        return adapter_id in self._host
+
+    def is_loading(self, adapter_id: str) -> bool:
+        return adapter_id in self._loading
+
+    @property
+    def num_loading(self) -> int:
+        return len(self._loading)
+
+    def prefetch(self, adapter_id: str, keep: set[str] = frozenset()) -> bool:
+        """Start loading an adapter from disk unless it is in host memory or on its way; False if no room yet.
+
+        Making room never evicts an adapter in `keep` (those of requests ahead in the queue).
+        """
+        if adapter_id in self._host or adapter_id in self._loading:
+            return True
+        if not self._make_host_room(keep):
+            return False
+        self._loading.add(adapter_id)
+        self._discard_on_landing.discard(adapter_id)
+        self.stats.misses += 1
+        self._start_loader()
+        self._to_load.put(adapter_id)
+        return True
+
+    def put(self, adapter_id: str, weights: LoRAWeights) -> bool:
+        """Insert weights loaded elsewhere (e.g. validated by add_adapter); False if there is no room."""
+        if adapter_id in self._host:  # already there (weights of one id never change: a new version is a new id)
+            self._host.move_to_end(adapter_id)
+            return True
+        if adapter_id in self._loading or not self._make_host_room():
+            return False
+        self._host[adapter_id] = self._maybe_pin(weights)
+        return True
+
+    def poll(self) -> list[tuple[str, Exception]]:
+        """Take in finished disk loads; returns the adapters that failed to load, with their errors."""
+        failures = []
+        while True:
+            try:
+                adapter_id, result, seconds = self._landed.get_nowait()
+            except queue.Empty:
+                return failures
+            self._loading.discard(adapter_id)
+            self.stats.load_seconds += seconds
+            if adapter_id in self._discard_on_landing:
+                self._discard_on_landing.discard(adapter_id)
+            elif isinstance(result, Exception):
+                self.stats.load_failures += 1
+                failures.append((adapter_id, result))
+            else:
+                self._host[adapter_id] = result
+
+    def wait(self, timeout: float) -> None:
+        """Block until a disk load lands (or `timeout` seconds pass)."""
+        if self._landed_event.wait(timeout):
+            self._landed_event.clear()
+
+    def _make_host_room(self, keep: set[str] = frozenset()) -> bool:
+        if len(self._host) + len(self._loading) < self.max_cpu_loras:
+            return True
+        victim = self._host_victim(keep)
+        if victim is None:
+            return False
+        self._drop(victim)
+        self.stats.host_evictions += 1
+        return True
+
+    def _host_victim(self, keep: set[str]) -> str | None:
+        """LRU adapter that is not pinned, not in use, not kept for a reservation or in `keep`; idle-slot ones last."""
+        candidates = [a for a in self._host if a not in keep and self._is_host_evictable(a)]
+        not_in_slot = [a for a in candidates if a not in self._slot_of]
+        return (not_in_slot or candidates or [None])[0]
+
+    def _is_host_evictable(self, adapter_id: str) -> bool:
+        if adapter_id in self._pinned:
+            return False
+        if self._reservation is not None and self._reservation.adapter_id == adapter_id:
+            return False
+        slot = self._slot_of.get(adapter_id)
+        return slot is None or self._slots[slot].refcount == 0
+
+    def _drop(self, adapter_id: str) -> None:
+        slot = self._slot_of.pop(adapter_id, None)
+        if slot is not None:
+            self._slots[slot] = _Slot(last_used=self._slots[slot].last_used)
+            self.lora_slots.clear(slot)
+        self._host.pop(adapter_id, None)
+
+    def _maybe_pin(self, weights: LoRAWeights) -> LoRAWeights:
+        return weights.pin_memory() if self._pin_memory else weights
+
+    def _start_loader(self) -> None:
+        if self._loader is None:
+            self._loader = threading.Thread(target=self._load_loop, name="lorax-adapter-loader", daemon=True)
+            self._loader.start()
+
+    def _load_loop(self) -> None:
+        while True:
+            adapter_id = self._to_load.get()
+            start = time.perf_counter()
+            try:
+                result: LoRAWeights | Exception = self._maybe_pin(self._load_fn(adapter_id))
+            except Exception as exc:  # reported to the requests for this adapter, never raised here
+                logger.warning("adapter %s failed to load: %s", adapter_id, exc)
+                result = exc
+            self._landed.put((adapter_id, result, time.perf_counter() - start))
+            self._landed_event.set()
+
+    # ---- device tier -------------------------------------------------------------------------
+
+    def slot_of(self, adapter_id: str) -> int | None:
+        return self._slot_of.get(adapter_id)
+
+    def can_acquire(self, adapter_id: str) -> bool:
+        """Whether `acquire` would succeed now (loaded, and its slot or a free/idle one is usable)."""
+        if adapter_id not in self._host:
+            return False
+        slot = self._slot_of.get(adapter_id)
+        if slot is not None:
+            return not self._is_reserved_away(slot, adapter_id)
+        return self._free_slot(adapter_id) is not None
+
+    def acquire(self, adapter_id: str) -> int:
+        """Take a reference to the adapter's slot, copying it in from host memory if needed."""
+        if not self.can_acquire(adapter_id):
+            raise RuntimeError(f"adapter {adapter_id!r} cannot be acquired now; ask can_acquire first")
+        slot = self._slot_of.get(adapter_id)
+        if slot is None:
+            slot = self._load_into_slot(adapter_id, self._free_slot(adapter_id))
+        else:
+            self.stats.slot_hits += 1
+        if self._reservation is not None and self._reservation.adapter_id == adapter_id:
+            self._reservation = None
+        state = self._slots[slot]
+        state.refcount += 1
+        state.last_used = self._next_tick()
+        self._host.move_to_end(adapter_id)
+        return slot
+
+    def release(self, adapter_id: str) -> None:
+        """Drop one reference taken by `acquire`."""
+        slot = self._slot_of.get(adapter_id)
+        if slot is None or self._slots[slot].refcount == 0:
+            raise RuntimeError(f"release of adapter {adapter_id!r} without a matching acquire")
+        state = self._slots[slot]
+        state.refcount -= 1
+        state.last_used = self._next_tick()
+        if state.refcount == 0 and adapter_id in self._doomed:
+            self._doomed.discard(adapter_id)
+            self._drop(adapter_id)
+
+    def _free_slot(self, adapter_id: str) -> int | None:
+        """An empty slot, else the least recently used idle one (unpinned first), never a reserved one."""
+        usable = [i for i, s in enumerate(self._slots) if s.refcount == 0 and not self._is_reserved_away(i, adapter_id)]
+        empty = [i for i in usable if self._slots[i].adapter_id is None]
+        if empty:
+            return empty[0]
+        if not usable:
+            return None
+        return min(usable, key=lambda i: (self._slots[i].adapter_id in self._pinned, self._slots[i].last_used))
+
+    def _is_reserved_away(self, slot: int, adapter_id: str) -> bool:
+        r = self._reservation
+        return r is not None and r.slot == slot and r.adapter_id != adapter_id
+
+    def _load_into_slot(self, adapter_id: str, slot: int) -> int:
+        old = self._slots[slot].adapter_id
+        if old is not None:
+            del self._slot_of[old]
+            self.stats.evictions += 1
+        start = time.perf_counter()
+        self.lora_slots.load(slot, self._host[adapter_id])
+        self.stats.slot_load_seconds += time.perf_counter() - start
+        self.stats.host_hits += 1
+        self._slots[slot] = _Slot(adapter_id=adapter_id)
+        self._slot_of[adapter_id] = slot
+        return slot
+
+    def _next_tick(self) -> int:
+        self._tick += 1
+        return self._tick
+
+    # ---- fairness, pins, removal ------------------------------------------------------------
+
+    def reserve(self, adapter_id: str | None, waiting: set[str]) -> None:
+        """Keep a busy slot for `adapter_id` (loaded, waiting for a slot); None or a satisfied wait clears it.
+
+        The current reservation stays while its adapter is still in `waiting` (adapters of waiting
+        requests), so a slot being drained is not switched before it is handed over.
+        """
+        r = self._reservation
+        if r is not None and r.adapter_id in waiting and r.adapter_id in self._host and r.adapter_id not in self._slot_of:
+            return
+        self._reservation = None
+        if adapter_id is None or adapter_id not in self._host or self.can_acquire(adapter_id):
+            return
+        busy = [i for i, s in enumerate(self._slots) if s.adapter_id is not None]
+        slot = min(busy, key=lambda i: (self._slots[i].refcount, self._slots[i].last_used))
+        self._reservation = _Reservation(slot, adapter_id)
+
+    @property
+    def reservation(self) -> tuple[int, str] | None:
+        r = self._reservation
+        return None if r is None else (r.slot, r.adapter_id)
+
+    def pin(self, adapter_id: str) -> None:
+        """Keep the adapter in host memory for good (loading it now if needed)."""
+        limit = self.max_cpu_loras - self.max_loras - 1
+        if adapter_id not in self._pinned and len(self._pinned) >= limit:
+            raise ValueError(
+                f"cannot pin {adapter_id!r}: at most {max(limit, 0)} adapters can be pinned "
+                f"(max_cpu_loras - max_loras - 1); raise max_cpu_loras"
+            )
+        self._pinned.add(adapter_id)
+        self.prefetch(adapter_id)
+
+    def unpin(self, adapter_id: str) -> None:
+        self._pinned.discard(adapter_id)
+
+    def is_pinned(self, adapter_id: str) -> bool:
+        return adapter_id in self._pinned
+
+    def remove(self, adapter_id: str) -> None:
+        """Forget an adapter: dropped now if unused, else when its last running request releases it."""
+        self._pinned.discard(adapter_id)
+        if adapter_id in self._loading:
+            self._discard_on_landing.add(adapter_id)
+        if self._reservation is not None and self._reservation.adapter_id == adapter_id:
+            self._reservation = None
+        slot = self._slot_of.get(adapter_id)
+        if slot is not None and self._slots[slot].refcount > 0:
+            self._doomed.add(adapter_id)
+        else:
+            self._drop(adapter_id)
+
+    # ---- introspection -----------------------------------------------------------------------
+
+    @property
+    def slot_adapters(self) -> list[str | None]:
+        return [s.adapter_id for s in self._slots]
+
+    @property
+    def host_adapters(self) -> list[str]:
+        """Adapters in host memory, least recently used first."""
+        return list(self._host)
+
+    def refcount(self, adapter_id: str) -> int:
+        slot = self._slot_of.get(adapter_id)
+        return 0 if slot is None else self._slots[slot].refcount
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the bookkeeping is inconsistent."""
+        assert len(self._host) + len(self._loading) <= self.max_cpu_loras, "host tier over capacity"
+        assert not (set(self._host) & self._loading), "an adapter is both loaded and loading"
+        for adapter_id, slot in self._slot_of.items():
+            assert self._slots[slot].adapter_id == adapter_id, f"slot {slot} does not hold {adapter_id}"
+            assert adapter_id in self._host, f"{adapter_id} is in a slot but not in host memory"
+        for i, s in enumerate(self._slots):
+            assert s.refcount >= 0, f"slot {i} has a negative refcount"
+            assert s.adapter_id is not None or s.refcount == 0, f"empty slot {i} has references"
+            assert s.adapter_id is None or self._slot_of.get(s.adapter_id) == i, f"slot {i} owner mismatch"
+            assert self.lora_slots.slot_ranks[i] == (0 if s.adapter_id is None else self._host[s.adapter_id].rank), f"slot {i} rank"
+        assert self._pinned.isdisjoint(self._doomed), "an adapter is both pinned and removed"
+        r = self._reservation
+        assert r is None or (r.adapter_id in self._host and r.adapter_id not in self._slot_of), "stale reservation"

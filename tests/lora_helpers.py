@@ -1,0 +1,40 @@
+"""Build real PEFT LoRA adapter directories (PEFT's own `save_pretrained`) with seeded random weights."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import PreTrainedModel
+
+from lorax_lite.lora.synthetic import LLAMA_PROJECTIONS, make_random_adapter
+
+ALL_PROJECTIONS = LLAMA_PROJECTIONS
+
+
+@dataclass
+class AdapterSpec:
+    """How to build one random adapter; `extra` goes into LoraConfig as is."""
+
+    rank: int = 8
+    alpha: float = 16
+    target_modules: tuple[str, ...] = ALL_PROJECTIONS
+    use_rslora: bool = False
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def make_peft_adapter(model: PreTrainedModel, out: Path, spec: AdapterSpec, std: float = 0.5) -> Path:
+    """Save a PEFT adapter for `model` per `spec` (random A and B); the model is left as it was."""
+    return make_random_adapter(
+        model, out, spec.rank, spec.alpha, spec.target_modules, spec.use_rslora, spec.seed, std, **spec.extra
+    )
+
+
+def rewrite_config(adapter_dir: Path, **changes: object) -> None:
+    """Edit an adapter's adapter_config.json in place (for refusal tests)."""
+    path = adapter_dir / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
