@@ -1,7 +1,7 @@
 # lorax-lite: the README's commands.
 #   make install   .venv/ with the package and its dev dependencies (idempotent)
 #   make test      install, fetch the default model, run the whole test suite
-#   make bench     install, fetch the default model, run the benchmarks -> docs/benchmarks.md
+#   make bench     install, fetch the default model, run the benchmarks -> docs/benchmarks.md (+ .json)
 #
 # GPU users: create .venv and install your own CUDA build of torch into it first;
 # `make install` only installs $(TORCH) when torch is not importable yet.
@@ -31,6 +31,7 @@ test: fetch-model
 
 bench: fetch-model
 	$(PY) scripts/bench_engine.py --model $(MODEL_DIR) --output docs/benchmarks.md --json docs/benchmarks.json
+	$(PY) scripts/bench_lora.py --model $(MODEL_DIR) --output docs/benchmarks.md --json docs/benchmarks_lora.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,4 +1,4 @@
-"""`make bench` keeps working: its script runs end to end in quick mode and writes its report."""
+"""`make bench` keeps working: its scripts run end to end in quick mode and write their report sections."""
 
 from __future__ import annotations
 
@@ -12,13 +12,22 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_bench_script_quick_run(default_model_dir, tmp_path):
-    out_md, out_json = tmp_path / "bench.md", tmp_path / "bench.json"
-    cmd = [sys.executable, str(REPO_ROOT / "scripts/bench_engine.py"), "--quick", "--threads", "1",
-           "--model", str(default_model_dir), "--output", str(out_md), "--json", str(out_json)]
+def run_quick(script: str, model_dir: Path, out_md: Path, out_json: Path) -> None:
+    cmd = [sys.executable, str(REPO_ROOT / "scripts" / script), "--quick", "--threads", "1",
+           "--model", str(model_dir), "--output", str(out_md), "--json", str(out_json)]
     result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    report = out_md.read_text()
-    assert "Throughput" in report and "100/10/10" in report and "ratio" in report.lower()
     assert json.loads(out_json.read_text())
+
+
+@pytest.mark.slow
+def test_bench_scripts_quick_run_and_share_one_report(default_model_dir, tmp_path):
+    out_md = tmp_path / "bench.md"
+    run_quick("bench_engine.py", default_model_dir, out_md, tmp_path / "engine.json")
+    run_quick("bench_lora.py", default_model_dir, out_md, tmp_path / "lora.json")
+    run_quick("bench_engine.py", default_model_dir, out_md, tmp_path / "engine.json")  # rewrites only its section
+    report = out_md.read_text()
+    assert report.startswith("# Benchmarks")
+    assert report.count("<!-- section:engine -->") == 1 and report.count("<!-- section:lora -->") == 1
+    assert "Throughput" in report and "100/10/10" in report and "ratio" in report.lower()
+    assert "distinct adapters" in report and "PEFT `load_adapter`" in report

@@ -189,7 +189,7 @@ class Scheduler:
 
     def _release_adapter(self, req: Request) -> None:
         if req.lora_slot is not None:
-            self.adapters.release(req.adapter_id)
+            self.adapters.release_slot(req.lora_slot)
             req.lora_slot = None
 
     def _fail_adapter_loads(self) -> None:

@@ -55,14 +55,17 @@ class LoRALinear(nn.Module):
 
     def set_slot(self, slot: int, weights: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         """Copy (lora_a [r, in], lora_b [out, r]) into `slot`, zero-padding the rank; None clears the slot."""
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
         if weights is None:
+            self.lora_a[slot].zero_()
+            self.lora_b[slot].zero_()
             return
         a, b = weights
         r = a.shape[0]
         self.lora_a[slot, :r].copy_(a, non_blocking=True)
         self.lora_b[slot, :r].copy_(b.T, non_blocking=True)
+        if r < self.lora_a.shape[1]:
+            self.lora_a[slot, r:].zero_()
+            self.lora_b[slot, r:].zero_()
 
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -82,6 +85,7 @@ class LoRASlots:
         self.max_loras = max_loras
         self.max_lora_rank = max_lora_rank
         self.slot_ranks = [0] * max_loras
+        self._filled: list[set[str]] = [set() for _ in range(max_loras)]  # modules with non-zero weights per slot
 
     @classmethod
     def inject(cls, model: nn.Module, max_loras: int, max_lora_rank: int) -> "LoRASlots":
@@ -115,11 +119,16 @@ class LoRASlots:
         return next(iter(self.layers.values())).backend
 
     def load(self, slot: int, weights: LoRAWeights) -> None:
-        for name, layer in self.layers.items():
-            layer.set_slot(slot, weights.modules.get(name))
+        """Copy an adapter into `slot` (modules it does not target are zeroed if the slot held any)."""
+        for name in self._filled[slot] - weights.modules.keys():
+            self.layers[name].set_slot(slot, None)
+        for name, pair in weights.modules.items():
+            self.layers[name].set_slot(slot, pair)
+        self._filled[slot] = set(weights.modules)
         self.slot_ranks[slot] = weights.rank
 
     def clear(self, slot: int) -> None:
-        for layer in self.layers.values():
-            layer.set_slot(slot, None)
+        for name in self._filled[slot]:
+            self.layers[name].set_slot(slot, None)
+        self._filled[slot] = set()
         self.slot_ranks[slot] = 0

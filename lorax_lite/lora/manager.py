@@ -33,7 +33,7 @@ from lorax_lite.lora.weights import AdapterError, LoRAWeights
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ADAPTER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # the whole id must match (fullmatch)
 
 
 class InvalidAdapterIdError(AdapterError):
@@ -42,7 +42,7 @@ class InvalidAdapterIdError(AdapterError):
 
 def check_adapter_id(adapter_id: object) -> str:
     """Return the id if it is well-formed (checked before any filesystem or registry access)."""
-    if not isinstance(adapter_id, str) or not ADAPTER_ID_PATTERN.match(adapter_id):
+    if not isinstance(adapter_id, str) or not ADAPTER_ID_PATTERN.fullmatch(adapter_id):
         raise InvalidAdapterIdError(
             f"invalid adapter id {adapter_id!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
@@ -125,12 +125,14 @@ class AdapterManager:
 
         Making room never evicts an adapter in `keep` (those of requests ahead in the queue).
         """
-        if adapter_id in self._host or adapter_id in self._loading:
+        if adapter_id in self._loading:
+            self._discard_on_landing.discard(adapter_id)  # removed while loading, wanted again: keep it
+            return True
+        if adapter_id in self._host:
             return True
         if not self._make_host_room(keep):
             return False
         self._loading.add(adapter_id)
-        self._discard_on_landing.discard(adapter_id)
         self.stats.misses += 1
         self._start_loader()
         self._to_load.put(adapter_id)
@@ -252,16 +254,22 @@ class AdapterManager:
         return slot
 
     def release(self, adapter_id: str) -> None:
-        """Drop one reference taken by `acquire`."""
+        """Drop one reference taken by `acquire(adapter_id)`."""
         slot = self._slot_of.get(adapter_id)
-        if slot is None or self._slots[slot].refcount == 0:
+        if slot is None:
             raise RuntimeError(f"release of adapter {adapter_id!r} without a matching acquire")
+        self.release_slot(slot)
+
+    def release_slot(self, slot: int) -> None:
+        """Drop one reference to the slot `acquire` returned (still right after the adapter was removed)."""
         state = self._slots[slot]
+        if state.refcount == 0:
+            raise RuntimeError(f"release of slot {slot} without a matching acquire")
         state.refcount -= 1
         state.last_used = self._next_tick()
-        if state.refcount == 0 and adapter_id in self._doomed:
-            self._doomed.discard(adapter_id)
-            self._drop(adapter_id)
+        if state.refcount == 0 and state.adapter_id in self._doomed:
+            self._doomed.discard(state.adapter_id)
+            self._drop(state.adapter_id)
 
     def _free_slot(self, adapter_id: str) -> int | None:
         """An empty slot, else the least recently used idle one (unpinned first), never a reserved one."""
@@ -343,9 +351,20 @@ class AdapterManager:
             self._reservation = None
         slot = self._slot_of.get(adapter_id)
         if slot is not None and self._slots[slot].refcount > 0:
-            self._doomed.add(adapter_id)
+            self._retire(adapter_id, slot)
         else:
             self._drop(adapter_id)
+
+    def _retire(self, adapter_id: str, slot: int) -> None:
+        """Keep a removed adapter's weights for its running requests under a private key (not a valid
+        adapter id), so the id is free at once: re-adding it serves the new weights to new requests."""
+        self._tick += 1
+        key = f"~removed~{self._tick}~{adapter_id}"
+        self._host[key] = self._host.pop(adapter_id)
+        del self._slot_of[adapter_id]
+        self._slot_of[key] = slot
+        self._slots[slot].adapter_id = key
+        self._doomed.add(key)
 
     # ---- introspection -----------------------------------------------------------------------
 

@@ -5,10 +5,13 @@ slot order, and tokens for the base model come last. It describes that order onc
 `LoRAMapping`; every `LoRALinear` then adds the delta for the whole batch with a backend:
 
 - `GroupedMatmulBackend`: two grouped GEMMs (`torch.nn.functional.grouped_mm`, an SGMV-style
-  segmented matmul) over all slots at once: no gather of weights, no Python loop over requests
+  segmented matmul) over the slots in use: no gather of weights, no Python loop over requests
   or adapters. Used wherever torch supports it for the device and dtype.
 - `SegmentBackend`: one pair of matmuls per adapter present in the step (at most `max_loras`),
   for torch builds or devices without grouped_mm.
+
+Both switch to two plain `bmm` calls over a padded [slots, rows] grid when the step's groups are
+even (decode steps: one token per request), which costs less per call than a grouped GEMM.
 
 A CUDA kernel (SGMV/BGMV, Punica-style) is one more `LoRABackend`.
 """
@@ -27,12 +30,23 @@ import torch.nn.functional as F
 
 @dataclass
 class LoRAMapping:
-    """Where each slot's tokens are in a step's flat batch; built once per step by the runner."""
+    """Where each slot's tokens are in a step's flat batch; built once per step by the runner.
+
+    Only slots [first_slot, first_slot + num_slots) are touched: the lowest to the highest slot
+    with tokens. When
+    the groups are even enough (padding at most doubles the rows, as in decode steps), the step
+    also gets a padded layout: token i goes to row `pad_dest[i]` of a [num_slots, pad_len] grid,
+    so each layer runs two plain batched matmuls (`bmm`) instead of a grouped GEMM.
+    """
 
     num_lora_tokens: int  # tokens [0, n) have an adapter; the rest are base-model tokens
-    group_ends: torch.Tensor  # [max_loras] int32, end (exclusive) of each slot's tokens; on the model's device
+    first_slot: int
+    num_slots: int
+    group_ends: torch.Tensor  # [num_slots] int32, end (exclusive) of each slot's tokens; on the model's device
     segments: list[tuple[int, int, int]]  # (slot, start, end) of every slot with tokens this step
     max_rank: int  # the largest rank among the step's slots: buffers are sliced to it
+    pad_len: int | None = None  # rows per slot in the padded layout; None: no padded layout this step
+    pad_dest: torch.Tensor | None = None  # [n] row of each token in the grid; None: row i (no padding)
 
     @classmethod
     def build(cls, seq_slots: list[int | None], seq_tokens: list[int], slot_ranks: list[int], device: torch.device) -> "LoRAMapping":
@@ -40,20 +54,35 @@ class LoRAMapping:
 
         The sequences must already be ordered as described above (adapter ones by slot, then None).
         """
-        counts = [0] * len(slot_ranks)
         ordered = [s for s in seq_slots if s is not None]
-        if ordered != sorted(ordered) or seq_slots[: len(ordered)] != ordered:
-            raise ValueError("sequences with an adapter must come first, in slot order, then base-model ones")
+        if not ordered or ordered != sorted(ordered) or seq_slots[: len(ordered)] != ordered:
+            raise ValueError("at least one sequence needs an adapter (else publish no mapping); sequences with an "
+                             "adapter must come first, in slot order, then base-model ones")
+        first = ordered[0]
+        counts = [0] * (ordered[-1] + 1 - first)
         for slot, n in zip(ordered, seq_tokens):
-            counts[slot] += n
+            counts[slot - first] += n
         ends, segments, start = [], [], 0
-        for slot, n in enumerate(counts):
+        for i, n in enumerate(counts):
             if n:
-                segments.append((slot, start, start + n))
+                segments.append((first + i, start, start + n))
             start += n
             ends.append(start)
-        max_rank = max((slot_ranks[s] for s, _, _ in segments), default=0)
-        return cls(start, torch.tensor(ends, dtype=torch.int32, device=device), segments, max_rank)
+        max_rank = max(slot_ranks[s] for s, _, _ in segments)
+        ends_tensor = torch.tensor(ends, dtype=torch.int32, device=device)
+        mapping = cls(start, first, len(counts), ends_tensor, segments, max_rank)
+        mapping._plan_padding(counts, device)
+        return mapping
+
+    def _plan_padding(self, counts: list[int], device: torch.device) -> None:
+        pad_len = max(counts)
+        if self.num_slots * pad_len > 2 * self.num_lora_tokens:
+            return  # too uneven (a long prefill beside short ones): the grouped path wastes nothing
+        self.pad_len = pad_len
+        if all(c == pad_len for c in counts):
+            return  # every slot in range has pad_len tokens: the grid is the batch itself
+        dest = [(slot - self.first_slot) * pad_len + k for slot, start, end in self.segments for k in range(end - start)]
+        self.pad_dest = torch.tensor(dest, device=device)
 
 
 class LoRABackend(ABC):
@@ -67,16 +96,38 @@ class LoRABackend(ABC):
         """
 
 
+def add_padded_delta(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, m: LoRAMapping) -> None:
+    """The delta on the padded [num_slots, pad_len] grid: two bmm calls, padding rows are zeros."""
+    n, k, rows, r = m.num_lora_tokens, m.num_slots, m.pad_len, m.max_rank
+    slots = slice(m.first_slot, m.first_slot + k)
+    if m.pad_dest is None:
+        grid = x[:n].view(k, rows, -1)
+    else:
+        grid = x.new_zeros(k * rows, x.shape[1]).index_copy_(0, m.pad_dest, x[:n]).view(k, rows, -1)
+    out = torch.bmm(torch.bmm(grid, lora_a[slots, :r].transpose(1, 2)), lora_b[slots, :r])  # [k, rows, out]
+    out = out.view(k * rows, -1)
+    y[:n] += out if m.pad_dest is None else out.index_select(0, m.pad_dest)
+
+
 class GroupedMatmulBackend(LoRABackend):
+    """Padded bmm for even groups, else two grouped GEMMs (`grouped_mm`) over the slots in use."""
+
     def add_delta(self, y, x, lora_a, lora_b, mapping):
+        if mapping.pad_len is not None:
+            return add_padded_delta(y, x, lora_a, lora_b, mapping)
         n, r = mapping.num_lora_tokens, mapping.max_rank
-        a = lora_a[:, :r].transpose(1, 2)  # [S, in, r]
+        slots = slice(mapping.first_slot, mapping.first_slot + mapping.num_slots)
+        a = lora_a[slots, :r].transpose(1, 2)  # [k, in, r]
         shrunk = F.grouped_mm(x[:n], a, offs=mapping.group_ends)  # [n, r]
-        y[:n] += F.grouped_mm(shrunk, lora_b[:, :r], offs=mapping.group_ends)  # [n, out]
+        y[:n] += F.grouped_mm(shrunk, lora_b[slots, :r], offs=mapping.group_ends)  # [n, out]
 
 
 class SegmentBackend(LoRABackend):
+    """Padded bmm for even groups, else one matmul pair per slot with tokens (at most max_loras)."""
+
     def add_delta(self, y, x, lora_a, lora_b, mapping):
+        if mapping.pad_len is not None:
+            return add_padded_delta(y, x, lora_a, lora_b, mapping)
         r = mapping.max_rank
         for slot, start, end in mapping.segments:
             y[start:end] += (x[start:end] @ lora_a[slot, :r].T) @ lora_b[slot, :r]
@@ -87,6 +138,7 @@ def select_backend(device: torch.device, dtype: torch.dtype) -> LoRABackend:
     if not hasattr(F, "grouped_mm"):
         return SegmentBackend()
     probe = LoRAMapping.build([0, 1], [2, 1], [16, 16], device)
+    probe.pad_len = probe.pad_dest = None  # probe the grouped path
     x = torch.ones(3, 16, dtype=dtype, device=device)
     a = torch.ones(2, 16, 16, dtype=dtype, device=device)
     try:
