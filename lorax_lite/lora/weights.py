@@ -15,7 +15,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
 
 from lorax_lite.lora.errors import (
     AdapterConfigError,
@@ -51,6 +52,7 @@ _UNSUPPORTED_TENSORS = {  # tensor name pattern -> (feature, what it is)
     r"\.lora_[AB](\.[\w-]+)?\.bias$": ("lora_bias", "trained LoRA biases"),
 }
 _PEFT_PREFIX = "base_model.model."
+_ANY_UNSUPPORTED_TENSOR = re.compile("|".join(f"(?:{p})" for p in _UNSUPPORTED_TENSORS))
 _LORA_TENSOR = re.compile(r"(?P<module>.+)\.lora_(?P<side>[AB])(\.[\w-]+)?\.weight")  # optional adapter-name segment
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
@@ -61,8 +63,9 @@ Targets = Mapping[str, tuple[int, int]]
 class LoRAWeights:
     """One adapter, ready to copy into slots.
 
-    `modules` maps a base-model module name to (lora_a [r, in], lora_b [out, r]): scaling folded
-    into lora_b, contiguous, on CPU. `rank` is the largest rank over the modules.
+    `modules` maps a base-model module name to (lora_a [r, in], lora_b [out, r]) on CPU, with the
+    scaling folded into lora_b. lora_a is contiguous; lora_b is stored transposed (`lora_b.T` is
+    contiguous), as the slots hold it. `rank` is the largest rank over the modules.
     """
 
     rank: int
@@ -197,8 +200,7 @@ def _read_tensors(path: str | os.PathLike, max_bytes: int) -> dict[str, torch.Te
         raise AdapterTooLargeError(f"adapter at {path}: {ADAPTER_WEIGHTS_NAME} is {size} bytes, over the {max_bytes}-byte "
                                    "limit; raise the limit or use a smaller adapter")
     try:
-        with safe_open(file, framework="pt") as weights:
-            return {key: weights.get_tensor(key) for key in weights.keys()}  # noqa: SIM118 (not a dict)
+        return load_safetensors(file.read_bytes())  # one read; safetensors checks the header and offsets
     except (SafetensorError, OSError, TypeError, ValueError) as error:
         raise CorruptWeightsError(
             f"adapter at {path}: {ADAPTER_WEIGHTS_NAME} is corrupt ({error}); re-save or re-download it") from error
@@ -231,9 +233,10 @@ def _group_pairs(path: str | os.PathLike, tensors: dict[str, torch.Tensor], targ
 
 def _refuse_unsupported_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
     for key in tensors:
-        for pattern, (feature, what) in _UNSUPPORTED_TENSORS.items():
-            if re.search(pattern, key):
-                _refuse_feature(path, feature, f"{what} (tensor {key})")
+        if _ANY_UNSUPPORTED_TENSOR.search(key):  # one scan per name; find which feature only on a hit
+            for pattern, (feature, what) in _UNSUPPORTED_TENSORS.items():
+                if re.search(pattern, key):
+                    _refuse_feature(path, feature, f"{what} (tensor {key})")
 
 
 def _check_module(path: str | os.PathLike, module: str, targets: Targets, supported: list[str]) -> None:
@@ -268,7 +271,11 @@ def _prepare_module(path: str | os.PathLike, config: dict, module: str, pair: di
         raise AdapterShapeError(f"adapter at {path}: {module} has lora_A {shapes[0]} and lora_B {shapes[1]}, expected "
                                 f"{(rank, in_features)} and {(out_features, rank)}; was it trained for a different model?")
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora", False) else alpha / rank
-    return lora_a.to(dtype).contiguous(), (lora_b.float() * scaling).to(dtype).contiguous()
+    # B is laid out transposed in memory ([r, out] contiguous, seen as [out, r]): slots store B
+    # transposed, so putting an adapter into a slot is a straight copy.
+    lora_b_t = torch.empty(lora_b.shape[::-1], dtype=torch.float32)
+    torch.mul(lora_b.T, scaling, out=lora_b_t)  # fold in fp32, transpose in the same pass
+    return lora_a.to(dtype).contiguous(), lora_b_t.to(dtype).T
 
 
 def _module_rank_alpha(config: dict, module: str) -> tuple[int, float]:
