@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 import transformers
-from bench_report import write_section
+from bench_report import parse_bench_args, write_section
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -663,19 +663,7 @@ def _fmt_list(values: Sequence[float]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="models/SmolLM2-135M-Instruct", help="HF model directory")
-    p.add_argument("--output", help="markdown report (default docs/benchmarks.md, or bench_results/quick.md)")
-    p.add_argument("--json", help="raw results (default docs/benchmarks.json, or bench_results/quick.json)")
-    p.add_argument("--repeats", type=int, default=3, help="rounds per measurement; medians are reported")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own default)")
-    p.add_argument("--quick", action="store_true", help="tiny smoke run (seconds), not a benchmark")
-    args = p.parse_args(argv)
-    args.output = args.output or ("bench_results/quick.md" if args.quick else "docs/benchmarks.md")
-    args.json = args.json or ("bench_results/quick.json" if args.quick else "docs/benchmarks.json")
-    if not Path(args.model).exists() and (REPO_ROOT / args.model).exists():
-        args.model = str(REPO_ROOT / args.model)  # run from elsewhere: the default is relative to the repo
-    return args
+    return parse_bench_args(__doc__.splitlines()[0], "benchmarks", argv)
 
 
 def load(model_dir: str) -> tuple[LLM, PreTrainedModel, PreTrainedTokenizerBase]:

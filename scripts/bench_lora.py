@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 from bench_engine import REPO_ROOT, Workload, _loadavg, build_prompts, environment, greedy, verdict
-from bench_report import write_section
+from bench_report import parse_bench_args, write_section
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -263,19 +263,7 @@ def _reading_md(res: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="models/SmolLM2-135M-Instruct", help="HF model directory")
-    p.add_argument("--output", help="markdown report (default docs/benchmarks.md, or bench_results/quick.md)")
-    p.add_argument("--json", help="raw results (default docs/benchmarks_lora.json, or bench_results/quick_lora.json)")
-    p.add_argument("--repeats", type=int, default=3, help="engine rounds; medians are reported")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own default)")
-    p.add_argument("--quick", action="store_true", help="tiny smoke run (seconds), not a benchmark")
-    args = p.parse_args(argv)
-    args.output = args.output or ("bench_results/quick.md" if args.quick else "docs/benchmarks.md")
-    args.json = args.json or ("bench_results/quick_lora.json" if args.quick else "docs/benchmarks_lora.json")
-    if not Path(args.model).exists() and (REPO_ROOT / args.model).exists():
-        args.model = str(REPO_ROOT / args.model)
-    return args
+    return parse_bench_args(__doc__.splitlines()[0], "benchmarks_lora", argv)
 
 
 def run_all(model_dir: str, w: LoRAWorkload, workdir: Path) -> dict[str, Any]:
