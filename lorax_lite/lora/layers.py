@@ -79,6 +79,29 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"{type(model).__name__}: no list of {num_layers} decoder layers found; LoRA cannot be served")
 
 
+def decoder_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """(full module name, layer) of every nn.Linear inside the decoder layers: what adapters may target."""
+    decoder = find_decoder_layers(model)
+    prefix = next(name for name, module in model.named_modules() if module is decoder)
+    linears = [(f"{prefix}.{name}", m) for name, m in decoder.named_modules() if type(m) is nn.Linear]
+    if not linears:
+        raise ValueError(f"{type(model).__name__}: no linear layers in its decoder layers; LoRA cannot be served")
+    return linears
+
+
+def lora_targets(model_dir: str) -> dict[str, tuple[int, int]]:
+    """Module name -> (in_features, out_features) that adapters for the model at `model_dir` may target.
+
+    Built from the model's config on the meta device: no weights are read.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {name: (m.in_features, m.out_features) for name, m in decoder_linears(model)}
+
+
 class LoRASlots:
     """Every LoRALinear of one model, addressed by base-module name; loads and clears slots model-wide."""
 
@@ -92,19 +115,14 @@ class LoRASlots:
     @classmethod
     def inject(cls, model: nn.Module, max_loras: int, max_lora_rank: int) -> "LoRASlots":
         """Wrap every nn.Linear inside the decoder layers in a LoRALinear (once, at start-up)."""
-        decoder = find_decoder_layers(model)
-        prefix = next(name for name, module in model.named_modules() if module is decoder)
         param = next(model.parameters())
         backend = select_backend(param.device, param.dtype)
         layers: dict[str, LoRALinear] = {}
-        for name, module in list(decoder.named_modules()):
-            if type(module) is nn.Linear:
-                parent_name, _, leaf = name.rpartition(".")
-                wrapped = LoRALinear(module, max_loras, max_lora_rank, backend)
-                setattr(decoder.get_submodule(parent_name), leaf, wrapped)
-                layers[f"{prefix}.{name}"] = wrapped
-        if not layers:
-            raise ValueError(f"{type(model).__name__}: no linear layers in its decoder layers; LoRA cannot be served")
+        for name, module in decoder_linears(model):
+            parent_name, _, leaf = name.rpartition(".")
+            wrapped = LoRALinear(module, max_loras, max_lora_rank, backend)
+            setattr(model.get_submodule(parent_name), leaf, wrapped)
+            layers[name] = wrapped
         return cls(layers, max_loras, max_lora_rank)
 
     @property
