@@ -11,6 +11,7 @@ from lorax_lite.config import EngineConfig
 from lorax_lite.engine.engine import LLMEngine, Prompt
 from lorax_lite.engine.request import Request, RequestOutput, SamplingParams
 from lorax_lite.lora.manager import check_adapter_id
+from lorax_lite.registry.base import Registry
 
 Message = dict[str, str]
 
@@ -20,11 +21,13 @@ class LLM:
 
     `LLM(model, **engine_config)`: `model` is an HF directory, a hub id or a .gguf file (default:
     `$LORAX_MODEL` or `models/SmolLM2-135M-Instruct`); engine settings are `EngineConfig` fields.
-    Adapters: `add_adapter(adapter_id, path)`, then `generate(..., adapter_ids=...)`.
+    Adapters: `add_adapter(adapter_id, path)`, then `generate(..., adapter_ids=...)`; with
+    `registry` (a Registry or a URL such as "sqlite:///data/registry.db"), every adapter registered
+    there (`lorax-lite adapters register`) is usable too, at its current version.
     """
 
-    def __init__(self, model: str | None = None, **engine_config: object) -> None:
-        self.engine = LLMEngine(EngineConfig.from_kwargs(model, **engine_config))
+    def __init__(self, model: str | None = None, registry: Registry | str | None = None, **engine_config: object) -> None:
+        self.engine = LLMEngine(EngineConfig.from_kwargs(model, **engine_config), registry=as_registry(registry))
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -90,6 +93,15 @@ class LLM:
                 if req.request_id not in final:
                     self.engine.abort_request(req.request_id)
         return [final[r.request_id] for r in requests]
+
+
+def as_registry(registry: Registry | str | None) -> Registry | None:
+    """A Registry, or one opened from a URL (sqlite:///path.db, redis://host:port/db)."""
+    if registry is None or isinstance(registry, Registry):
+        return registry
+    from lorax_lite.registry.factory import open_registry
+
+    return open_registry(registry)
 
 
 def render_chat(tokenizer: PreTrainedTokenizerBase, conversation: list[Message]) -> tuple[str, list[int]]:

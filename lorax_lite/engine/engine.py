@@ -18,8 +18,10 @@ from lorax_lite.engine.request import Request, RequestOutput, SamplingParams
 from lorax_lite.engine.runner import ModelRunner, ModelShape
 from lorax_lite.engine.scheduler import Scheduler
 from lorax_lite.lora.layers import LoRASlots
-from lorax_lite.lora.manager import AdapterManager, check_adapter_id
-from lorax_lite.lora.weights import AdapterNotFoundError, LoRAWeights, load_lora_weights
+from lorax_lite.lora.catalog import AdapterCatalog
+from lorax_lite.lora.manager import AdapterManager
+from lorax_lite.lora.weights import LoRAWeights, load_lora_weights
+from lorax_lite.registry.base import Registry
 from lorax_lite.model_loader import load_model_and_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ class LLMEngine:
         config: EngineConfig,
         model: PreTrainedModel | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
+        registry: Registry | None = None,
     ) -> None:
         self.config = config
         if model is None or tokenizer is None:
@@ -42,7 +45,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.dtype = next(model.parameters()).dtype
         self.lora_slots, self.adapters = self._init_lora(model)
-        self._adapter_paths: dict[str, str] = {}
+        self.catalog = None if self.adapters is None else AdapterCatalog(self.adapters, self.load_adapter_weights, registry)
         self.vocab_size = model.get_input_embeddings().num_embeddings
         shape = ModelShape.of(model)
         num_blocks = self._num_kv_blocks(shape, next(model.parameters()).dtype)
@@ -82,12 +85,9 @@ class LLMEngine:
             self.adapters.put(adapter_id, weights)
 
     def register_adapter(self, adapter_id: str, path: str | os.PathLike) -> None:
-        """Only record where the adapter is (safe from any thread; the manager is untouched)."""
+        """Only record where the adapter is (safe from any thread; the cache is untouched)."""
         self._require_lora()
-        check_adapter_id(adapter_id)
-        if adapter_id in self._adapter_paths:
-            raise ValueError(f"adapter {adapter_id!r} is already added; remove it first to replace it")
-        self._adapter_paths[adapter_id] = os.fspath(path)
+        self.catalog.add(adapter_id, path)
 
     def remove_adapter(self, adapter_id: str) -> None:
         """New requests cannot use it any more; running ones finish with it."""
@@ -95,31 +95,27 @@ class LLMEngine:
         self.adapters.remove(adapter_id)
 
     def unregister_adapter(self, adapter_id: str) -> None:
-        if self._adapter_paths.pop(adapter_id, None) is None:
-            raise AdapterNotFoundError(f"unknown adapter {adapter_id!r}")
+        self._require_lora()
+        self.catalog.discard(adapter_id)
 
     @property
     def adapter_ids(self) -> list[str]:
-        return sorted(self._adapter_paths)
+        """Adapters added by path (registry adapters: see the registry)."""
+        return [] if self.catalog is None else self.catalog.added_ids
 
     def _require_lora(self) -> None:
         if self.adapters is None:
             raise ValueError("LoRA is turned off (max_loras=0); start the engine with max_loras >= 1 to serve adapters")
 
-    def _check_adapter(self, adapter_id: str | None) -> None:
+    def _resolve_adapter(self, adapter_id: str | None) -> str | None:
         if adapter_id is None:
-            return
+            return None
         self._require_lora()
-        check_adapter_id(adapter_id)
-        if adapter_id not in self._adapter_paths:
-            raise AdapterNotFoundError(f"unknown adapter {adapter_id!r}; add it first (known: {', '.join(self.adapter_ids) or 'none'})")
+        return self.catalog.resolve(adapter_id)
 
-    def _load_registered(self, adapter_id: str) -> LoRAWeights:
+    def _load_registered(self, key: str) -> LoRAWeights:
         """Runs on the adapter loader thread."""
-        path = self._adapter_paths.get(adapter_id)
-        if path is None:
-            raise AdapterNotFoundError(f"adapter {adapter_id!r} was removed")
-        return self.load_adapter_weights(path)
+        return self.catalog.load(key)
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -165,6 +161,8 @@ class LLMEngine:
         if request.request_id in self._requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
         self._requests[request.request_id] = request
+        if request.adapter_id is not None:
+            self.catalog.admit(request.adapter_id, request.adapter_key)
         self.scheduler.add(request)
 
     def make_request(
@@ -182,7 +180,7 @@ class LLMEngine:
         params = sampling_params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
-        self._check_adapter(adapter_id)
+        adapter_key = self._resolve_adapter(adapter_id)
         text, token_ids = self._tokenize(prompt)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if not isinstance(request_id, str) or not request_id:
@@ -190,6 +188,7 @@ class LLMEngine:
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         request = Request(request_id, token_ids, params, prompt=text or prompt_text, adapter_id=adapter_id)
+        request.adapter_key = adapter_key
         self._init_sampling_state(request)
         return request
 

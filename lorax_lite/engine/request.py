@@ -162,6 +162,7 @@ class Request:
         self.finish_reason: FinishReason | None = None
         self.error: str | None = None
         self.exception: Exception | None = None
+        self.adapter_key = adapter_id  # what the adapter cache calls it: the id, or id@version from a registry
         self.lora_slot: int | None = None  # the adapter slot it holds while running
         self.metrics = RequestMetrics(arrival_time=arrival_time or time.time())
         self.generator: torch.Generator | None = None  # set by the engine for sampled requests

@@ -155,9 +155,9 @@ class Scheduler:
             if budget == 0 or len(self.running) >= self.max_num_seqs:
                 break
             if not self._adapter_ready(req, ahead):
-                if blocked_on_slot is None and self.adapters.is_loaded(req.adapter_id):
-                    blocked_on_slot = req.adapter_id
-                ahead.add(req.adapter_id)
+                if blocked_on_slot is None and self.adapters.is_loaded(req.adapter_key):
+                    blocked_on_slot = req.adapter_key
+                ahead.add(req.adapter_key)
                 continue  # no head-of-line blocking: later requests for ready adapters go ahead
             n = min(req.num_uncomputed_tokens, budget)
             if not self.block_manager.can_allocate(n):
@@ -165,21 +165,21 @@ class Scheduler:
             self._admit(batch, req, n)
             budget -= n
         if self.adapters is not None:
-            self.adapters.reserve(blocked_on_slot, {r.adapter_id for r in self.waiting if r.adapter_id is not None})
+            self.adapters.reserve(blocked_on_slot, {r.adapter_key for r in self.waiting if r.adapter_key is not None})
 
     def _adapter_ready(self, req: Request, ahead: set[str]) -> bool:
         """Whether the request's adapter can take a slot now; if it is not in memory yet, start loading it."""
-        if req.adapter_id is None or self.adapters.can_acquire(req.adapter_id):
+        if req.adapter_key is None or self.adapters.can_acquire(req.adapter_key):
             return True
-        if not self.adapters.is_loaded(req.adapter_id) and self.adapters.num_loading < self.adapters.max_loras:
-            self.adapters.prefetch(req.adapter_id, keep=ahead)
+        if not self.adapters.is_loaded(req.adapter_key) and self.adapters.num_loading < self.adapters.max_loras:
+            self.adapters.prefetch(req.adapter_key, keep=ahead)
         return False
 
     def _admit(self, batch: ScheduledBatch, req: Request, n: int) -> None:
         self.waiting.remove(req)
         self.block_manager.allocate(req.request_id, n)
-        if req.adapter_id is not None:
-            req.lora_slot = self.adapters.acquire(req.adapter_id)
+        if req.adapter_key is not None:
+            req.lora_slot = self.adapters.acquire(req.adapter_key)
         req.status = RequestStatus.RUNNING
         if req.metrics.first_scheduled_time is None:
             req.metrics.first_scheduled_time = time.time()
@@ -195,8 +195,8 @@ class Scheduler:
     def _fail_adapter_loads(self) -> None:
         if self.adapters is None:
             return
-        for adapter_id, error in self.adapters.poll():
-            for req in [r for r in self.waiting if r.adapter_id == adapter_id]:
+        for adapter_key, error in self.adapters.poll():
+            for req in [r for r in self.waiting if r.adapter_key == adapter_key]:
                 self._finish(req, FinishReason.ERROR, error)
                 self.failed.append(req)
 

@@ -1,0 +1,119 @@
+"""AdapterCatalog: where each adapter id's weights come from, and which cache key a request uses.
+
+Two sources: adapters added by path (`LLM.add_adapter`; key = the id) and, when the engine has
+one, a registry (`registry/`), whose current version of an id is looked up for every new request
+(key = `id@version`). So an id registered while serving is usable by the next request; a
+removed id is unknown to new requests; a new version serves new requests while running ones keep
+the version they were admitted with, and the old version leaves the cache once unused. A
+registry version's checksum is verified when it is loaded; a mismatch refuses that adapter only.
+
+`resolve` may run in any thread (it only reads the registry and records sources); `admit` and
+the cache changes it makes run in the engine thread; `load` runs on the loader thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from lorax_lite.lora.errors import AdapterNotFoundError, CorruptWeightsError
+from lorax_lite.lora.manager import AdapterManager, check_adapter_id
+from lorax_lite.lora.weights import LoRAWeights
+from lorax_lite.registry.base import AdapterRecord, Registry
+
+logger = logging.getLogger(__name__)
+
+
+class AdapterCatalog:
+    """Adapter ids -> cache keys and sources; keeps the adapter cache in step with the registry."""
+
+    def __init__(self, manager: AdapterManager, load_weights: Callable[[str], LoRAWeights], registry: Registry | None = None) -> None:
+        self.manager = manager
+        self.registry = registry
+        self._load_weights = load_weights
+        self._paths: dict[str, str] = {}  # added by path: id -> directory
+        self._records: dict[str, AdapterRecord] = {}  # registry versions seen: key -> record
+        self._current: dict[str, str] = {}  # registry id -> key of the version last admitted
+
+    # ---- adapters added by path --------------------------------------------------------------
+
+    def add(self, adapter_id: str, path: str | os.PathLike) -> None:
+        """Record where an adapter is (safe from any thread; the cache is untouched)."""
+        check_adapter_id(adapter_id)
+        if adapter_id in self._paths:
+            raise ValueError(f"adapter {adapter_id!r} is already added; remove it first to replace it")
+        self._paths[adapter_id] = os.fspath(path)
+
+    def discard(self, adapter_id: str) -> None:
+        if self._paths.pop(adapter_id, None) is None:
+            raise AdapterNotFoundError(f"unknown adapter {adapter_id!r}")
+
+    @property
+    def added_ids(self) -> list[str]:
+        return sorted(self._paths)
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def resolve(self, adapter_id: str) -> str:
+        """The cache key a new request for `adapter_id` uses; AdapterNotFoundError if unknown."""
+        check_adapter_id(adapter_id)
+        if adapter_id in self._paths:
+            return adapter_id
+        record = self.registry.get(adapter_id) if self.registry is not None else None
+        if record is None:
+            where = "add it first" if self.registry is None else f"not added and not in the registry {self.registry.url}"
+            raise AdapterNotFoundError(f"unknown adapter {adapter_id!r}; {where} (added: {', '.join(self.added_ids) or 'none'})")
+        key = f"{adapter_id}@{record.version}"
+        self._records[key] = record
+        return key
+
+    def admit(self, adapter_id: str, key: str) -> None:
+        """Engine thread, as a request enters: retire the previous version of a registry id; follow its pin."""
+        record = self._records.get(key)
+        if record is None:
+            return
+        previous = self._current.get(adapter_id)
+        if previous is not None and previous != key:
+            self.manager.remove(previous)  # running requests keep it; dropped when they finish
+            self._records.pop(previous, None)
+        self._current[adapter_id] = key
+        if record.pinned != self.manager.is_pinned(key):
+            self._follow_pin(key, record.pinned)
+
+    def _follow_pin(self, key: str, pinned: bool) -> None:
+        if not pinned:
+            self.manager.unpin(key)
+            return
+        try:
+            self.manager.pin(key)
+        except ValueError as exc:  # too many pins for this cache: serve it unpinned
+            logger.warning("%s", exc)
+
+    # ---- loader thread -----------------------------------------------------------------------
+
+    def load(self, key: str) -> LoRAWeights:
+        """Read an adapter's weights for the cache (runs on the loader thread)."""
+        if key in self._paths:
+            return self._load_weights(self._paths[key])
+        record = self._records.get(key)
+        if record is None:
+            raise AdapterNotFoundError(f"adapter {key.split('@')[0]!r} was removed")
+        self._verify(record)
+        return self._load_weights(record.store_path)
+
+    @staticmethod
+    def _verify(record: AdapterRecord) -> None:
+        from lorax_lite.registry.store import compute_version
+
+        path = Path(record.store_path)
+        try:
+            actual = compute_version(path)
+        except OSError as exc:
+            raise CorruptWeightsError(f"adapter {record.adapter_id!r} version {record.version[:12]}: files unreadable in the store ({exc})") from exc
+        if actual != record.version:
+            raise CorruptWeightsError(
+                f"adapter {record.adapter_id!r} version {record.version[:12]}: checksum mismatch in the store "
+                f"(files at {path} hash to {actual[:12]}); re-register the adapter"
+            )
