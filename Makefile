@@ -17,6 +17,7 @@ MODEL_DIR ?= models/SmolLM2-135M-Instruct
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
+	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server) || (sudo apt-get update -qq && sudo apt-get install -y -qq redis-server)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH)"
@@ -27,7 +28,7 @@ fetch-model: install
 	$(VENV)/bin/lorax-lite fetch-model --model-dir $(MODEL_DIR)
 
 test: fetch-model
-	LORAX_REQUIRE_DEFAULT_MODEL=1 LORAX_MODEL=$(MODEL_DIR) $(PY) -m pytest -q tests
+	LORAX_REQUIRE_DEFAULT_MODEL=1 LORAX_REQUIRE_REDIS=1 LORAX_MODEL=$(MODEL_DIR) $(PY) -m pytest -q tests
 
 bench: fetch-model
 	$(PY) scripts/bench_engine.py --model $(MODEL_DIR) --output docs/benchmarks.md --json docs/benchmarks.json

@@ -6,6 +6,7 @@ from typing import NoReturn, Optional
 
 import typer
 
+from lorax_lite.cli_adapters import adapters_app
 from lorax_lite.config import DEFAULT_MODEL_DIR
 
 app = typer.Typer(
@@ -15,12 +16,13 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
+app.add_typer(adapters_app, name="adapters")
 
 
-def fail(message: str) -> NoReturn:
-    """Print a one-line error on stderr and exit with code 2 (bad input or environment)."""
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print a one-line error on stderr and exit with `code` (default 2: bad input or environment)."""
     typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=code)
 
 
 @app.command("fetch-model")

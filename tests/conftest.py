@@ -8,6 +8,8 @@ ChatML chat template. `<|im_end|>` is the eos token, as in the default model.
 from __future__ import annotations
 
 import json
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import gguf
@@ -192,3 +194,20 @@ def default_model_dir() -> Path:
             pytest.fail(f"default model missing at {path}: run `lorax-lite fetch-model`")
         pytest.skip(f"default model not fetched ({path}); run `lorax-lite fetch-model`")
     return path
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real redis-server on a free loopback port for the session (see tests/redis_server.py)."""
+    from redis_server import redis_server_or_skip
+
+    with redis_server_or_skip() as server:
+        yield server.url
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def registry_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """URL of a fresh, empty registry: a new SQLite file, or a new key prefix on the test Redis."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'registry.db'}"
+    return f"{request.getfixturevalue('redis_url')}?prefix=test-{uuid.uuid4().hex[:12]}"

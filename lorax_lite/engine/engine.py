@@ -223,8 +223,9 @@ class LLMEngine:
         request.detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.stop)
 
     def abort_request(self, request_id: str) -> Request | None:
-        self._requests.pop(request_id, None)
-        return self.scheduler.abort(request_id)
+        request = self.scheduler.abort(request_id)
+        self._forget(request_id)
+        return request
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -249,8 +250,13 @@ class LLMEngine:
     def _collect(self, requests: list[Request]) -> list[RequestOutput]:
         for req in requests:
             if req.is_finished:
-                self._requests.pop(req.request_id, None)
+                self._forget(req.request_id)
         return [r.to_output() for r in requests]
+
+    def _forget(self, request_id: str) -> None:
+        req = self._requests.pop(request_id, None)
+        if req is not None and req.adapter_id is not None:
+            self.catalog.finished(req.adapter_key)
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:

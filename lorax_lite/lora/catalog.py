@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,6 +37,7 @@ class AdapterCatalog:
         self._paths: dict[str, str] = {}  # added by path: id -> directory
         self._records: dict[str, AdapterRecord] = {}  # registry versions seen: key -> record
         self._current: dict[str, str] = {}  # registry id -> key of the version last admitted
+        self._live: Counter[str] = Counter()  # key -> requests in the engine (waiting or running) that use it
 
     # ---- adapters added by path --------------------------------------------------------------
 
@@ -70,17 +72,30 @@ class AdapterCatalog:
         return key
 
     def admit(self, adapter_id: str, key: str) -> None:
-        """Engine thread, as a request enters: retire the previous version of a registry id; follow its pin."""
+        """Engine thread, as a request enters: a newer registry version supersedes the previous one,
+        which leaves the cache once no request in the engine uses it; the pin flag is followed."""
+        self._live[key] += 1
         record = self._records.get(key)
         if record is None:
             return
         previous = self._current.get(adapter_id)
-        if previous is not None and previous != key:
-            self.manager.remove(previous)  # running requests keep it; dropped when they finish
-            self._records.pop(previous, None)
         self._current[adapter_id] = key
+        if previous is not None and previous != key:
+            self._retire_if_unused(previous)
         if record.pinned != self.manager.is_pinned(key):
             self._follow_pin(key, record.pinned)
+
+    def finished(self, key: str) -> None:
+        """Engine thread: a request admitted with `key` left the engine."""
+        self._live[key] -= 1
+        if self._live[key] == 0:
+            del self._live[key]
+            self._retire_if_unused(key)
+
+    def _retire_if_unused(self, key: str) -> None:
+        if key in self._records and not self._live.get(key) and key not in self._current.values():
+            self.manager.remove(key)
+            del self._records[key]
 
     def _follow_pin(self, key: str, pinned: bool) -> None:
         if not pinned:

@@ -1,0 +1,244 @@
+"""`lorax-lite adapters ...`: register and manage adapters in the registry and the store.
+
+Exit codes: 0 success; 2 bad input (bad id, unreadable or invalid adapter, shape mismatch with the
+base model, pickled weights, DoRA, an id the registry does not know, a malformed registry URL),
+with nothing written; 1 other failures: the registry cannot be reached (the message names its URL),
+the store cannot be written, or `verify` finds a version whose files do not match its checksum
+(data corruption, not bad input). Errors are one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, NoReturn, Optional
+
+import typer
+
+from lorax_lite.config import default_model
+from lorax_lite.lora.errors import AdapterError
+from lorax_lite.lora.manager import check_adapter_id
+from lorax_lite.registry import admin
+from lorax_lite.registry.admin import BaseModelError
+from lorax_lite.registry.base import AdapterRecord, Registry, RegistryError
+from lorax_lite.registry.store import AdapterStore
+
+adapters_app = typer.Typer(
+    name="adapters",
+    help="Register and manage LoRA adapters: the registry says what exists, the store holds the files.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+AdapterId = Annotated[str, typer.Argument(help="Adapter id: 1-64 letters, digits, '.', '_' or '-'.", show_default=False)]
+RegistryUrl = Annotated[Optional[str], typer.Option(
+    "--registry", help="Registry URL: sqlite:///path.db or redis://host:port/db (default: $LORAX_REGISTRY, else sqlite:///data/registry.db).")]
+StoreDir = Annotated[Optional[str], typer.Option("--store", help="Store directory (default: $LORAX_STORE, else data/store).")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+@adapters_app.command("register")
+def register_command(
+    adapter_id: AdapterId,
+    path: Annotated[str, typer.Argument(help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors).")],
+    owner: Annotated[Optional[str], typer.Option(
+        "--owner", help="Business unit that owns the adapter (default: the current version's).")] = None,
+    description: Annotated[Optional[str], typer.Option(
+        "--description", help="What the adapter is for (default: the current version's).")] = None,
+    system_prompt: Annotated[Optional[str], typer.Option(
+        "--system-prompt", help="System prompt the chatbots use with it (default: the current version's).")] = None,
+    pin: Annotated[bool, typer.Option("--pin", help="Keep it in the engines' host memory.")] = False,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help="Base model directory to check shapes against (default: $LORAX_MODEL, else the fetched model).")] = None,
+    registry_url: RegistryUrl = None,
+    store_dir: StoreDir = None,
+) -> None:
+    """Validate an adapter against the base model, copy it into the store and make it the id's current version."""
+    with _errors():
+        adapter = admin.validate(adapter_id, path, model or default_model())  # before any registry or store access
+        with _registry(registry_url) as registry:
+            record, created = admin.commit(registry, AdapterStore(store_dir), adapter, owner, description, system_prompt, pin)
+    pinned = " (pinned)" if record.pinned else ""
+    if created:
+        typer.echo(f"registered {adapter_id} version {record.version[:12]}{pinned}")
+    else:
+        typer.echo(f"{adapter_id} is already at version {record.version[:12]}: nothing changed{pinned}")
+
+
+@adapters_app.command("list")
+def list_command(as_json: AsJson = False, registry_url: RegistryUrl = None) -> None:
+    """List the current version of every adapter."""
+    with _errors(), _registry(registry_url) as registry:
+        records = registry.list()
+    if as_json:
+        typer.echo(json.dumps([r.to_dict() for r in records], indent=2))
+    elif not records:
+        typer.echo("no adapters registered")
+    else:
+        typer.echo(_table(records))
+
+
+@adapters_app.command("show")
+def show_command(adapter_id: AdapterId, as_json: AsJson = False, registry_url: RegistryUrl = None) -> None:
+    """Show an adapter's current record and all its versions."""
+    with _errors(), _registry(registry_url, check_id=adapter_id) as registry:
+        record = _get(registry, adapter_id)
+        versions = [{"version": v.version, "created_at": v.created_at, "current": v.version == record.version}
+                    for v in registry.versions(adapter_id)]
+    if as_json:
+        typer.echo(json.dumps({**record.to_dict(), "versions": versions}, indent=2))
+    else:
+        typer.echo(_details(record, versions))
+
+
+@adapters_app.command("remove")
+def remove_command(adapter_id: AdapterId, registry_url: RegistryUrl = None, store_dir: StoreDir = None) -> None:
+    """Forget an adapter and delete all its versions from the store."""
+    with _errors(), _registry(registry_url, check_id=adapter_id) as registry:
+        if not registry.remove(adapter_id):
+            _fail(_unknown(adapter_id, registry))
+        AdapterStore(store_dir).remove(adapter_id)  # after the registry: no current version ever lacks its files
+    typer.echo(f"removed {adapter_id}")
+
+
+@adapters_app.command("pin")
+def pin_command(adapter_id: AdapterId, registry_url: RegistryUrl = None) -> None:
+    """Keep the adapter in the engines' host memory (never evicted)."""
+    _set_pinned(adapter_id, True, registry_url)
+    typer.echo(f"pinned {adapter_id}")
+
+
+@adapters_app.command("unpin")
+def unpin_command(adapter_id: AdapterId, registry_url: RegistryUrl = None) -> None:
+    """Let the engines evict the adapter again when it is unused."""
+    _set_pinned(adapter_id, False, registry_url)
+    typer.echo(f"unpinned {adapter_id}")
+
+
+@adapters_app.command("verify")
+def verify_command(
+    adapter_id: Annotated[Optional[str], typer.Argument(help="Only this adapter (default: all).", show_default=False)] = None,
+    registry_url: RegistryUrl = None,
+    store_dir: StoreDir = None,
+) -> None:
+    """Re-check the checksum of every stored version; exit 1 if any does not match."""
+    with _errors(), _registry(registry_url, check_id=adapter_id) as registry:
+        if adapter_id is not None:
+            _get(registry, adapter_id)
+        results = admin.verify(registry, AdapterStore(store_dir), adapter_id)
+    for result_id, version, ok in results:
+        typer.echo(f"{'ok' if ok else 'MISMATCH':<9}{result_id}@{version[:12]}")
+    if bad := [f"{i}@{v[:12]}" for i, v, ok in results if not ok]:
+        _fail(f"{len(bad)} version(s) do not match their checksum (corrupt store): {', '.join(bad)}; "
+              "register them again", code=1)
+    if not results:
+        typer.echo("no adapters registered")
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    from lorax_lite.cli import fail  # here, not at the top: cli.py imports this module
+
+    fail(message, code)
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Bad input exits 2, a store that cannot be written exits 1; one line on stderr either way."""
+    try:
+        yield
+    except (AdapterError, BaseModelError) as exc:
+        _fail(_one_line(exc))
+    except OSError as exc:
+        _fail(f"store: {_one_line(exc)}", code=1)
+
+
+@contextmanager
+def _registry(url: str | None, check_id: str | None = None) -> Iterator[Registry]:
+    """The registry at `url`; a malformed URL exits 2, one that cannot be reached exits 1 naming it.
+
+    `check_id`, when given, is checked first: a bad id never reaches the registry.
+    """
+    from lorax_lite.registry.factory import default_registry_url, open_registry  # imports the redis client
+
+    if check_id is not None:
+        check_adapter_id(check_id)
+    url = url or default_registry_url()
+    try:
+        registry = open_registry(url)
+    except RegistryError as exc:
+        _fail(_naming(exc, url), code=1)
+    except ValueError as exc:
+        _fail(_one_line(exc))
+    try:
+        yield registry
+    except RegistryError as exc:
+        _fail(_naming(exc, url), code=1)
+    finally:
+        registry.close()
+
+
+def _get(registry: Registry, adapter_id: str) -> AdapterRecord:
+    record = registry.get(adapter_id)
+    if record is None:
+        _fail(_unknown(adapter_id, registry))
+    return record
+
+
+def _set_pinned(adapter_id: str, pinned: bool, registry_url: str | None) -> None:
+    with _errors(), _registry(registry_url, check_id=adapter_id) as registry:
+        if not registry.set_pinned(adapter_id, pinned):
+            _fail(_unknown(adapter_id, registry))
+
+
+def _unknown(adapter_id: str, registry: Registry) -> str:
+    return f"unknown adapter {adapter_id!r}: not in the registry {registry.url} (see `lorax-lite adapters list`)"
+
+
+def _naming(exc: Exception, url: str) -> str:
+    message = _one_line(exc)
+    return message if url in message else f"registry {url}: {message}"
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _table(records: list[AdapterRecord]) -> str:
+    header = ("ID", "VERSION", "OWNER", "RANK", "PINNED", "SIZE", "CREATED")
+    rows = [header] + [(r.adapter_id, r.version[:12], r.owner or "-", str(r.rank), "yes" if r.pinned else "no",
+                        _size(r.size_bytes), _time(r.created_at)) for r in records]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def _details(record: AdapterRecord, versions: list[dict]) -> str:
+    fields = [
+        ("adapter_id", record.adapter_id), ("version", record.version), ("owner", record.owner),
+        ("description", record.description), ("system_prompt", record.system_prompt),
+        ("base_model", record.base_model), ("rank", record.rank), ("alpha", record.alpha),
+        ("target_modules", ", ".join(record.target_modules)), ("size", f"{_size(record.size_bytes)} ({record.size_bytes} bytes)"),
+        ("pinned", "yes" if record.pinned else "no"), ("created", _time(record.created_at)), ("store_path", record.store_path),
+    ]
+    lines = [f"{name + ':':<16}{value}" for name, value in fields]
+    lines.append("versions (oldest first):")
+    lines += [f"  {v['version'][:12]}  {_time(v['created_at'])}{'  (current)' if v['current'] else ''}" for v in versions]
+    return "\n".join(lines)
+
+
+def _size(num_bytes: int) -> str:
+    size = float(num_bytes)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def _time(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))

@@ -1,0 +1,224 @@
+"""AdapterStore: the content-addressed directory of adapter files, `<root>/<adapter_id>/<version>/`.
+
+A version is `compute_version` of the adapter: sha256 over its canonical config and its weights
+file. A version directory holds exactly two files, `adapter_config.json` (canonical JSON) and
+`adapter_model.safetensors`, and never changes once written. It is built in a temporary directory
+next to it (files and directory fsynced) and renamed into place, so a version directory either
+is complete or does not exist; a killed process leaves at most a `.tmp-*` directory, which
+readers ignore and the next `add` for that id removes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+from lorax_lite.lora.errors import CorruptWeightsError
+from lorax_lite.lora.manager import check_adapter_id
+from lorax_lite.lora.weights import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+
+DEFAULT_STORE = "data/store"
+VERSION_PATTERN = re.compile(r"[0-9a-f]{64}")
+_HASH_DOMAIN = b"lorax-lite adapter v1\0"
+_TEMP_PREFIX = ".tmp-"
+_TRASH_PREFIX = ".trash-"
+_STALE_AFTER_S = 3600.0  # a temp dir this old is stale even if its owner cannot be checked
+_CHUNK = 1 << 20
+
+
+def default_store_root() -> str:
+    """`$LORAX_STORE`, else `data/store`."""
+    return os.environ.get("LORAX_STORE", DEFAULT_STORE)
+
+
+def canonical_config(src_dir: str | os.PathLike) -> bytes:
+    """The adapter's config as canonical JSON bytes (sorted keys, no spaces); ValueError if not a JSON object."""
+    config = json.loads((Path(src_dir) / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
+    if not isinstance(config, dict):
+        raise ValueError(f"{ADAPTER_CONFIG_NAME} in {src_dir} is not a JSON object")
+    return json.dumps(config, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def compute_version(src_dir: str | os.PathLike) -> str:
+    """sha256 hex over the canonical config and the weights file of the adapter at `src_dir`.
+
+    Each part is hashed as (name length, name, data length, data), lengths as 8-byte big-endian
+    integers, config first: no two different adapters hash the same input. The config's
+    formatting (key order, whitespace) does not change the version. Raises OSError when a file
+    is unreadable and ValueError when the config is not a JSON object.
+    """
+    digest = hashlib.sha256(_HASH_DOMAIN)
+    config = canonical_config(src_dir)
+    _hash_part(digest, ADAPTER_CONFIG_NAME, len(config), [config])
+    with open(Path(src_dir) / ADAPTER_WEIGHTS_NAME, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        read = _hash_part(digest, ADAPTER_WEIGHTS_NAME, size, iter(lambda: file.read(_CHUNK), b""))
+    if read != size:
+        raise OSError(f"{ADAPTER_WEIGHTS_NAME} in {src_dir} changed size while it was read")
+    return digest.hexdigest()
+
+
+def _hash_part(digest: "hashlib._Hash", name: str, size: int, chunks) -> int:
+    encoded = name.encode("utf-8")
+    digest.update(len(encoded).to_bytes(8, "big") + encoded + size.to_bytes(8, "big"))
+    read = 0
+    for chunk in chunks:
+        digest.update(chunk)
+        read += len(chunk)
+    return read
+
+
+class AdapterStore:
+    """Immutable, content-addressed adapter versions on disk under `root` (default `$LORAX_STORE`, else data/store)."""
+
+    def __init__(self, root: str | os.PathLike | None = None) -> None:
+        self.root = Path(root if root is not None else default_store_root()).absolute()
+
+    def path(self, adapter_id: str, version: str) -> Path:
+        """Directory of one version (whether or not it exists)."""
+        return self._id_dir(adapter_id) / _check_version(version)
+
+    def versions(self, adapter_id: str) -> list[str]:
+        """Versions present in the store for the id (complete ones only), sorted."""
+        id_dir = self._id_dir(adapter_id)
+        if not id_dir.is_dir():
+            return []
+        return sorted(p.name for p in id_dir.iterdir() if VERSION_PATTERN.fullmatch(p.name))
+
+    def verify(self, adapter_id: str, version: str) -> bool:
+        """True if the version's files are there and hash to `version`."""
+        path = self.path(adapter_id, version)  # a bad id or version raises, it is not a mismatch
+        try:
+            return compute_version(path) == version
+        except (OSError, ValueError):  # missing, unreadable or not JSON: not the content registered
+            return False
+
+    def add(self, adapter_id: str, src_dir: str | os.PathLike, version: str) -> Path:
+        """Copy the adapter at `src_dir` (already validated; `version` = its compute_version) into the store.
+
+        A no-op when the version is there and verifies. A version directory that fails to verify
+        (tampered, damaged disk) is replaced by a fresh copy of the same content. Raises
+        CorruptWeightsError if the source does not hash to `version` (it changed after validation).
+        """
+        final = self.path(adapter_id, version)
+        if final.is_dir() and self.verify(adapter_id, version):
+            return final
+        id_dir = final.parent
+        _make_dirs(id_dir)
+        _clean_stale(id_dir)
+        temp = Path(tempfile.mkdtemp(prefix=_owned(_TEMP_PREFIX), dir=id_dir))
+        try:
+            self._fill(temp, Path(src_dir), version)
+            _install(temp, final, lambda: self.verify(adapter_id, version))
+        finally:
+            shutil.rmtree(temp, ignore_errors=True)  # gone already when installed
+        return final
+
+    def remove(self, adapter_id: str) -> bool:
+        """Delete every version of the id; False if the store had none."""
+        id_dir = self._id_dir(adapter_id)
+        if not id_dir.is_dir():
+            return False
+        _clean_stale(self.root)
+        # Renamed away first: readers see the whole id or nothing, never a half-deleted version.
+        trash = Path(tempfile.mkdtemp(prefix=_owned(_TRASH_PREFIX), dir=self.root))
+        os.rename(id_dir, trash / adapter_id)
+        shutil.rmtree(trash, ignore_errors=True)
+        return True
+
+    def _id_dir(self, adapter_id: str) -> Path:
+        return self.root / check_adapter_id(adapter_id)
+
+    @staticmethod
+    def _fill(temp: Path, src_dir: Path, version: str) -> None:
+        _write_file(temp / ADAPTER_CONFIG_NAME, [canonical_config(src_dir)])
+        with open(src_dir / ADAPTER_WEIGHTS_NAME, "rb") as src:
+            _write_file(temp / ADAPTER_WEIGHTS_NAME, iter(lambda: src.read(_CHUNK), b""))
+        _fsync_dir(temp)
+        copied = compute_version(temp)
+        if copied != version:
+            raise CorruptWeightsError(f"adapter at {src_dir}: its files changed while being registered (expected version "
+                                      f"{version[:12]}, copied {copied[:12]}); register it again")
+
+
+def _check_version(version: str) -> str:
+    if not isinstance(version, str) or not VERSION_PATTERN.fullmatch(version):
+        raise ValueError(f"invalid adapter version {version!r}: expected 64 lowercase hex digits (a sha256)")
+    return version
+
+
+def _install(temp: Path, final: Path, verifies) -> None:
+    """Rename the finished `temp` to `final`; a bad existing `final` is moved aside first."""
+    if final.is_dir() and not verifies():
+        aside = Path(tempfile.mkdtemp(prefix=_owned(_TRASH_PREFIX), dir=final.parent))
+        os.rename(final, aside / final.name)
+        shutil.rmtree(aside, ignore_errors=True)
+    try:
+        os.rename(temp, final)
+    except OSError:
+        if not (final.is_dir() and verifies()):  # else: another process installed the same content first
+            raise
+    _fsync_dir(final.parent)
+
+
+def _write_file(path: Path, chunks) -> None:
+    with open(path, "xb") as file:
+        for chunk in chunks:
+            file.write(chunk)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _make_dirs(path: Path) -> None:
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    for created in missing:  # make each new directory entry durable in its parent
+        _fsync_dir(created.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _owned(prefix: str) -> str:
+    """A temp dir name prefix naming its owner: `<prefix><host>-<pid>-` (mkdtemp appends a part without '-')."""
+    return f"{prefix}{socket.gethostname()}-{os.getpid()}-"
+
+
+def _clean_stale(directory: Path) -> None:
+    """Remove temp and trash dirs left by killed processes (never one whose owner still runs)."""
+    for entry in directory.iterdir():
+        if entry.name.startswith((_TEMP_PREFIX, _TRASH_PREFIX)) and _is_stale(entry):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _is_stale(temp: Path) -> bool:
+    owner = temp.name.split("-", 1)[1]  # after ".tmp-" or ".trash-"
+    host, _, pid = owner.rpartition("-")[0].rpartition("-")
+    try:
+        if host == socket.gethostname() and pid.isdigit() and not _is_running(int(pid)):
+            return True
+        return time.time() - temp.stat().st_mtime > _STALE_AFTER_S  # another host's, or a reused pid
+    except OSError:
+        return False
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
