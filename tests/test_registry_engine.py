@@ -151,3 +151,16 @@ def test_added_adapters_work_beside_a_registry(setup, sources, expected):
     register(setup, "pricing", sources["v1"])
     outs = llm.generate([PROMPT] * 2, GREEDY, adapter_ids=["local", "pricing"])
     assert [o.token_ids for o in outs] == [expected["v2"], expected["v1"]]
+
+
+def test_a_request_resolved_before_a_newer_version_was_served_still_gets_its_version(setup, sources, expected):
+    """AsyncLLM resolves in the caller's thread and admits in the engine thread: the two can interleave."""
+    llm = setup[0]
+    register(setup, "pricing", sources["v1"])
+    assert generate(llm, "pricing") == expected["v1"]  # v1 is the version the engine serves
+    early = llm.engine.make_request(PROMPT, GREEDY, adapter_id="pricing")  # resolved to v1, not yet admitted
+    register(setup, "pricing", sources["v2"])
+    assert generate(llm, "pricing") == expected["v2"]  # v2 admitted and finished first
+    llm.engine.add(early)
+    run_to_end(llm, [early])
+    assert early.output_token_ids == expected["v1"]
