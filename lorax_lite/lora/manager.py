@@ -4,8 +4,8 @@
   adapter in a device slot is also in the host tier, so leaving a slot never means a disk read.
 - Device tier: `max_loras` slots in the model's LoRALinear buffers. A request holds a reference to
   its adapter's slot while it runs; a slot with references is never given to another adapter.
-- Disk loads run on a loader thread: `prefetch` queues one, `poll` takes in what has landed. The
-  engine step never waits for disk.
+- Disk loads run on a loader thread (`lora/loader.py`): `prefetch` queues one, `poll` takes in
+  what has landed. The engine step never waits for disk.
 - Pinned adapters stay in host memory (never evicted from it); in the device tier they are the
   last choice for eviction. At most `max_cpu_loras - max_loras - 1` adapters can be pinned, so a
   request for an unpinned adapter always finds room eventually.
@@ -19,19 +19,15 @@ from the engine thread only.
 
 from __future__ import annotations
 
-import logging
-import queue
 import re
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from lorax_lite.lora.layers import LoRASlots
+from lorax_lite.lora.loader import AdapterLoader
 from lorax_lite.lora.weights import AdapterError, LoRAWeights
-
-logger = logging.getLogger(__name__)
 
 ADAPTER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # the whole id must match (fullmatch)
 
@@ -103,10 +99,7 @@ class AdapterManager:
         self._doomed: set[str] = set()  # removed while in use: dropped when its last reference goes
         self._reservation: _Reservation | None = None
         self._tick = 0
-        self._landed: queue.SimpleQueue = queue.SimpleQueue()
-        self._landed_event = threading.Event()
-        self._to_load: queue.SimpleQueue = queue.SimpleQueue()
-        self._loader: threading.Thread | None = None
+        self._loader = AdapterLoader(lambda key: self._load_fn(key), pin_memory)
 
     # ---- host tier ---------------------------------------------------------------------------
 
@@ -134,8 +127,7 @@ class AdapterManager:
             return False
         self._loading.add(adapter_id)
         self.stats.misses += 1
-        self._start_loader()
-        self._to_load.put(adapter_id)
+        self._loader.submit(adapter_id)
         return True
 
     def put(self, adapter_id: str, weights: LoRAWeights) -> bool:
@@ -151,11 +143,7 @@ class AdapterManager:
     def poll(self) -> list[tuple[str, Exception]]:
         """Take in finished disk loads; returns the adapters that failed to load, with their errors."""
         failures = []
-        while True:
-            try:
-                adapter_id, result, seconds = self._landed.get_nowait()
-            except queue.Empty:
-                return failures
+        for adapter_id, result, seconds in self._loader.collect():
             self._loading.discard(adapter_id)
             self.stats.load_seconds += seconds
             if adapter_id in self._discard_on_landing:
@@ -165,11 +153,11 @@ class AdapterManager:
                 failures.append((adapter_id, result))
             else:
                 self._host[adapter_id] = result
+        return failures
 
     def wait(self, timeout: float) -> None:
         """Block until a disk load lands (or `timeout` seconds pass)."""
-        if self._landed_event.wait(timeout):
-            self._landed_event.clear()
+        self._loader.wait(timeout)
 
     def _make_host_room(self, keep: set[str] = frozenset()) -> bool:
         if len(self._host) + len(self._loading) < self.max_cpu_loras:
@@ -204,23 +192,6 @@ class AdapterManager:
 
     def _maybe_pin(self, weights: LoRAWeights) -> LoRAWeights:
         return weights.pin_memory() if self._pin_memory else weights
-
-    def _start_loader(self) -> None:
-        if self._loader is None:
-            self._loader = threading.Thread(target=self._load_loop, name="lorax-adapter-loader", daemon=True)
-            self._loader.start()
-
-    def _load_loop(self) -> None:
-        while True:
-            adapter_id = self._to_load.get()
-            start = time.perf_counter()
-            try:
-                result: LoRAWeights | Exception = self._maybe_pin(self._load_fn(adapter_id))
-            except Exception as exc:  # reported to the requests for this adapter, never raised here
-                logger.warning("adapter %s failed to load: %s", adapter_id, exc)
-                result = exc
-            self._landed.put((adapter_id, result, time.perf_counter() - start))
-            self._landed_event.set()
 
     # ---- device tier -------------------------------------------------------------------------
 
