@@ -19,7 +19,7 @@ import typer
 
 from lorax_lite.config import default_model
 from lorax_lite.lora.errors import AdapterError
-from lorax_lite.lora.manager import check_adapter_id
+from lorax_lite.lora.naming import check_adapter_id
 from lorax_lite.registry import admin
 from lorax_lite.registry.admin import BaseModelError
 from lorax_lite.registry.base import AdapterRecord, Registry, RegistryError

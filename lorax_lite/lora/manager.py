@@ -19,7 +19,6 @@ from the engine thread only.
 
 from __future__ import annotations
 
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -27,23 +26,8 @@ from dataclasses import dataclass
 
 from lorax_lite.lora.layers import LoRASlots
 from lorax_lite.lora.loader import AdapterLoader
-from lorax_lite.lora.weights import AdapterError, LoRAWeights
-
-ADAPTER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # the whole id must match (fullmatch)
-
-
-class InvalidAdapterIdError(AdapterError):
-    """An adapter id that does not match ADAPTER_ID_PATTERN."""
-
-
-def check_adapter_id(adapter_id: object) -> str:
-    """Return the id if it is well-formed (checked before any filesystem or registry access)."""
-    if not isinstance(adapter_id, str) or not ADAPTER_ID_PATTERN.fullmatch(adapter_id):
-        raise InvalidAdapterIdError(
-            f"invalid adapter id {adapter_id!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
-        )
-    return adapter_id
-
+from lorax_lite.lora.naming import ADAPTER_ID_PATTERN, InvalidAdapterIdError, check_adapter_id  # noqa: F401 (re-exported)
+from lorax_lite.lora.weights import LoRAWeights
 
 @dataclass
 class AdapterCacheStats:

@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
+from lorax_lite.lora.naming import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from lorax_lite.lora.errors import (
     AdapterConfigError,
     AdapterError,
@@ -31,8 +32,6 @@ from lorax_lite.lora.errors import (
     UnsupportedAdapterError,
 )
 
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 DEFAULT_MAX_ADAPTER_BYTES = 1 << 30
 MAX_CONFIG_BYTES = 1 << 20
 

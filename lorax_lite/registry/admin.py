@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorax_lite.lora.manager import check_adapter_id
-from lorax_lite.lora.weights import ADAPTER_WEIGHTS_NAME, load_lora_weights
+from lorax_lite.lora.naming import check_adapter_id
+from lorax_lite.lora.naming import ADAPTER_WEIGHTS_NAME
 from lorax_lite.registry.base import AdapterRecord, Registry
 from lorax_lite.registry.store import AdapterStore, compute_version
 
@@ -45,6 +45,8 @@ def validate(adapter_id: str, src_dir: str | os.PathLike, model_dir: str | os.Pa
     BaseModelError when `model_dir` cannot be read.
     """
     check_adapter_id(adapter_id)
+    from lorax_lite.lora.weights import load_lora_weights  # imports torch: only when validating
+
     weights = load_lora_weights(src_dir, _targets(model_dir), max_lora_rank)
     src = Path(src_dir)
     return ValidatedAdapter(

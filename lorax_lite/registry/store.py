@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from lorax_lite.lora.errors import CorruptWeightsError
-from lorax_lite.lora.manager import check_adapter_id
-from lorax_lite.lora.weights import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from lorax_lite.lora.naming import check_adapter_id
+from lorax_lite.lora.naming import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 
 DEFAULT_STORE = "data/store"
 VERSION_PATTERN = re.compile(r"[0-9a-f]{64}")
