@@ -244,7 +244,7 @@ class LLMEngine:
             logger.exception("forward pass failed for %d requests", len(batch.requests))
             self.scheduler.fail(batch.requests, f"forward pass failed: {exc}")
             return self._collect(failed + batch.requests)
-        updated = self.scheduler.postprocess(batch, sampled.token_ids)
+        updated = self.scheduler.postprocess(batch, sampled.token_ids, sampled.logprobs)
         return self._collect(failed + updated)
 
     def _collect(self, requests: list[Request]) -> list[RequestOutput]:

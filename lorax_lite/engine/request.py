@@ -133,6 +133,8 @@ class RequestOutput:
     error: str | None = None
     metrics: RequestMetrics | None = None
     exception: Exception | None = field(default=None, repr=False, compare=False)  # what failed it, e.g. an AdapterError
+    logprobs: list[float | None] = field(default_factory=list, repr=False)  # of each token in token_ids (see Sampler)
+    seed: int | None = None  # the seed sampling used (drawn when the request gave none); None when greedy
 
 
 class Request:
@@ -157,6 +159,7 @@ class Request:
         self.sampling_params = sampling_params
         self.adapter_id = adapter_id
         self.output_token_ids: list[int] = []
+        self.output_logprobs: list[float | None] = []  # log-probability of each output token as sampled
         self.num_computed_tokens = 0
         self.status = RequestStatus.WAITING
         self.finish_reason: FinishReason | None = None
@@ -229,6 +232,8 @@ class Request:
             error=self.error,
             metrics=dataclasses.replace(self.metrics),
             exception=self.exception,
+            logprobs=list(self.output_logprobs),
+            seed=self.seed,
         )
 
 

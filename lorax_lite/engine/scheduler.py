@@ -205,20 +205,22 @@ class Scheduler:
         """Nothing could be scheduled only because adapters are still loading from disk."""
         return not self.running and self.adapters is not None and self.adapters.num_loading > 0
 
-    def postprocess(self, batch: ScheduledBatch, sampled: list[int]) -> list[Request]:
-        """Apply a step's results; returns the requests that got a new token (finished or not)."""
-        sampling = iter(sampled)
+    def postprocess(self, batch: ScheduledBatch, sampled: list[int], logprobs: list[float] | None = None) -> list[Request]:
+        """Apply a step's results (one token, and its logprob, per sampling request); returns the requests
+        that got a new token (finished or not)."""
+        sampling = iter(zip(sampled, logprobs if logprobs is not None else [None] * len(sampled)))
         updated = []
         for i, req in enumerate(batch.requests):
             samples = batch.samples(i)
             req.num_computed_tokens += batch.num_new_tokens[i]
             if samples:
-                self._append_token(req, next(sampling))
+                self._append_token(req, *next(sampling))
                 updated.append(req)
         return updated
 
-    def _append_token(self, req: Request, token_id: int) -> None:
+    def _append_token(self, req: Request, token_id: int, logprob: float | None = None) -> None:
         req.output_token_ids.append(token_id)
+        req.output_logprobs.append(logprob)
         if req.metrics.first_token_time is None:
             req.metrics.first_token_time = time.time()
         if req.detokenizer is not None:
