@@ -1,5 +1,6 @@
 # lorax-lite: the README's commands.
 #   make install   .venv/ with the package and its dev dependencies (idempotent)
+#   make serve     install, fetch the default model, register adapters/*, serve on 127.0.0.1:8080
 #   make test      install, fetch the default model, run the whole test suite
 #   make bench     install, fetch the default model, run the benchmarks -> docs/benchmarks.md (+ .json)
 #
@@ -12,7 +13,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 MODEL_DIR ?= models/SmolLM2-135M-Instruct
 
-.PHONY: install test bench fetch-model clean
+.PHONY: install test bench serve fetch-model clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +30,15 @@ fetch-model: install
 
 test: fetch-model
 	LORAX_REQUIRE_DEFAULT_MODEL=1 LORAX_REQUIRE_REDIS=1 LORAX_MODEL=$(MODEL_DIR) $(PY) -m pytest -q tests
+
+# Registers every adapter shipped under adapters/<name>/ (id = <name>; a no-op when unchanged), then serves.
+serve: fetch-model
+	@for dir in adapters/*/; do \
+	  if [ -f "$$dir/adapter_config.json" ]; then \
+	    $(VENV)/bin/lorax-lite adapters register "$$(basename "$$dir")" "$$dir" --model $(MODEL_DIR) || exit 1; \
+	  fi; \
+	done
+	$(VENV)/bin/lorax-lite serve --model $(MODEL_DIR) --host 127.0.0.1 --port 8080
 
 bench: fetch-model
 	$(PY) scripts/bench_engine.py --model $(MODEL_DIR) --output docs/benchmarks.md --json docs/benchmarks.json
