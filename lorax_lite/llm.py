@@ -12,6 +12,7 @@ from lorax_lite.engine.engine import LLMEngine, Prompt
 from lorax_lite.engine.request import Request, RequestOutput, SamplingParams
 from lorax_lite.lora.manager import check_adapter_id
 from lorax_lite.registry.base import Registry
+from lorax_lite.registry.factory import as_registry
 
 Message = dict[str, str]
 
@@ -93,15 +94,6 @@ class LLM:
                 if req.request_id not in final:
                     self.engine.abort_request(req.request_id)
         return [final[r.request_id] for r in requests]
-
-
-def as_registry(registry: Registry | str | None) -> Registry | None:
-    """A Registry, or one opened from a URL (sqlite:///path.db, redis://host:port/db)."""
-    if registry is None or isinstance(registry, Registry):
-        return registry
-    from lorax_lite.registry.factory import open_registry
-
-    return open_registry(registry)
 
 
 def render_chat(tokenizer: PreTrainedTokenizerBase, conversation: list[Message]) -> tuple[str, list[int]]:

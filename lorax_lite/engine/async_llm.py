@@ -21,6 +21,7 @@ from lorax_lite.engine.engine import LLMEngine, Prompt
 from lorax_lite.engine.request import Request, RequestOutput, SamplingParams
 from lorax_lite.lora.manager import check_adapter_id
 from lorax_lite.registry.base import Registry
+from lorax_lite.registry.factory import as_registry
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +43,6 @@ class AsyncLLM:
     """`async for out in llm.generate(prompt, params)` yields cumulative outputs; the last is finished."""
 
     def __init__(self, model: str | None = None, registry: Registry | str | None = None, **engine_config: object) -> None:
-        from lorax_lite.llm import as_registry
-
         self.engine = LLMEngine(EngineConfig.from_kwargs(model, **engine_config), registry=as_registry(registry))
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}

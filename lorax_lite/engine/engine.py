@@ -48,7 +48,7 @@ class LLMEngine:
         self.catalog = None if self.adapters is None else AdapterCatalog(self.adapters, self.load_adapter_weights, registry)
         self.vocab_size = model.get_input_embeddings().num_embeddings
         shape = ModelShape.of(model)
-        num_blocks = self._num_kv_blocks(shape, next(model.parameters()).dtype)
+        num_blocks = self._num_kv_blocks(shape, self.dtype)
         self.max_model_len = self._max_model_len(shape, num_blocks)
         self.runner = ModelRunner(model, num_blocks, config.block_size, self.lora_slots)
         self.block_manager = BlockManager(num_blocks, config.block_size)

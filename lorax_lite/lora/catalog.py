@@ -23,6 +23,7 @@ from lorax_lite.lora.errors import AdapterNotFoundError, CorruptWeightsError
 from lorax_lite.lora.manager import AdapterManager, check_adapter_id
 from lorax_lite.lora.weights import LoRAWeights
 from lorax_lite.registry.base import AdapterRecord, Registry
+from lorax_lite.registry.store import compute_version
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +122,6 @@ class AdapterCatalog:
 
     @staticmethod
     def _verify(record: AdapterRecord) -> None:
-        from lorax_lite.registry.store import compute_version
-
         path = Path(record.store_path)
         try:
             actual = compute_version(path)

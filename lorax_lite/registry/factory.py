@@ -53,3 +53,10 @@ def _open_redis(url: str) -> Registry:
         return RedisRegistry(parts._replace(query=rest).geturl(), prefix=prefix)
     except ValueError as exc:  # a malformed host, port, db or prefix
         raise ValueError(f"bad registry URL {url!r} ({exc}): use {URL_FORMS}") from exc
+
+
+def as_registry(registry: Registry | str | None) -> Registry | None:
+    """A Registry, or one opened from a URL (sqlite:///path.db, redis://host:port/db)."""
+    if registry is None or isinstance(registry, Registry):
+        return registry
+    return open_registry(registry)
