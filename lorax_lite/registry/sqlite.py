@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -137,7 +138,7 @@ class SQLiteRegistry(Registry):
             with self._lock:
                 self._connections.append(db)
             db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-            db.execute("PRAGMA journal_mode = WAL")
+            _enable_wal(db)
         return db
 
     @contextmanager
@@ -152,3 +153,17 @@ def _to_record(record_json: str, pinned: int) -> AdapterRecord:
     record = AdapterRecord.from_dict(json.loads(record_json))
     record.pinned = bool(pinned)  # per adapter id, not per version
     return record
+
+
+def _enable_wal(db: sqlite3.Connection) -> None:
+    """Turn on WAL. SQLite can answer "database is locked" here without calling its busy handler
+    (several processes switching a new file to WAL at once), so wait and retry, up to the busy timeout."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
