@@ -12,7 +12,7 @@ from lorax_lite.engine.engine import LLMEngine, Prompt
 from lorax_lite.engine.request import Request, RequestOutput, SamplingParams
 from lorax_lite.lora.manager import check_adapter_id
 from lorax_lite.registry.base import Registry
-from lorax_lite.registry.factory import as_registry
+from lorax_lite.registry.factory import as_registry, as_store
 
 Message = dict[str, str]
 
@@ -24,11 +24,16 @@ class LLM:
     `$LORAX_MODEL` or `models/SmolLM2-135M-Instruct`); engine settings are `EngineConfig` fields.
     Adapters: `add_adapter(adapter_id, path)`, then `generate(..., adapter_ids=...)`; with
     `registry` (a Registry or a URL such as "sqlite:///data/registry.db"), every adapter registered
-    there (`lorax-lite adapters register`) is usable too, at its current version.
+    there (`lorax-lite adapters register`) is usable too, at its current version, read from the
+    path its record names, or from `store` (a store directory) when given.
     """
 
-    def __init__(self, model: str | None = None, registry: Registry | str | None = None, **engine_config: object) -> None:
-        self.engine = LLMEngine(EngineConfig.from_kwargs(model, **engine_config), registry=as_registry(registry))
+    def __init__(
+        self, model: str | None = None, registry: Registry | str | None = None, store: AdapterStore | str | os.PathLike | None = None,
+        **engine_config: object,
+    ) -> None:
+        config = EngineConfig.from_kwargs(model, **engine_config)
+        self.engine = LLMEngine(config, registry=as_registry(registry), store=as_store(store))
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:

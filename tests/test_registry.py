@@ -252,6 +252,12 @@ def test_an_unreachable_redis_fails_fast_naming_the_url() -> None:
 
 
 @pytest.mark.timeout(30)  # the client's socket timeout, not a hang
+def test_a_redis_password_never_appears_in_messages() -> None:
+    with pytest.raises(RegistryError) as raised:
+        RedisRegistry("redis://admin:s3cret@127.0.0.1:1/0", prefix="team")
+    assert "s3cret" not in str(raised.value) and "redis://admin:***@127.0.0.1:1/0?prefix=team" in str(raised.value)
+
+
 def test_a_redis_that_never_answers_fails_fast_naming_the_url() -> None:
     with socket.socket() as silent:  # accepts connections, never replies
         silent.bind(("127.0.0.1", 0))

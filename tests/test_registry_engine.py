@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,17 @@ def test_a_request_resolved_before_a_newer_version_was_served_still_gets_its_ver
     llm.engine.add(early)
     run_to_end(llm, [early])
     assert early.output_token_ids == expected["v1"]
+
+
+def test_with_a_store_directory_versions_are_read_from_it_not_from_the_recorded_path(setup, sources, expected, tmp_path):
+    """Replicas mount the store where they like (`serve --store`); a record cannot point the server elsewhere."""
+    _, registry, store, model_dir = setup
+    record, _ = register(setup, "pricing", sources["v1"])
+    moved = tmp_path / "mounted-elsewhere"
+    shutil.copytree(store.root, moved)
+    shutil.rmtree(store.root)
+    llm = LLM(str(model_dir), registry=registry, store=moved, dtype="float32", device="cpu", max_loras=2)
+    assert llm.generate(PROMPT, GREEDY, adapter_ids="pricing")[0].token_ids == expected["v1"]
+    without_store = LLM(str(model_dir), registry=registry, dtype="float32", device="cpu", max_loras=2)
+    out = without_store.generate(PROMPT, GREEDY, adapter_ids="pricing")[0]
+    assert out.finish_reason == "error" and isinstance(out.exception, CorruptWeightsError)  # the recorded path is gone

@@ -16,7 +16,7 @@ from lora_helpers import AdapterSpec, make_peft_adapter
 from lorax_lite import LLM, AsyncLLM, SamplingParams
 from lorax_lite.server import create_app
 from lorax_lite.server.generation import Generation
-from lorax_lite.server.native import _unless_disconnected
+from lorax_lite.server.calls import ClientDisconnected, run_to_end_or_abort
 from lorax_lite.server.schemas import GenerateRequest
 
 MODEL_NAME = "tiny-llama"
@@ -234,7 +234,7 @@ def test_health_and_info(app, llm):
     assert info["engine_config"]["max_num_batched_tokens"] == 64 and info["max_model_len"] == 128
     assert "pricing" in info["adapters"]["added"] and "pricing" in info["adapters"]["host"]
     assert len(info["adapters"]["slots"]) == llm.engine.config.max_loras
-    stopped = create_app(types.SimpleNamespace(is_running=False), MODEL_NAME)
+    stopped = create_app(types.SimpleNamespace(is_running=False, engine=llm.engine), MODEL_NAME)
     assert call(stopped, "GET", "/health").status_code == 503
 
 
@@ -258,22 +258,29 @@ class DisconnectingRequest:
         return {"type": "http.disconnect"}
 
 
-def test_disconnect_aborts_a_non_streaming_request(llm):
-    async def go():
-        gen = await Generation.start(llm, GenerateRequest(**body(100, adapter_id="pricing")), "pricing", MODEL_NAME)
-        result = await _unless_disconnected(gen.run_to_end(), DisconnectingRequest(after=0.05))
-        await gen.close()
-        return result, gen
+def aborted_count(app, adapter: str) -> float:
+    return app.state.server.metrics.requests.labels(adapter, "aborted")._value.get()
 
-    result, gen = asyncio.run(go())
-    assert result is None and len(gen.tokens) < 100
+
+def test_disconnect_aborts_a_non_streaming_request(app, llm):
+    before = aborted_count(app, "pricing")
+
+    async def go():
+        gen = await Generation.start(app.state.server, GenerateRequest(**body(100, adapter_id="pricing")), "pricing")
+        with pytest.raises(ClientDisconnected):
+            await run_to_end_or_abort(gen.call, DisconnectingRequest(after=0.05), on_output=gen.advance)
+        return gen
+
+    gen = asyncio.run(go())
+    assert 0 < len(gen.tokens) < 100
     wait_until_idle(llm)
     assert llm.engine.adapters.refcount("pricing") == 0
+    assert aborted_count(app, "pricing") == before + 1
 
 
-def test_leaving_a_stream_early_aborts_the_request(llm):
+def test_leaving_a_stream_early_aborts_the_request(app, llm):
     async def go():
-        gen = await Generation.start(llm, GenerateRequest(**body(100)), None, MODEL_NAME)
+        gen = await Generation.start(app.state.server, GenerateRequest(**body(100)), None)
         events = gen.stream_events()
         seen = [await events.__anext__() for _ in range(3)]
         await events.aclose()  # what Starlette does when the client goes away

@@ -21,7 +21,7 @@ from lorax_lite.engine.engine import LLMEngine, Prompt
 from lorax_lite.engine.request import Request, RequestOutput, SamplingParams
 from lorax_lite.lora.manager import check_adapter_id
 from lorax_lite.registry.base import Registry
-from lorax_lite.registry.factory import as_registry
+from lorax_lite.registry.factory import as_registry, as_store
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,12 @@ class _Stream:
 class AsyncLLM:
     """`async for out in llm.generate(prompt, params)` yields cumulative outputs; the last is finished."""
 
-    def __init__(self, model: str | None = None, registry: Registry | str | None = None, **engine_config: object) -> None:
-        self.engine = LLMEngine(EngineConfig.from_kwargs(model, **engine_config), registry=as_registry(registry))
+    def __init__(
+        self, model: str | None = None, registry: Registry | str | None = None, store: AdapterStore | str | os.PathLike | None = None,
+        **engine_config: object,
+    ) -> None:
+        config = EngineConfig.from_kwargs(model, **engine_config)
+        self.engine = LLMEngine(config, registry=as_registry(registry), store=as_store(store))
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._wakeup = threading.Event()

@@ -6,7 +6,9 @@ import itertools
 import logging
 import os
 import random
+from bisect import bisect_left
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -22,11 +24,32 @@ from lorax_lite.lora.catalog import AdapterCatalog
 from lorax_lite.lora.manager import AdapterManager
 from lorax_lite.lora.weights import LoRAWeights, load_lora_weights
 from lorax_lite.registry.base import Registry
+from lorax_lite.registry.store import AdapterStore
 from lorax_lite.model_loader import load_model_and_tokenizer
 
 logger = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
+
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+@dataclass
+class EngineStats:
+    """Counters since start-up, written by the thread that steps the engine (read by /metrics)."""
+
+    steps: int = 0  # forward passes
+    batched_tokens: int = 0  # tokens run through the model, summed over steps
+    batch_size_sum: int = 0  # sequences per step, summed over steps
+    batch_size_buckets: list[int] = field(default_factory=lambda: [0] * len(BATCH_SIZE_BUCKETS))  # steps per bucket (<= bound)
+
+    def observe_step(self, num_seqs: int, num_tokens: int) -> None:
+        self.steps += 1
+        self.batched_tokens += num_tokens
+        self.batch_size_sum += num_seqs
+        bucket = bisect_left(BATCH_SIZE_BUCKETS, num_seqs)
+        if bucket < len(BATCH_SIZE_BUCKETS):
+            self.batch_size_buckets[bucket] += 1
 
 
 class LLMEngine:
@@ -38,6 +61,7 @@ class LLMEngine:
         model: PreTrainedModel | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
         registry: Registry | None = None,
+        store: AdapterStore | None = None,
     ) -> None:
         self.config = config
         if model is None or tokenizer is None:
@@ -45,7 +69,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.dtype = next(model.parameters()).dtype
         self.lora_slots, self.adapters = self._init_lora(model)
-        self.catalog = None if self.adapters is None else AdapterCatalog(self.adapters, self.load_adapter_weights, registry)
+        self.catalog = None if self.adapters is None else AdapterCatalog(self.adapters, self.load_adapter_weights, registry, store)
         self.vocab_size = model.get_input_embeddings().num_embeddings
         shape = ModelShape.of(model)
         num_blocks = self._num_kv_blocks(shape, self.dtype)
@@ -60,6 +84,7 @@ class LLMEngine:
             eos_token_ids=eos_token_ids(model, tokenizer),
             adapters=self.adapters,
         )
+        self.stats = EngineStats()
         self._ids = itertools.count()
         self._requests: dict[str, Request] = {}
 
@@ -238,6 +263,7 @@ class LLMEngine:
             if self.scheduler.is_waiting_for_adapters:
                 self.adapters.wait(timeout=0.05)  # adapters are on their way from disk: do not spin
             return self._collect(failed)
+        self.stats.observe_step(len(batch.requests), batch.num_tokens)
         try:
             sampled = self.runner.run(batch, self.block_manager)
         except Exception as exc:  # a failed forward fails its batch, never the engine

@@ -23,7 +23,7 @@ from lorax_lite.lora.errors import AdapterNotFoundError, CorruptWeightsError
 from lorax_lite.lora.manager import AdapterManager, check_adapter_id
 from lorax_lite.lora.weights import LoRAWeights
 from lorax_lite.registry.base import AdapterRecord, Registry
-from lorax_lite.registry.store import compute_version
+from lorax_lite.registry.store import AdapterStore, compute_version
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +31,16 @@ logger = logging.getLogger(__name__)
 class AdapterCatalog:
     """Adapter ids -> cache keys and sources; keeps the adapter cache in step with the registry."""
 
-    def __init__(self, manager: AdapterManager, load_weights: Callable[[str], LoRAWeights], registry: Registry | None = None) -> None:
+    def __init__(
+        self,
+        manager: AdapterManager,
+        load_weights: Callable[[str], LoRAWeights],
+        registry: Registry | None = None,
+        store: AdapterStore | None = None,
+    ) -> None:
         self.manager = manager
         self.registry = registry
+        self.store = store  # when given, registry versions are read from this store, whatever path the record names
         self._load_weights = load_weights
         self._paths: dict[str, str] = {}  # added by path: id -> directory
         self._records: dict[str, AdapterRecord] = {}  # registry versions seen: key -> record
@@ -117,12 +124,17 @@ class AdapterCatalog:
         record = self._records.get(key)
         if record is None:
             raise AdapterNotFoundError(f"adapter {key.split('@')[0]!r} was removed")
-        self._verify(record)
-        return self._load_weights(record.store_path)
+        path = self._path(record)
+        self._verify(record, path)
+        return self._load_weights(os.fspath(path))
+
+    def _path(self, record: AdapterRecord) -> Path:
+        if self.store is None:
+            return Path(record.store_path)
+        return self.store.path(record.adapter_id, record.version)
 
     @staticmethod
-    def _verify(record: AdapterRecord) -> None:
-        path = Path(record.store_path)
+    def _verify(record: AdapterRecord, path: Path) -> None:
         try:
             actual = compute_version(path)
         except OSError as exc:

@@ -8,6 +8,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from lorax_lite.registry.base import Registry
 from lorax_lite.registry.redis import DEFAULT_PREFIX, RedisRegistry
 from lorax_lite.registry.sqlite import SQLiteRegistry
+from lorax_lite.registry.store import AdapterStore
 
 DEFAULT_REGISTRY_URL = "sqlite:///data/registry.db"
 URL_FORMS = (
@@ -60,3 +61,10 @@ def as_registry(registry: Registry | str | None) -> Registry | None:
     if registry is None or isinstance(registry, Registry):
         return registry
     return open_registry(registry)
+
+
+def as_store(store: AdapterStore | str | os.PathLike | None) -> AdapterStore | None:
+    """An AdapterStore, or one rooted at a directory."""
+    if store is None or isinstance(store, AdapterStore):
+        return store
+    return AdapterStore(store)

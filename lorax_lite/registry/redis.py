@@ -57,7 +57,8 @@ class RedisRegistry(Registry):
         if not _PREFIX.match(prefix):
             raise ValueError(f"registry key prefix {prefix!r} must match {_PREFIX.pattern}")
         self.prefix = prefix
-        self.url = url if prefix == DEFAULT_PREFIX else _with_prefix(url, prefix)
+        # For messages and logs: never the password.
+        self.url = _redacted(url if prefix == DEFAULT_PREFIX else _with_prefix(url, prefix))
         self._client = redis.Redis.from_url(
             url, decode_responses=True, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S
         )
@@ -135,6 +136,17 @@ class RedisRegistry(Registry):
 
 def _flag(pinned: bool) -> str:
     return "1" if pinned else "0"
+
+
+def _redacted(url: str) -> str:
+    """`url` with its password (if any) replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return parts._replace(netloc=f"{user}:***@{host}{port}").geturl()
 
 
 def _with_prefix(url: str, prefix: str) -> str:

@@ -1,46 +1,81 @@
-"""HTTP errors in LoRAX's body (`{"error", "error_type"}`), and how engine exceptions map onto them.
+"""HTTP errors, and how engine exceptions map onto them.
 
-lorax-client turns `error_type` "validation"/"generation"/"overloaded" into its own exception types
-and otherwise goes by status (400, 404, 422, 429, ...).
+Native routes answer in LoRAX's body (`{"error", "error_type"}`): lorax-client turns `error_type`
+"validation"/"generation"/"overloaded" into its own exception types and otherwise goes by status.
+OpenAI routes (/v1/...) answer in OpenAI's body (`{"error": {"message", "type", "param", "code"}}`),
+where a field the request gets wrong is a 400 (a 422 on native routes, as in LoRAX).
 """
 
 from __future__ import annotations
+
+import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from lorax_lite.engine.async_llm import EngineDeadError
-from lorax_lite.lora.errors import AdapterError, AdapterNotFoundError
+from lorax_lite.lora.errors import (
+    AdapterConfigError,
+    AdapterError,
+    AdapterNotFoundError,
+    AdapterRankError,
+    AdapterShapeError,
+    AdapterTooLargeError,
+    CorruptWeightsError,
+    PickledWeightsError,
+    TargetModuleError,
+    UnsupportedAdapterError,
+)
+from lorax_lite.lora.naming import InvalidAdapterIdError
 from lorax_lite.server.schemas import UnsupportedParameterError
 
 
-class ServerError(Exception):
-    """An HTTP error answer: status, LoRAX error_type and a message that says what to change."""
+logger = logging.getLogger(__name__)
 
-    def __init__(self, status: int, message: str, error_type: str) -> None:
+OPENAI_PATH_PREFIX = "/v1/"
+OPENAI_TYPES = {404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+
+
+class ServerError(Exception):
+    """An HTTP error answer: status, error_type, a message that says what to change, and (when one
+    field is to blame) its name in `param`."""
+
+    def __init__(
+        self, status: int, message: str, error_type: str, param: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.error_type = error_type
+        self.param = param
+        self.headers = headers
 
-    def to_response(self) -> JSONResponse:
-        return JSONResponse({"error": self.message, "error_type": self.error_type}, status_code=self.status)
+    def to_response(self, openai: bool = False) -> JSONResponse:
+        status = 400 if openai and self.status == 422 else self.status  # OpenAI refuses bad fields with a 400
+        return JSONResponse(self.to_json(openai), status_code=status, headers=self.headers)
 
-    def to_json(self) -> dict[str, str]:
-        return {"error": self.message, "error_type": self.error_type}
+    def to_json(self, openai: bool = False) -> dict:
+        if not openai:
+            return {"error": self.message, "error_type": self.error_type}
+        default = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": OPENAI_TYPES.get(self.status, default),
+                          "param": self.param, "code": self.error_type}}
 
 
-def as_server_error(exc: BaseException) -> ServerError:
-    """Map an exception from validation or the engine onto its HTTP answer."""
+def is_openai_route(request: Request) -> bool:
+    return request.url.path.startswith(OPENAI_PATH_PREFIX)
+
+
+def as_server_error(exc: BaseException, adapter_id: str | None = None) -> ServerError:
+    """Map an exception from validation or the engine onto its HTTP answer; `adapter_id` is the
+    adapter the request asked for (adapter errors name it)."""
     if isinstance(exc, ServerError):
         return exc
-    if isinstance(exc, AdapterNotFoundError):
-        return ServerError(404, str(exc), "not_found")
     if isinstance(exc, AdapterError):
-        return ServerError(400, str(exc), "adapter")
+        return _adapter_refusal(exc, adapter_id)
     if isinstance(exc, UnsupportedParameterError):
-        return ServerError(422, str(exc), "validation")
+        return ServerError(422, str(exc), "validation", param=exc.name)
     if isinstance(exc, ValueError):
         return ServerError(422, str(exc), "validation")
     if isinstance(exc, EngineDeadError):
@@ -48,25 +83,65 @@ def as_server_error(exc: BaseException) -> ServerError:
     return ServerError(500, f"generation failed: {exc}", "generation")
 
 
-def _format_validation_error(exc: RequestValidationError) -> str:
-    parts = []
+ADAPTER_REASONS = [  # what a client is told; the full message (store paths, ...) goes to the server log
+    (PickledWeightsError, "its weights are pickled; only safetensors are loaded"),
+    (CorruptWeightsError, "its files are missing, damaged or changed since registration"),
+    (UnsupportedAdapterError, "it uses a PEFT feature lorax-lite cannot serve"),
+    (AdapterRankError, "its rank is above the server's max_lora_rank"),
+    (TargetModuleError, "it targets modules this base model lacks"),
+    (AdapterShapeError, "its tensors do not fit this base model"),
+    (AdapterConfigError, "its adapter_config.json is invalid"),
+    (AdapterTooLargeError, "it is over the adapter size limit"),
+]
+
+
+def _adapter_refusal(exc: AdapterError, adapter_id: str | None) -> ServerError:
+    if isinstance(exc, InvalidAdapterIdError):  # the message only echoes the id and the rule
+        return ServerError(400, str(exc), "validation", param="model")
+    name = repr(adapter_id) if adapter_id else "(unnamed)"
+    if isinstance(exc, AdapterNotFoundError):
+        return ServerError(404, f"unknown adapter {name}: it is not registered on this server (GET /v1/models lists "
+                           "the base model and the adapters)", "not_found", param="model")
+    logger.warning("adapter %s refused: %s", name, exc)
+    reason = next((why for cls, why in ADAPTER_REASONS if isinstance(exc, cls)), "it failed to load")
+    if isinstance(exc, UnsupportedAdapterError) and exc.feature:
+        reason += f" ({exc.feature})"
+    return ServerError(400, f"adapter {name} cannot be served: {reason}; the server log has the details", "adapter", param="model")
+
+
+def _from_validation_error(exc: RequestValidationError) -> ServerError:
+    parts, fields = [], []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        loc = ".".join(str(p) for p in err.get("loc", ()) if _is_field(p)) or "body"
+        if err.get("type") != "json_invalid":
+            fields.append(loc)
         if err.get("type") == "extra_forbidden":
             parts.append(f"`{loc}`: unknown field")
+        elif err.get("type") == "json_invalid":
+            parts.append(f"malformed JSON: {err.get('ctx', {}).get('error', 'cannot parse the body')}")
         else:
             parts.append(f"`{loc}`: {err.get('msg', 'invalid')}")
-    return "invalid request: " + "; ".join(parts)
+    return ServerError(422, "invalid request: " + "; ".join(parts), "validation", param=fields[0] if fields else None)
+
+
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}  # pydantic names union members in `loc`
+
+
+def _is_field(part: str | int) -> bool:
+    """A part of a pydantic error location that is a field name or an index (not "body", not a union tag)."""
+    if isinstance(part, int):
+        return True
+    return part != "body" and part not in _UNION_TAGS and part.replace("_", "a").isalnum()
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Every error leaves the server in LoRAX's body; pydantic errors become 422 naming the field."""
+    """Every error leaves the server in its route family's body; schema errors name the field."""
 
     async def on_server_error(request: Request, exc: ServerError) -> JSONResponse:
-        return exc.to_response()
+        return exc.to_response(is_openai_route(request))
 
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return ServerError(422, _format_validation_error(exc), "validation").to_response()
+        return _from_validation_error(exc).to_response(is_openai_route(request))
 
     app.add_exception_handler(ServerError, on_server_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

@@ -1,0 +1,187 @@
+"""EngineCall: one request in the engine as the HTTP layer sees it, shared by the native and OpenAI routes.
+
+Starting one admits it against the queue limit (429), submits it and waits for its first output, so
+validation and adapter errors (404 unknown adapter, 400 refused adapter) still become a status code.
+Closing it aborts an unfinished request (its KV blocks and adapter reference are freed at once) and
+counts it in the metrics. A client that disconnects cancels whichever of these awaits is running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import anyio
+from fastapi import Request
+
+from lorax_lite.engine.request import RequestOutput, SamplingParams
+from lorax_lite.server.errors import ServerError, as_server_error
+from lorax_lite.server.state import ServerState
+
+T = TypeVar("T")
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; nobody reads it
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the answer was ready; its request was aborted."""
+
+
+class EngineCall:
+    """A started request: `first` is its first output; iterate `outputs()` for the rest."""
+
+    def __init__(self, state: ServerState, adapter_id: str | None, outputs: AsyncIterator[RequestOutput], first: RequestOutput) -> None:
+        self.state = state
+        self.adapter_id = adapter_id
+        self._outputs = outputs
+        self.first = first
+        self.last = first
+        self._closed = False
+
+    @property
+    def adapter_name(self) -> str:
+        """What responses and metrics call the adapter: its id, or the base model's name."""
+        return self.adapter_id or self.state.served_model_name
+
+    @classmethod
+    async def start(
+        cls,
+        state: ServerState,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        adapter_id: str | None,
+        prompt_text: str | None,
+        max_tokens_name: str = "max_new_tokens",
+    ) -> EngineCall:
+        """Submit and wait for the first output; raises ServerError with the right status."""
+        check_length(len(prompt_ids), params.max_tokens, state.llm.engine.max_model_len, max_tokens_name)
+        state.admit()
+        try:
+            outputs = state.llm.generate(prompt_ids, params, adapter_id=adapter_id, prompt_text=prompt_text)
+            try:
+                first = await next_output(outputs)
+            except BaseException:
+                await _shielded_close(outputs)
+                raise
+        except Exception as exc:
+            raise as_server_error(exc, adapter_id) from exc
+        finally:
+            state.release()
+        call = cls(state, adapter_id, outputs, first)
+        try:
+            raise_if_failed(first)
+        except ServerError:
+            await call.close()
+            raise
+        return call
+
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        """The first output, then each new one until the request finishes; a failure raises ServerError."""
+        out = self.first
+        while True:
+            raise_if_failed(out)
+            self.last = out
+            yield out
+            if out.finished:
+                return
+            out = await next_output(self._outputs)
+
+    async def close(self) -> None:
+        """Leave the request (aborting it if unfinished) and count it, once."""
+        if self._closed:
+            return
+        self._closed = True
+        await _shielded_close(self._outputs)
+        self.state.metrics.observe_finished(self.adapter_name, self.last)
+
+    def headers(self) -> dict[str, str]:
+        """x-* headers; once the request finished they include token counts and timings (ms)."""
+        out = self.last
+        headers = {"x-adapter-id": self.adapter_name, "x-prompt-tokens": str(len(out.prompt_token_ids))}
+        if not out.finished or out.metrics is None:
+            return headers
+        m = out.metrics
+        headers["x-generated-tokens"] = str(len(out.token_ids))
+        headers["x-queue-time"] = _ms(m.queue_time)
+        headers["x-time-to-first-token"] = _ms(m.time_to_first_token)
+        if m.first_scheduled_time is not None and m.finished_time is not None:
+            headers["x-inference-time"] = _ms(m.finished_time - m.first_scheduled_time)
+        return headers
+
+
+async def run_to_end_or_abort(
+    call: EngineCall, request: Request, on_output: Callable[[RequestOutput], object] | None = None
+) -> RequestOutput:
+    """The finished output of a non-streaming request (`on_output` sees each one); the call is closed
+    either way. Raises ServerError, or ClientDisconnected when the client left (the request was aborted)."""
+
+    async def consume() -> RequestOutput:
+        async for out in call.outputs():
+            if on_output is not None:
+                on_output(out)
+        return call.last
+
+    try:
+        return await unless_disconnected(consume(), request)
+    except (ServerError, ClientDisconnected):
+        raise
+    except Exception as exc:
+        raise as_server_error(exc) from exc
+    finally:
+        await call.close()
+
+
+async def _shielded_close(outputs: AsyncIterator[RequestOutput]) -> None:
+    with anyio.CancelScope(shield=True):
+        await outputs.aclose()
+
+
+async def unless_disconnected(work: Awaitable[T], request: Request) -> T:
+    """Await `work`, cancelling it (which aborts its engine request) if the client disconnects first;
+    then raises ClientDisconnected."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise ClientDisconnected()
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def next_output(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+    try:
+        return await outputs.__anext__()
+    except StopAsyncIteration:
+        raise RuntimeError("the engine closed the stream before the request finished") from None
+
+
+def raise_if_failed(out: RequestOutput) -> None:
+    if out.finish_reason == "error":
+        raise as_server_error(out.exception or RuntimeError(out.error or "unknown error"), out.adapter_id)
+    if out.finish_reason == "abort":
+        raise ServerError(500, "the request was aborted before it finished", "incomplete_generation")
+
+
+def check_length(num_prompt_tokens: int, max_new_tokens: int, max_model_len: int, name: str) -> None:
+    """A 422 (400 on OpenAI routes) when the answer could not fit in the model's context."""
+    if num_prompt_tokens + max_new_tokens > max_model_len:
+        raise ServerError(
+            422,
+            f"the prompt ({num_prompt_tokens} tokens) + {name} ({max_new_tokens}) must be <= "
+            f"{max_model_len} (max_model_len); lower {name} or shorten the prompt",
+            "validation", param=name,
+        )
+
+
+def _ms(seconds: float | None) -> str:
+    return "" if seconds is None else str(round(seconds * 1000))

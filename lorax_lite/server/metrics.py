@@ -1,0 +1,116 @@
+"""Prometheus metrics for GET /metrics: per-request figures observed by the HTTP layer, and the
+engine's own state (queues, KV blocks, batch sizes, adapter cache) read at scrape time.
+
+Each app has its own CollectorRegistry, so several apps can live in one process (tests). Label
+values are bounded: `adapter` is the base model's name or an id the engine accepted, never raw input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from lorax_lite.engine.engine import BATCH_SIZE_BUCKETS, LLMEngine
+from lorax_lite.engine.request import RequestOutput
+
+PREFIX = "lorax"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+disable_created_metrics()  # no *_created series: they double the output and nobody graphs them
+
+FINISHED = {"length": "finished", "eos": "finished", "stop": "finished", "abort": "aborted", "error": "error"}
+
+
+class ServerMetrics:
+    """The app's metrics; `observe_finished` is called once per request that reached the engine."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(f"{PREFIX}_requests", "Requests that reached the engine, by adapter and outcome "
+                                "(finished, aborted: the client left, error).", ["adapter", "outcome"], registry=self.registry)
+        self.error_responses = Counter(f"{PREFIX}_http_error_responses", "Responses with a 4xx or 5xx status, by status.",
+                                       ["status"], registry=self.registry)
+        self.queue_time = self._latency("request_queue_seconds", "Time from arrival to first scheduled step.")
+        self.ttft = self._latency("time_to_first_token_seconds", "Time from arrival to the first generated token.")
+        self.tpot = self._latency("time_per_output_token_seconds", "Mean time between output tokens after the first, per request.")
+        self.e2e = self._latency("request_latency_seconds", "Time from arrival to the last token.")
+        self.prompt_tokens = Histogram(f"{PREFIX}_request_prompt_tokens", "Prompt tokens per request.", ["adapter"],
+                                       buckets=TOKEN_BUCKETS, registry=self.registry)
+        self.generated_tokens = Histogram(f"{PREFIX}_request_generated_tokens", "Generated tokens per request.", ["adapter"],
+                                          buckets=TOKEN_BUCKETS, registry=self.registry)
+        self.registry.register(EngineCollector(engine))
+
+    def _latency(self, name: str, documentation: str) -> Histogram:
+        return Histogram(f"{PREFIX}_{name}", documentation, ["adapter"], buckets=LATENCY_BUCKETS, registry=self.registry)
+
+    def observe_error_status(self, status: int) -> None:
+        self.error_responses.labels(str(status)).inc()
+
+    def observe_finished(self, adapter: str, out: RequestOutput) -> None:
+        """Count a request that left the engine (finished, failed or aborted) and its timings."""
+        self.requests.labels(adapter, FINISHED.get(out.finish_reason or "abort", "aborted")).inc()
+        self.prompt_tokens.labels(adapter).observe(len(out.prompt_token_ids))
+        self.generated_tokens.labels(adapter).observe(len(out.token_ids))
+        m = out.metrics
+        if m is None:
+            return
+        if m.queue_time is not None:
+            self.queue_time.labels(adapter).observe(m.queue_time)
+        if m.time_to_first_token is not None:
+            self.ttft.labels(adapter).observe(m.time_to_first_token)
+        if m.finished_time is not None:
+            self.e2e.labels(adapter).observe(m.finished_time - m.arrival_time)
+            if m.first_token_time is not None and len(out.token_ids) > 1:
+                self.tpot.labels(adapter).observe((m.finished_time - m.first_token_time) / (len(out.token_ids) - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class EngineCollector:
+    """Reads the engine's counters when scraped (plain ints and floats written by the engine thread)."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator:
+        engine = self.engine
+        scheduler, blocks, stats = engine.scheduler, engine.block_manager, engine.stats
+        yield _gauge("num_requests_waiting", "Requests waiting to be scheduled.", len(scheduler.waiting))
+        yield _gauge("num_requests_running", "Requests in the running batch.", len(scheduler.running))
+        yield _gauge("kv_blocks_used", "KV cache blocks in use.", blocks.num_used_blocks)
+        yield _gauge("kv_blocks_total", "KV cache blocks.", blocks.num_blocks)
+        yield _counter("preemptions", "Requests preempted (KV cache full) and recomputed later.", scheduler.num_preemptions)
+        yield _counter("engine_steps", "Forward passes.", stats.steps)
+        yield _counter("batched_tokens", "Tokens run through the model.", stats.batched_tokens)
+        cumulative, buckets = 0, []
+        for bound, count in zip(BATCH_SIZE_BUCKETS, list(stats.batch_size_buckets)):
+            cumulative += count
+            buckets.append((str(bound), cumulative))
+        buckets.append(("+Inf", stats.steps))
+        yield HistogramMetricFamily(f"{PREFIX}_batch_size", "Sequences per forward pass.", buckets=buckets,
+                                    sum_value=stats.batch_size_sum)
+        adapters = engine.adapters
+        if adapters is None:
+            return
+        cache = adapters.stats
+        yield _gauge("adapters_in_slots", "Adapters in device slots.", sum(a is not None for a in adapters.slot_adapters))
+        yield _gauge("adapters_in_host", "Adapters cached in host memory.", len(adapters.host_adapters))
+        yield _counter("adapter_slot_hits", "Requests whose adapter was already in a device slot.", cache.slot_hits)
+        yield _counter("adapter_host_hits", "Adapters copied from host memory into a slot.", cache.host_hits)
+        yield _counter("adapter_misses", "Adapters loaded from disk.", cache.misses)
+        yield _counter("adapter_load_failures", "Adapter loads that failed.", cache.load_failures)
+        yield _counter("adapter_evictions", "Adapters moved out of a device slot to make room.", cache.evictions)
+        yield _counter("adapter_host_evictions", "Adapters dropped from host memory to make room.", cache.host_evictions)
+        yield _counter("adapter_load_seconds", "Time spent loading adapters from disk.", cache.load_seconds)
+        yield _counter("adapter_slot_load_seconds", "Time spent copying adapters into slots.", cache.slot_load_seconds)
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{PREFIX}_{name}", documentation, value=value)
+
+
+def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(f"{PREFIX}_{name}", documentation, value=value)

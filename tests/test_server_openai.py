@@ -1,0 +1,286 @@
+"""The OpenAI-compatible routes, /metrics and the request limits over an AsyncLLM on the tiny model
+with a registry, driven in-process through httpx's ASGI transport."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lora_helpers import AdapterSpec, make_peft_adapter
+from lorax_lite import LLM, AsyncLLM, SamplingParams
+from lorax_lite.registry import admin
+from lorax_lite.registry.sqlite import SQLiteRegistry
+from lorax_lite.registry.store import AdapterStore
+from lorax_lite.server import create_app
+from lorax_lite.server.state import ServerLimits
+
+MODEL_NAME = "tiny-llama"
+ENGINE = dict(dtype="float32", device="cpu", max_num_batched_tokens=64, max_model_len=128)
+SYSTEM_PROMPT = "You answer questions about pricing."
+QUESTION = [{"role": "user", "content": "What is the discount for gold customers?"}]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    root = tmp_path_factory.mktemp("openai-adapters")
+    return {name: make_peft_adapter(model, root / name, AdapterSpec(rank=4, alpha=8, seed=seed))
+            for name, seed in (("pricing", 5), ("logistics", 6))}
+
+
+@pytest.fixture(scope="module")
+def registry(tiny_llama_dir: Path, adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("openai-registry")
+    registry = SQLiteRegistry(root / "registry.db")
+    admin.register(registry, AdapterStore(root / "store"), "pricing", adapters["pricing"], tiny_llama_dir,
+                   owner="pricing-team", system_prompt=SYSTEM_PROMPT)
+    yield registry
+    registry.close()
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_dir: Path, registry, adapters: dict[str, Path]):
+    llm = AsyncLLM(str(tiny_llama_dir), registry=registry, **ENGINE)
+    llm.add_adapter("logistics", adapters["logistics"])  # added by path: no system prompt
+    yield llm
+    llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def app(llm):
+    return create_app(llm, MODEL_NAME, ServerLimits(max_queued_requests=8, max_body_bytes=4096))
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_llama_dir: Path, adapters: dict[str, Path]) -> LLM:
+    offline = LLM(str(tiny_llama_dir), **ENGINE)
+    for name, path in adapters.items():
+        offline.add_adapter(name, path)
+    return offline
+
+
+def call(app, method: str, url: str, **kw) -> httpx.Response:
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await client.request(method, url, **kw)
+
+    return asyncio.run(go())
+
+
+def chat_body(model: str = MODEL_NAME, messages: list[dict] = QUESTION, **fields) -> dict:
+    return {"model": model, "messages": messages, "max_tokens": 10, "temperature": 0, "ignore_eos": True, **fields}
+
+
+def sse_payloads(resp: httpx.Response) -> list[dict | str]:
+    data = [line[len("data: "):] for line in resp.text.splitlines() if line.startswith("data: ")]
+    return [d if d == "[DONE]" else json.loads(d) for d in data]
+
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("model", [MODEL_NAME, "logistics"])
+def test_chat_greedy_matches_offline_chat(app, offline, model):
+    resp = call(app, "POST", "/v1/chat/completions", json=chat_body(model))
+    assert resp.status_code == 200, resp.text
+    data = resp.json()
+    adapter = None if model == MODEL_NAME else model
+    expected = offline.chat(QUESTION, GREEDY, adapter_id=adapter)[0]
+    assert data["object"] == "chat.completion" and data["model"] == model and data["id"].startswith("chatcmpl-")
+    assert data["choices"] == [{"index": 0, "message": {"role": "assistant", "content": expected.text},
+                                "logprobs": None, "finish_reason": "length"}]
+    assert data["usage"] == {"prompt_tokens": len(expected.prompt_token_ids), "completion_tokens": 10, "total_tokens": len(expected.prompt_token_ids) + 10}
+    assert resp.headers["x-adapter-id"] == model and resp.headers["x-generated-tokens"] == "10"
+
+
+def test_registered_system_prompt_is_used_when_the_request_has_none(app, offline):
+    resp = call(app, "POST", "/v1/chat/completions", json=chat_body("pricing"))
+    assert resp.status_code == 200, resp.text
+    with_system = [{"role": "system", "content": SYSTEM_PROMPT}, *QUESTION]
+    expected = offline.chat(with_system, GREEDY, adapter_id="pricing")[0]
+    assert resp.json()["choices"][0]["message"]["content"] == expected.text
+    assert resp.json()["usage"]["prompt_tokens"] == len(expected.prompt_token_ids)
+    own = [{"role": "system", "content": "Be brief."}, *QUESTION]  # the request's own system prompt wins
+    resp = call(app, "POST", "/v1/chat/completions", json=chat_body("pricing", own))
+    assert resp.json()["usage"]["prompt_tokens"] == len(offline.chat(own, GREEDY, adapter_id="pricing")[0].prompt_token_ids)
+
+
+def test_developer_role_and_text_parts_are_accepted(app):
+    messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    assert call(app, "POST", "/v1/chat/completions", json=chat_body(messages=messages)).status_code == 200
+
+
+@pytest.mark.parametrize("model", [MODEL_NAME, "pricing"])
+def test_chat_stream_concatenates_to_the_non_streamed_answer(app, model):
+    whole = call(app, "POST", "/v1/chat/completions", json=chat_body(model)).json()
+    resp = call(app, "POST", "/v1/chat/completions", json=chat_body(model, stream=True, stream_options={"include_usage": True}))
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+    payloads = sse_payloads(resp)
+    assert payloads[-1] == "[DONE]"
+    chunks, usage_chunk = payloads[:-2], payloads[-2]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] and c["usage"] is None for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == whole["choices"][0]["message"]["content"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"] == whole["usage"]
+
+
+def test_stream_without_include_usage_has_no_usage_field(app):
+    payloads = sse_payloads(call(app, "POST", "/v1/chat/completions", json=chat_body(stream=True)))
+    assert payloads[-1] == "[DONE]" and all("usage" not in p for p in payloads[:-1])
+
+
+def test_completions_match_the_native_api(app):
+    prompt = "The quick brown fox"
+    native = call(app, "POST", "/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": 8, "ignore_eos_token": True}})
+    body = {"model": "logistics", "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    resp = call(app, "POST", "/v1/completions", json=body)
+    assert resp.status_code == 200, resp.text
+    data = resp.json()
+    assert data["object"] == "text_completion" and data["choices"][0]["finish_reason"] == "length"
+    native_adapter = call(app, "POST", "/generate", headers={"adapter_id": "logistics"},
+                          json={"inputs": prompt, "parameters": {"max_new_tokens": 8, "ignore_eos_token": True}})
+    assert data["choices"][0]["text"] == native_adapter.json()["generated_text"] != native.json()["generated_text"]
+    echoed = call(app, "POST", "/v1/completions", json={**body, "echo": True, "prompt": [prompt]}).json()
+    assert echoed["choices"][0]["text"] == prompt + data["choices"][0]["text"]
+    streamed = sse_payloads(call(app, "POST", "/v1/completions", json={**body, "stream": True}))
+    assert "".join(p["choices"][0]["text"] for p in streamed[:-1]) == data["choices"][0]["text"]
+
+
+def test_completions_default_to_16_tokens_and_accept_token_ids(app):
+    ids = call(app, "POST", "/v1/completions", json={"model": MODEL_NAME, "prompt": [5, 6, 7], "temperature": 0, "ignore_eos": True}).json()
+    assert ids["usage"] == {"prompt_tokens": 3, "completion_tokens": 16, "total_tokens": 19}
+
+
+def test_models_lists_base_added_and_registered_adapters_without_paths(app):
+    resp = call(app, "GET", "/v1/models")
+    data = resp.json()
+    assert data["object"] == "list"
+    ids = [m["id"] for m in data["data"]]
+    assert ids == [MODEL_NAME, "logistics", "pricing"]
+    pricing = data["data"][2]
+    assert pricing["owned_by"] == "pricing-team" and pricing["parent"] == MODEL_NAME and pricing["object"] == "model"
+    assert "/" not in resp.text
+
+
+def test_an_adapter_registered_while_serving_is_usable_and_a_removed_one_is_a_404(app, registry, adapters, tiny_llama_dir, tmp_path):
+    assert call(app, "POST", "/v1/chat/completions", json=chat_body("late")).status_code == 404
+    admin.register(registry, AdapterStore(tmp_path / "store"), "late", adapters["pricing"], tiny_llama_dir)
+    assert call(app, "POST", "/v1/chat/completions", json=chat_body("late")).status_code == 200
+    assert "late" in [m["id"] for m in call(app, "GET", "/v1/models").json()["data"]]
+    registry.remove("late")
+    resp = call(app, "POST", "/v1/chat/completions", json=chat_body("late"))
+    assert resp.status_code == 404 and resp.json()["error"]["param"] == "model"
+
+
+OPENAI_BAD_INPUTS = [
+    ("/v1/chat/completions", chat_body("no-such-adapter"), 404, "model"),
+    ("/v1/chat/completions", chat_body("../etc/passwd"), 400, "model"),
+    ("/v1/chat/completions", chat_body(messages=[]), 400, "messages"),
+    ("/v1/chat/completions", chat_body(messages=[{"role": "tool", "content": "x"}]), 400, "messages.0.role"),
+    ("/v1/chat/completions", chat_body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]), 400, "messages.0.content"),
+    ("/v1/chat/completions", chat_body(temperature=3), 400, "temperature"),
+    ("/v1/chat/completions", chat_body(top_p=0), 400, "top_p"),
+    ("/v1/chat/completions", chat_body(max_tokens=0), 400, "max_tokens"),
+    ("/v1/chat/completions", chat_body(max_tokens="ten"), 400, "max_tokens"),
+    ("/v1/chat/completions", chat_body(max_tokens=10_000), 400, "max_tokens"),
+    ("/v1/chat/completions", chat_body(seed=-1), 400, "seed"),
+    ("/v1/chat/completions", chat_body(n=2), 400, "n"),
+    ("/v1/chat/completions", chat_body(presence_penalty=0.5), 400, "presence_penalty"),
+    ("/v1/chat/completions", chat_body(tools=[{"type": "function"}]), 400, "tools"),
+    ("/v1/chat/completions", chat_body(logprobs=True), 400, "logprobs"),
+    ("/v1/chat/completions", chat_body(stream_options={"include_usage": True}), 400, "stream_options"),
+    ("/v1/chat/completions", chat_body(unknown_field=1), 400, "unknown_field"),
+    ("/v1/chat/completions", {"messages": QUESTION}, 400, "model"),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": ""}, 400, None),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": ["a", "b"]}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "x", "suffix": "y"}, 400, "suffix"),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": [10**9]}, 400, None),
+]
+
+
+@pytest.mark.parametrize("path,payload,status,param", OPENAI_BAD_INPUTS)
+def test_bad_openai_requests_get_an_openai_error_naming_the_field(app, path, payload, status, param):
+    resp = call(app, "POST", path, json=payload)
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+    if param is not None:
+        assert param.split(".")[0] in error["message"]
+
+
+def test_malformed_json_and_oversized_bodies(app):
+    resp = call(app, "POST", "/v1/chat/completions", content=b'{"model": ', headers={"content-type": "application/json"})
+    assert resp.status_code == 400 and "malformed JSON" in resp.json()["error"]["message"]
+    big = chat_body(messages=[{"role": "user", "content": "x" * 5000}])
+    resp = call(app, "POST", "/v1/chat/completions", json=big)
+    assert resp.status_code == 413 and resp.json()["error"]["type"] == "invalid_request_error"
+    resp = call(app, "POST", "/generate", json={"inputs": "x" * 5000})
+    assert resp.status_code == 413 and resp.json()["error_type"] == "payload_too_large"
+
+    async def chunked() -> httpx.Response:  # no Content-Length: the limit applies while reading
+        async def parts():
+            for _ in range(10):
+                yield b"x" * 1000
+
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await client.post("/generate", content=parts(), headers={"content-type": "application/json"})
+
+    assert asyncio.run(chunked()).status_code == 413
+    assert call(app, "GET", "/health").status_code == 200
+
+
+def test_a_full_queue_is_a_429_with_retry_after(app):
+    state = app.state.server
+    assert state.num_queued == 0  # every finished request left the count
+    state.num_queued = state.limits.max_queued_requests
+    try:
+        resp = call(app, "POST", "/v1/chat/completions", json=chat_body())
+        native = call(app, "POST", "/generate", json={"inputs": "Hi"})
+    finally:
+        state.num_queued = 0
+    assert resp.status_code == 429 and resp.headers["retry-after"] == "1" and resp.json()["error"]["type"] == "rate_limit_error"
+    assert native.status_code == 429 and native.json()["error_type"] == "overloaded"
+    assert call(app, "POST", "/v1/chat/completions", json=chat_body()).status_code == 200
+
+
+def test_metrics_count_requests_tokens_and_the_adapter_cache(app):
+    call(app, "POST", "/v1/chat/completions", json=chat_body("logistics"))
+    call(app, "POST", "/v1/chat/completions", json=chat_body("nope-404"))
+    resp = call(app, "GET", "/metrics")
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
+    text = resp.text
+    for needle in [
+        'lorax_requests_total{adapter="logistics",outcome="finished"}',
+        'lorax_http_error_responses_total{status="404"}',
+        'lorax_time_to_first_token_seconds_bucket{adapter="logistics",le="+Inf"}',
+        'lorax_time_per_output_token_seconds_count{adapter="logistics"}',
+        'lorax_request_queue_seconds_count{adapter="tiny-llama"}',
+        'lorax_request_generated_tokens_sum{adapter="logistics"}',
+        "lorax_kv_blocks_used 0.0", "lorax_kv_blocks_total", "lorax_batch_size_bucket{le=\"1\"}",
+        "lorax_adapter_misses_total", "lorax_adapter_slot_hits_total", "lorax_adapter_load_seconds_total",
+        "lorax_num_requests_waiting 0.0",
+    ]:
+        assert needle in text, needle
+    assert "nope-404" not in text  # label values are adapters the engine accepted, never raw input
+
+
+def test_a_damaged_adapter_is_a_400_that_shows_no_paths_and_disturbs_nothing(app, registry, adapters, tiny_llama_dir, tmp_path):
+    record, _ = admin.register(registry, AdapterStore(tmp_path / "store"), "damaged", adapters["logistics"], tiny_llama_dir)
+    weights = Path(record.store_path) / "adapter_model.safetensors"
+    weights.chmod(0o644)
+    weights.write_bytes(weights.read_bytes()[:-8] + b"tampered")  # the checksum no longer matches
+    resp = call(app, "POST", "/v1/chat/completions", json=chat_body("damaged"))
+    assert resp.status_code == 400, resp.text
+    message = resp.json()["error"]["message"]
+    assert "'damaged' cannot be served" in message and "damaged or changed" in message and str(tmp_path) not in message
+    assert call(app, "POST", "/v1/chat/completions", json=chat_body("logistics")).status_code == 200
+    registry.remove("damaged")
