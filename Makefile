@@ -1,7 +1,7 @@
 # lorax-lite: the README's commands.
 #   make install   .venv/ with the package and its dev dependencies (idempotent)
 #   make serve     install, fetch the default model, register adapters/*, serve on 127.0.0.1:8080
-#   make test      install, fetch the default model, run the whole test suite
+#   make test      install, fetch the default model, make the client venv, run the whole test suite
 #   make bench     install, fetch the default model, run the benchmarks -> docs/benchmarks.md (+ .json)
 #
 # GPU users: create .venv and install your own CUDA build of torch into it first;
@@ -10,10 +10,11 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+CLIENTS_VENV ?= .venv-clients
 TORCH  ?= torch==2.13.0
 MODEL_DIR ?= models/SmolLM2-135M-Instruct
 
-.PHONY: install test bench serve fetch-model clean
+.PHONY: install clients test bench serve fetch-model clean
 
 install: $(VENV)/.installed
 
@@ -28,8 +29,17 @@ $(VENV)/.installed: pyproject.toml
 fetch-model: install
 	$(VENV)/bin/lorax-lite fetch-model --model-dir $(MODEL_DIR)
 
-test: fetch-model
-	LORAX_REQUIRE_DEFAULT_MODEL=1 LORAX_REQUIRE_REDIS=1 LORAX_MODEL=$(MODEL_DIR) $(PY) -m pytest -q tests
+# lorax-client and the openai SDK, in their own venv (their pins clash with ours), for the end-to-end tests.
+clients: $(CLIENTS_VENV)/.installed
+
+$(CLIENTS_VENV)/.installed: tests/clients/requirements.txt
+	test -x $(CLIENTS_VENV)/bin/python || $(PYTHON) -m venv $(CLIENTS_VENV)
+	$(CLIENTS_VENV)/bin/python -m pip install --quiet -r tests/clients/requirements.txt
+	touch $@
+
+test: fetch-model clients
+	LORAX_REQUIRE_DEFAULT_MODEL=1 LORAX_REQUIRE_REDIS=1 LORAX_CLIENTS_PYTHON=$(CLIENTS_VENV)/bin/python \
+	  LORAX_MODEL=$(MODEL_DIR) $(PY) -m pytest -q tests
 
 # Registers every adapter shipped under adapters/<name>/ (id = <name>; a no-op when unchanged), then serves.
 serve: fetch-model
@@ -45,4 +55,4 @@ bench: fetch-model
 	$(PY) scripts/bench_lora.py --model $(MODEL_DIR) --output docs/benchmarks.md --json docs/benchmarks_lora.json
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(CLIENTS_VENV) build *.egg-info

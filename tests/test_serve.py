@@ -2,43 +2,21 @@
 
 from __future__ import annotations
 
-import socket
+import asyncio
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from server_process import free_port, serve
 
 
 @pytest.fixture
 def server(tiny_llama_dir, tmp_path):
-    port = free_port()
-    cmd = [sys.executable, "-m", "lorax_lite.cli", "serve", "--model", str(tiny_llama_dir), "--port", str(port),
-           "--registry", f"sqlite:///{tmp_path / 'registry.db'}", "--served-model-name", "tiny", "--dtype", "float32",
-           "--device", "cpu"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(300):  # up to a minute for imports and model load
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {proc.stdout.read()[-2000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("server did not become healthy")
-    yield base
-    proc.terminate()
-    proc.wait(timeout=30)
+    with serve("--model", str(tiny_llama_dir), "--registry", f"sqlite:///{tmp_path / 'registry.db'}",
+               "--served-model-name", "tiny", "--dtype", "float32", "--device", "cpu") as base:
+        yield base
 
 
 def test_serve_answers_health_info_and_generate(server):
@@ -59,3 +37,23 @@ def test_serve_refuses_bad_options_with_exit_code_2(tiny_llama_dir, tmp_path):
            f"sqlite:///{tmp_path / 'r.db'}", "--port", str(free_port())]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("error:") and "Traceback" not in result.stderr
+
+
+def test_a_full_queue_answers_429_with_retry_after_and_the_server_stays_healthy(tiny_llama_dir, tmp_path):
+    """One sequence at a time and one waiting request allowed: a burst gets some 429s, the rest succeed."""
+    args = ("--model", str(tiny_llama_dir), "--registry", f"sqlite:///{tmp_path / 'registry.db'}", "--dtype", "float32",
+            "--device", "cpu", "--max-num-seqs", "1", "--max-queued-requests", "1")
+    body = {"inputs": "Hello", "parameters": {"max_new_tokens": 60, "ignore_eos_token": True}}
+
+    async def burst(base: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+            return await asyncio.gather(*(client.post("/generate", json=body) for _ in range(12)))
+
+    with serve(*args) as base:
+        responses = asyncio.run(burst(base))
+        statuses = sorted(r.status_code for r in responses)
+        assert set(statuses) == {200, 429}, statuses
+        refused = next(r for r in responses if r.status_code == 429)
+        assert refused.headers["retry-after"] == "1" and refused.json()["error_type"] == "overloaded"
+        assert httpx.get(f"{base}/health").status_code == 200
+        assert httpx.post(f"{base}/generate", json=body, timeout=120).status_code == 200
