@@ -4,6 +4,7 @@ and raw HTTP for the bad inputs and the disconnects."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from lorax_lite.client import AsyncClient, Client, UnknownAdapterError
 from lorax_lite.lora.synthetic import make_random_adapter
 from lorax_lite.registry import admin
 from lorax_lite.registry.sqlite import SQLiteRegistry
@@ -119,6 +121,29 @@ def test_lorax_client_generate_and_stream(server):
     assert {"x-prompt-tokens", "x-queue-time", "x-time-to-first-token", "x-inference-time"} <= set(raw.headers)
 
 
+def test_lorax_lite_client_agrees_with_lorax_client(server):
+    expected = lorax_client(server, [generate_call(adapter_id="pricing"), generate_call()])
+    with Client(server, timeout=120) as client:
+        one = client.generate(PROMPT, adapter_id="pricing", max_new_tokens=12, ignore_eos_token=True)
+        streamed = list(client.generate_stream(PROMPT, adapter_id="pricing", max_new_tokens=12, ignore_eos_token=True))
+        chat = client.chat(QUESTION, adapter_id="pricing", max_tokens=16, temperature=0)
+        chat_streamed = "".join(client.chat_stream(QUESTION, adapter_id="pricing", max_tokens=16, temperature=0))
+        assert client.models()[0] == BASE and client.health()
+    assert one.generated_text == expected[0]["text"] and [t.id for t in one.details.tokens] == expected[0]["token_ids"]
+    assert "".join(i.token.text for i in streamed) == streamed[-1].generated_text == one.generated_text
+    assert chat.content and chat_streamed == chat.content
+    sdk = openai_sdk(server, [{"op": "chat", "model": "pricing", "messages": QUESTION, "max_tokens": 16, "temperature": 0}])[0]
+    assert chat.content == sdk["content"]
+
+    async def many() -> list:
+        async with AsyncClient(server, timeout=120) as client:
+            return await client.generate_many([PROMPT, PROMPT, "Hello"], adapter_id=["pricing", None, None],
+                                              concurrency=2, max_new_tokens=12, ignore_eos_token=True)
+
+    results = asyncio.run(many())
+    assert [r.generated_text for r in results[:2]] == [expected[0]["text"], expected[1]["text"]]
+
+
 def test_openai_sdk_chat_stream_completion_and_models(server):
     with_prompt = [{"role": "system", "content": PRICING_PROMPT}, *QUESTION]
     chat = dict(messages=QUESTION, max_tokens=16, temperature=0)
@@ -156,6 +181,8 @@ def test_an_adapter_registered_while_serving_then_removed(server, deployment, ad
     removed_openai = openai_sdk(server, [{"op": "chat", "model": "late", "messages": QUESTION, "max_tokens": 4}])[0]
     assert removed_lorax["error"] == "NotFoundError" and "late" in removed_lorax["message"]
     assert removed_openai["error"] == "NotFoundError" and removed_openai["status"] == 404
+    with Client(server) as client, pytest.raises(UnknownAdapterError):
+        client.generate(PROMPT, adapter_id="late")
 
 
 GOOD = {"inputs": PROMPT, "parameters": {"max_new_tokens": 4}}
