@@ -284,3 +284,19 @@ def test_a_damaged_adapter_is_a_400_that_shows_no_paths_and_disturbs_nothing(app
     assert "'damaged' cannot be served" in message and "damaged or changed" in message and str(tmp_path) not in message
     assert call(app, "POST", "/v1/chat/completions", json=chat_body("logistics")).status_code == 200
     registry.remove("damaged")
+
+
+def test_unknown_routes_and_methods_answer_in_the_route_familys_body(app):
+    resp = call(app, "GET", "/v1/nothing-here")
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == "unknown_route"
+    resp = call(app, "GET", "/generate")
+    assert resp.status_code == 405 and "GET /generate" in resp.json()["error"]
+
+
+def test_an_id_both_added_and_registered_is_listed_once(app, llm, adapters):
+    llm.add_adapter("pricing", adapters["pricing"])  # now shadows the registered "pricing"
+    try:
+        ids = [m["id"] for m in call(app, "GET", "/v1/models").json()["data"]]
+    finally:
+        llm.remove_adapter("pricing")
+    assert ids.count("pricing") == 1

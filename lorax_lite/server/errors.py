@@ -13,6 +13,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorax_lite.engine.async_llm import EngineDeadError
 from lorax_lite.lora.errors import (
@@ -143,5 +144,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return _from_validation_error(exc).to_response(is_openai_route(request))
 
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Unknown routes and wrong methods: the route family's body, not FastAPI's {"detail"}."""
+        error_type = {404: "unknown_route", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        error = ServerError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", error_type,
+                            headers=getattr(exc, "headers", None))
+        return error.to_response(is_openai_route(request))
+
     app.add_exception_handler(ServerError, on_server_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
