@@ -9,7 +9,7 @@ import sys
 import httpx
 import pytest
 
-from server_process import free_port, serve
+from server_helpers import free_port, serve
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from lorax_lite.lora.synthetic import make_random_adapter
 from lorax_lite.registry import admin
 from lorax_lite.registry.sqlite import SQLiteRegistry
 from lorax_lite.registry.store import AdapterStore
-from server_process import serve
+from server_helpers import serve
 
 BASE = "smollm2"
 PRICING_PROMPT = "You are the pricing assistant of Acme Corp."

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from lora_helpers import AdapterSpec, make_peft_adapter
 from lorax_lite import LLM, AsyncLLM, SamplingParams
 from lorax_lite.server import create_app
+from server_helpers import call
 from lorax_lite.server.generation import Generation
 from lorax_lite.server.calls import ClientDisconnected, run_to_end_or_abort
 from lorax_lite.server.schemas import GenerateRequest
@@ -49,13 +50,6 @@ def offline(tiny_llama_dir: Path, adapter_dir: Path) -> LLM:
     offline.add_adapter("pricing", adapter_dir)
     return offline
 
-
-def call(app, method: str, url: str, **kw) -> httpx.Response:
-    async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            return await client.request(method, url, **kw)
-
-    return asyncio.run(go())
 
 
 def body(max_new_tokens: int = 8, inputs: str = PROMPT, **params) -> dict:

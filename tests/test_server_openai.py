@@ -18,6 +18,7 @@ from lorax_lite.registry import admin
 from lorax_lite.registry.sqlite import SQLiteRegistry
 from lorax_lite.registry.store import AdapterStore
 from lorax_lite.server import create_app
+from server_helpers import call
 from lorax_lite.server.state import ServerLimits
 
 MODEL_NAME = "tiny-llama"
@@ -64,13 +65,6 @@ def offline(tiny_llama_dir: Path, adapters: dict[str, Path]) -> LLM:
         offline.add_adapter(name, path)
     return offline
 
-
-def call(app, method: str, url: str, **kw) -> httpx.Response:
-    async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            return await client.request(method, url, **kw)
-
-    return asyncio.run(go())
 
 
 def chat_body(model: str = MODEL_NAME, messages: list[dict] = QUESTION, **fields) -> dict:

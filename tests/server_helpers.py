@@ -1,7 +1,9 @@
-"""Start `lorax-lite serve` as a subprocess on a free port and wait until it is healthy."""
+"""Reaching a server in tests: `serve` runs `lorax-lite serve` as a subprocess on a free port until
+it is healthy; `call` sends one request to an app in-process through httpx's ASGI transport."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import sys
@@ -48,3 +50,13 @@ def serve(*args: str, startup_timeout: float = 180.0) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def call(app, method: str, url: str, **kw) -> httpx.Response:
+    """One request to the ASGI `app`, in a fresh event loop."""
+
+    async def go() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await client.request(method, url, **kw)
+
+    return asyncio.run(go())
