@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 import transformers
-from bench_report import parse_bench_args, write_section
+from bench_report import command_line, parse_bench_args, write_section
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -675,13 +675,6 @@ def load(model_dir: str) -> tuple[LLM, PreTrainedModel, PreTrainedTokenizerBase]
     return llm, model, tok
 
 
-def command_line(argv: list[str]) -> str:
-    """How this run was started, as `make bench` when it is exactly what the Makefile runs."""
-    if argv == ["--model", "models/SmolLM2-135M-Instruct", "--output", "docs/benchmarks.md"]:
-        return "`make bench`"
-    return "`" + " ".join([".venv/bin/python", "scripts/bench_engine.py", *argv]) + "`"
-
-
 def run_all(model_dir: str, w: Workload) -> dict[str, Any]:
     """The three scenarios, one after the other, on one loaded engine and one transformers model."""
     llm, model, tok = load(model_dir)
@@ -704,7 +697,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    env = environment(args.model, command_line(sys.argv[1:]))
+    env = environment(args.model, command_line("bench_engine.py", sys.argv[1:], "benchmarks"))
     res = run_all(args.model, w)
     res.update(env=env | {"loadavg_end": _loadavg()}, quick=args.quick, json_path=args.json)
     res["total_seconds"] = time.perf_counter() - start

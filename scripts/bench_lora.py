@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 from bench_engine import REPO_ROOT, Workload, _loadavg, build_prompts, environment, greedy, verdict
-from bench_report import parse_bench_args, write_section
+from bench_report import command_line, parse_bench_args, write_section
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -299,9 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     import peft
 
     start = time.perf_counter()
-    cmd = sys.argv[1:]
-    command = "`make bench`" if cmd[:2] == ["--model", "models/SmolLM2-135M-Instruct"] and not args.quick else \
-        "`" + " ".join([".venv/bin/python", "scripts/bench_lora.py", *cmd]) + "`"
+    command = command_line("bench_lora.py", sys.argv[1:], "benchmarks_lora")
     env = environment(args.model, command)
     with tempfile.TemporaryDirectory(prefix="lorax-bench-adapters-") as workdir:
         res = run_all(args.model, w, Path(workdir))

@@ -25,9 +25,12 @@ def test_bench_scripts_quick_run_and_share_one_report(default_model_dir, tmp_pat
     out_md = tmp_path / "bench.md"
     run_quick("bench_engine.py", default_model_dir, out_md, tmp_path / "engine.json")
     run_quick("bench_lora.py", default_model_dir, out_md, tmp_path / "lora.json")
+    run_quick("bench_server.py", default_model_dir, out_md, tmp_path / "server.json")
     run_quick("bench_engine.py", default_model_dir, out_md, tmp_path / "engine.json")  # rewrites only its section
     report = out_md.read_text()
     assert report.startswith("# Benchmarks")
-    assert report.count("<!-- section:engine -->") == 1 and report.count("<!-- section:lora -->") == 1
+    assert all(report.count(f"<!-- section:{name} -->") == 1 for name in ("engine", "lora", "server"))
+    assert report.index("section:engine") < report.index("section:lora") < report.index("section:server")
     assert "Throughput" in report and "100/10/10" in report and "ratio" in report.lower()
     assert "distinct adapters" in report and "PEFT `load_adapter`" in report
+    assert "over HTTP (seed 000)" in report and "`AsyncClient.generate_many(prompts, concurrency=16)`" in report
