@@ -127,6 +127,33 @@ def serve_command(
         adapters.close()
 
 
+@app.command("chat")
+def chat_command(
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="The business unit's adapter id (default: the base model)."),
+    url: str = typer.Option("http://127.0.0.1:8080", "--url", help="The lorax-lite server."),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="Most tokens in one answer."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 is greedy."),
+) -> None:
+    """Chat with a business unit's assistant on a running server (streaming; /reset, /exit)."""
+    import sys
+
+    from lorax_lite.cli_chat import ChatError, open_chat, run_chat
+
+    if max_tokens < 1:
+        fail(f"--max-tokens must be >= 1, got {max_tokens}")
+    try:
+        client = open_chat(url, adapter)
+    except ChatError as error:
+        fail(str(error), code=error.code)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    with client:
+        run_chat(client, adapter, input, write, max_tokens=max_tokens, temperature=temperature)
+
+
 def serve_banner(name: str, registry_url: str, base: str) -> str:
     """What `serve` prints: where it serves, and calls to paste into a terminal."""
     json_header = "-H 'Content-Type: application/json'"

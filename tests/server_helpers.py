@@ -1,5 +1,6 @@
 """Reaching a server in tests: `serve` runs `lorax-lite serve` as a subprocess on a free port until
-it is healthy; `call` sends one request to an app in-process through httpx's ASGI transport."""
+it is healthy; `serve_in_thread` runs an app with uvicorn in a thread of this process; `call` sends
+one request to an app in-process through httpx's ASGI transport."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import asyncio
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import httpx
 import pytest
+import uvicorn
 
 
 def free_port() -> int:
@@ -60,3 +63,23 @@ def call(app, method: str, url: str, **kw) -> httpx.Response:
             return await client.request(method, url, **kw)
 
     return asyncio.run(go())
+
+
+@contextmanager
+def serve_in_thread(app) -> Iterator[str]:
+    """uvicorn serving `app` in a thread, on a socket bound here to a free loopback port; yields its URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()

@@ -6,15 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-import uvicorn
 from transformers import AutoModelForCausalLM
 
 from lora_helpers import AdapterSpec, make_peft_adapter
@@ -30,6 +27,7 @@ from lorax_lite.client import (
     UnknownAdapterError,
 )
 from lorax_lite.server import create_app
+from server_helpers import serve_in_thread
 
 MODEL_NAME = "tiny-llama"
 PROMPT = "The quick brown fox"
@@ -49,21 +47,10 @@ def base_url(tiny_llama_dir: Path, adapter_dir: Path) -> Iterator[str]:
     """The server's URL: uvicorn in a thread, on a socket bound here to a free loopback port."""
     llm = AsyncLLM(str(tiny_llama_dir), **ENGINE)
     llm.add_adapter("pricing", adapter_dir)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(llm, MODEL_NAME), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        with serve_in_thread(create_app(llm, MODEL_NAME)) as url:
+            yield url
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
         llm.shutdown()
 
 

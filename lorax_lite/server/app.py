@@ -1,16 +1,19 @@
-"""The FastAPI app: the native LoRAX routes, the OpenAI routes, /health, /info and /metrics over one
-AsyncLLM, kept with the limits and metrics on `app.state.server` (a ServerState)."""
+"""The FastAPI app: the native LoRAX routes, the OpenAI routes, the chat pages, /health, /info and
+/metrics over one AsyncLLM, kept with the limits and metrics on `app.state.server` (a ServerState)."""
 
 from __future__ import annotations
 
 import dataclasses
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lorax_lite.engine.async_llm import AsyncLLM
+from lorax_lite.server.chat_ui import STATIC
+from lorax_lite.server.chat_ui import router as chat_router
 from lorax_lite.server.errors import OPENAI_PATH_PREFIX, ServerError, install_error_handlers
 from lorax_lite.server.native import router as native_router
 from lorax_lite.server.openai import router as openai_router
@@ -25,6 +28,9 @@ def create_app(llm: AsyncLLM, served_model_name: str, limits: ServerLimits | Non
     install_error_handlers(app)
     app.include_router(native_router)
     app.include_router(openai_router)
+    app.include_router(chat_router)
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+    app.add_api_route("/", lambda: RedirectResponse("/chat"), methods=["GET"], include_in_schema=False)
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/info", info, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])

@@ -1,0 +1,87 @@
+"""`lorax-lite chat`: a terminal chat with one business unit's assistant on a running server.
+
+Answers stream as they are generated; the conversation is kept until `/reset`; `/exit` (or Ctrl-D)
+leaves. The server adds the adapter's registered system prompt. Only `lorax_lite.client` is
+imported (no torch), so it starts at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from lorax_lite.client import Client, LoraxLiteError, ServerUnavailableError, UnknownAdapterError
+
+HELP = "Type a question. /reset starts a new conversation, /exit leaves."
+EXIT_COMMANDS = {"/exit", "/quit"}
+
+
+class ChatError(Exception):
+    """The chat cannot start (server down, unknown adapter); `code` is the exit status."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def open_chat(url: str, adapter: str | None, timeout: float = 120.0) -> Client:
+    """A client for the server at `url`, after checking that it answers and knows `adapter`."""
+    client = Client(url, timeout=timeout)
+    try:
+        models = client.models()
+    except ServerUnavailableError as exc:
+        client.close()
+        raise ChatError(f"{exc}\n  is the server running? start it with `make serve` (or `lorax-lite serve`)", code=1) from exc
+    except LoraxLiteError as exc:
+        client.close()
+        raise ChatError(f"{url} does not look like a lorax-lite server: {exc}", code=1) from exc
+    if adapter is not None and adapter not in models:
+        client.close()
+        raise ChatError(f"unknown adapter {adapter!r} on {url}; available: {', '.join(models[1:]) or 'none'} "
+                        f"(or leave out --adapter for the base model {models[0]})", code=2)
+    return client
+
+
+def run_chat(
+    client: Client, adapter: str | None, read: Callable[[str], str], write: Callable[[str], None],
+    max_tokens: int = 256, temperature: float = 0.0,
+) -> None:
+    """The loop: read a line, stream the answer, keep the history; errors are shown and the turn dropped."""
+    history: list[dict[str, str]] = []
+    name = adapter or "base model"
+    write(f"Chatting with {name} at {client.base_url}. {HELP}\n")
+    while True:
+        try:
+            line = read("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            write("\n")
+            return
+        if not line:
+            continue
+        if line in EXIT_COMMANDS:
+            return
+        if line == "/reset":
+            history.clear()
+            write("(new conversation)\n")
+            continue
+        if line.startswith("/"):
+            write(f"unknown command {line}. {HELP}\n")
+            continue
+        turn = {"role": "user", "content": line}
+        write(f"{name}> ")
+        try:
+            answer = "".join(_echo(client.chat_stream(history + [turn], adapter_id=adapter, max_tokens=max_tokens,
+                                                      temperature=temperature), write))
+        except UnknownAdapterError:
+            write(f"\nerror: the adapter {adapter!r} is no longer registered on the server\n")
+            continue
+        except LoraxLiteError as exc:
+            write(f"\nerror: {exc}\n")
+            continue
+        write("\n")
+        history += [turn, {"role": "assistant", "content": answer}]
+
+
+def _echo(deltas: Iterator[str], write: Callable[[str], None]) -> Iterator[str]:
+    for delta in deltas:
+        write(delta)
+        yield delta

@@ -1,0 +1,68 @@
+"""The business units' chat pages: GET /chat lists the assistants, GET /chat/{adapter_id} is one
+assistant's page. Plain HTML, CSS and JavaScript (`static/`), no build step; the page streams its
+answers from /v1/chat/completions and keeps the conversation in the browser.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from importlib import resources
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse
+
+from lorax_lite.lora.naming import check_adapter_id
+from lorax_lite.server.state import ServerState
+
+router = APIRouter()
+STATIC = resources.files("lorax_lite.server") / "static"
+
+
+def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
+    return HTMLResponse(STATIC.joinpath("page.html").read_text().replace("{{title}}", html.escape(title)).replace("{{body}}", body),
+                        status_code=status)
+
+
+@router.get("/chat", response_class=HTMLResponse)
+async def assistants(request: Request) -> HTMLResponse:
+    """Every registered adapter (and the base model) as a card linking to its chat page."""
+    state: ServerState = request.app.state.server
+    records = await run_in_threadpool(state.adapter_records)
+    cards = [_card(r.adapter_id, r.description or "", r.owner or "") for r in records]
+    cards += [_card(a, "added by path", "") for a in state.llm.engine.adapter_ids if a not in {r.adapter_id for r in records}]
+    cards.append(_card(state.served_model_name, "the base model, without an adapter", ""))
+    body = ('<h1>Assistants</h1><p class="lead">One assistant per business unit, all served by one base model.</p>'
+            f'<ul class="cards">{"".join(cards)}</ul>')
+    return _page("Assistants", body)
+
+
+def _card(adapter_id: str, description: str, owner: str) -> str:
+    owner_line = f'<span class="owner">{html.escape(owner)}</span>' if owner else ""
+    return (f'<li><a class="card" href="/chat/{html.escape(adapter_id)}"><strong>{html.escape(adapter_id)}</strong>'
+            f'{owner_line}<span>{html.escape(description)}</span></a></li>')
+
+
+@router.get("/chat/{adapter_id}", response_class=HTMLResponse)
+async def chat_page(adapter_id: str, request: Request) -> HTMLResponse:
+    """The chat page for one assistant; an invalid or unknown id is a 404 page that links back."""
+    state: ServerState = request.app.state.server
+    known = state.is_base_model(adapter_id) or await run_in_threadpool(_is_known, state, adapter_id)
+    if not known:
+        body = (f'<h1>No assistant called {html.escape(adapter_id)}</h1>'
+                '<p>It is not registered on this server. <a href="/chat">See the assistants</a>.</p>')
+        return _page("Unknown assistant", body, status=404)
+    record = None if state.is_base_model(adapter_id) else await run_in_threadpool(state.adapter_record, adapter_id)
+    config = {"model": adapter_id, "description": record.description if record else ""}
+    body = STATIC.joinpath("chat.html").read_text().replace("{{name}}", html.escape(adapter_id)).replace(
+        "{{config}}", html.escape(json.dumps(config), quote=True))
+    return _page(f"{adapter_id} assistant", body)
+
+
+def _is_known(state: ServerState, adapter_id: str) -> bool:
+    try:
+        check_adapter_id(adapter_id)
+    except ValueError:
+        return False
+    return adapter_id in state.llm.engine.adapter_ids or state.adapter_record(adapter_id) is not None
