@@ -141,6 +141,8 @@ def chat_command(
 
     if max_tokens < 1:
         fail(f"--max-tokens must be >= 1, got {max_tokens}")
+    if not 0 <= temperature <= 2:
+        fail(f"--temperature must be in 0..2, got {temperature}")
     try:
         client = open_chat(url, adapter)
     except ChatError as error:

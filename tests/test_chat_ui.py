@@ -122,3 +122,10 @@ def test_lorax_lite_chat_command(url):
     assert "Chatting with pricing" in done.stdout and "pricing> " in done.stdout
     done = subprocess.run([*cmd[:5], "nobody", *cmd[6:]], input="", capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.startswith("error: unknown adapter 'nobody'")
+
+
+@pytest.mark.parametrize("option", [["--max-tokens", "0"], ["--temperature", "-1"], ["--url", "not a url"]])
+def test_lorax_lite_chat_refuses_bad_options(option):
+    cmd = [sys.executable, "-m", "lorax_lite.cli", "chat", "--adapter", "pricing", *option]
+    done = subprocess.run(cmd, input="", capture_output=True, text=True, timeout=60)
+    assert done.returncode in (1, 2) and done.stderr.startswith("error:") and "Traceback" not in done.stderr
