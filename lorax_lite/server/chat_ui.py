@@ -13,7 +13,6 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse
 
-from lorax_lite.lora.naming import check_adapter_id
 from lorax_lite.server.state import ServerState
 
 router = APIRouter()
@@ -29,9 +28,8 @@ def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
 async def assistants(request: Request) -> HTMLResponse:
     """Every registered adapter (and the base model) as a card linking to its chat page."""
     state: ServerState = request.app.state.server
-    records = await run_in_threadpool(state.adapter_records)
-    cards = [_card(r.adapter_id, r.description or "", r.owner or "") for r in records]
-    cards += [_card(a, "added by path", "") for a in state.llm.engine.adapter_ids if a not in {r.adapter_id for r in records}]
+    adapters = await run_in_threadpool(state.adapters)
+    cards = [_card(a, r.description or "", r.owner or "") if r else _card(a, "added by path", "") for a, r in adapters]
     cards.append(_card(state.served_model_name, "the base model, without an adapter", ""))
     body = ('<h1>Assistants</h1><p class="lead">One assistant per business unit, all served by one base model.</p>'
             f'<ul class="cards">{"".join(cards)}</ul>')
@@ -48,21 +46,12 @@ def _card(adapter_id: str, description: str, owner: str) -> str:
 async def chat_page(adapter_id: str, request: Request) -> HTMLResponse:
     """The chat page for one assistant; an invalid or unknown id is a 404 page that links back."""
     state: ServerState = request.app.state.server
-    known = state.is_base_model(adapter_id) or await run_in_threadpool(_is_known, state, adapter_id)
+    known, record = (True, None) if state.is_base_model(adapter_id) else await run_in_threadpool(state.find_adapter, adapter_id)
     if not known:
         body = (f'<h1>No assistant called {html.escape(adapter_id)}</h1>'
                 '<p>It is not registered on this server. <a href="/chat">See the assistants</a>.</p>')
         return _page("Unknown assistant", body, status=404)
-    record = None if state.is_base_model(adapter_id) else await run_in_threadpool(state.adapter_record, adapter_id)
     config = {"model": adapter_id, "description": record.description if record else ""}
     body = STATIC.joinpath("chat.html").read_text().replace("{{name}}", html.escape(adapter_id)).replace(
         "{{config}}", html.escape(json.dumps(config), quote=True))
     return _page(f"{adapter_id} assistant", body)
-
-
-def _is_known(state: ServerState, adapter_id: str) -> bool:
-    try:
-        check_adapter_id(adapter_id)
-    except ValueError:
-        return False
-    return adapter_id in state.llm.engine.adapter_ids or state.adapter_record(adapter_id) is not None

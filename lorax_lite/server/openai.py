@@ -47,11 +47,9 @@ async def list_models(request: Request) -> ModelList:
     state: ServerState = request.app.state.server
     base = state.served_model_name
     cards = [ModelCard(id=base, created=STARTED, owned_by="lorax-lite")]
-    added = state.llm.engine.adapter_ids
-    cards += [ModelCard(id=a, created=STARTED, owned_by="lorax-lite", parent=base) for a in added]
-    records = await run_in_threadpool(state.adapter_records)
-    cards += [ModelCard(id=r.adapter_id, created=int(r.created_at), owned_by=r.owner or "lorax-lite", parent=base)
-              for r in records if r.adapter_id not in added]  # an id added by path shadows the registry's
+    for adapter_id, record in await run_in_threadpool(state.adapters):
+        created, owner = (int(record.created_at), record.owner) if record else (STARTED, None)
+        cards.append(ModelCard(id=adapter_id, created=created, owned_by=owner or "lorax-lite", parent=base))
     return ModelList(data=cards)
 
 

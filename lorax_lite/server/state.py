@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lorax_lite.engine.async_llm import AsyncLLM
+from lorax_lite.lora.naming import check_adapter_id
 from lorax_lite.registry.base import AdapterRecord
 from lorax_lite.server.errors import ServerError
 from lorax_lite.server.metrics import ServerMetrics
@@ -65,3 +66,20 @@ class ServerState:
         if catalog is None or catalog.registry is None:
             return []
         return catalog.registry.list()
+
+    def adapters(self) -> list[tuple[str, AdapterRecord | None]]:
+        """Every adapter a request can name, with its registry record: those added by path first (no
+        record; they shadow a registered id of the same name, as in the engine), then the registered ones."""
+        added = self.llm.engine.adapter_ids
+        return [(a, None) for a in added] + [(r.adapter_id, r) for r in self.adapter_records() if r.adapter_id not in added]
+
+    def find_adapter(self, adapter_id: str) -> tuple[bool, AdapterRecord | None]:
+        """(whether a request can name `adapter_id`, its registry record); invalid ids are unknown."""
+        try:
+            check_adapter_id(adapter_id)
+        except ValueError:
+            return False, None
+        if adapter_id in self.llm.engine.adapter_ids:
+            return True, None
+        record = self.adapter_record(adapter_id)
+        return record is not None, record
