@@ -1,10 +1,13 @@
 """`lorax-lite adapters ...`: register and manage adapters in the registry and the store.
 
+`register-units` registers every shipped business-unit adapter `adapters/<unit>/` as id `<unit>`,
+with the owner, description and system prompt of its `lorax.json` (what `make serve` runs).
+
 Exit codes: 0 success; 2 bad input (bad id, unreadable or invalid adapter, shape mismatch with the
-base model, pickled weights, DoRA, an id the registry does not know, a malformed registry URL),
-with nothing written; 1 other failures: the registry cannot be reached (the message names its URL),
-the store cannot be written, or `verify` finds a version whose files do not match its checksum
-(data corruption, not bad input). Errors are one line on stderr, never a traceback.
+base model, pickled weights, DoRA, an id the registry does not know, a malformed registry URL or
+unit lorax.json), with nothing written; 1 other failures: the registry cannot be reached (the
+message names its URL), the store cannot be written, or `verify` finds a version whose files do not
+match its checksum (data corruption, not bad input). Errors are one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, NoReturn, Optional
 
 import typer
@@ -38,6 +42,7 @@ RegistryUrl = Annotated[Optional[str], typer.Option(
     "--registry", help="Registry URL: sqlite:///path.db or redis://host:port/db (default: $LORAX_REGISTRY, else sqlite:///data/registry.db).")]
 StoreDir = Annotated[Optional[str], typer.Option("--store", help="Store directory (default: $LORAX_STORE, else data/store).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+UNIT_CARD_KEYS = ("owner", "description", "system_prompt")  # what a unit's lorax.json gives its registration
 
 
 @adapters_app.command("register")
@@ -61,11 +66,32 @@ def register_command(
         adapter = admin.validate(adapter_id, path, model or default_model())  # before any registry or store access
         with _registry(registry_url) as registry:
             record, created = admin.commit(registry, AdapterStore(store_dir), adapter, owner, description, system_prompt, pin)
-    pinned = " (pinned)" if record.pinned else ""
-    if created:
-        typer.echo(f"registered {adapter_id} version {record.version[:12]}{pinned}")
-    else:
-        typer.echo(f"{adapter_id} is already at version {record.version[:12]}: nothing changed{pinned}")
+    _echo_registered(record, created)
+
+
+@adapters_app.command("register-units")
+def register_units_command(
+    adapters_dir: Annotated[str, typer.Option(
+        "--adapters-dir", help="Directory of units: <unit>/adapter_config.json, and optionally <unit>/lorax.json.")] = "adapters",
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help="Base model directory to check shapes against (default: $LORAX_MODEL, else the fetched model).")] = None,
+    registry_url: RegistryUrl = None,
+    store_dir: StoreDir = None,
+) -> None:
+    """Register every adapters/<unit>/ as id <unit>, with owner, description and system prompt from its lorax.json.
+
+    All units are validated before anything is written; an unchanged unit is a no-op.
+    """
+    with _errors():
+        cards = {path: _unit_card(path) for path in _unit_dirs(Path(adapters_dir))}
+        units = [(admin.validate(path.name, path, model or default_model()), card) for path, card in cards.items()]
+        if units:
+            with _registry(registry_url) as registry:
+                store = AdapterStore(store_dir)
+                for adapter, card in units:
+                    _echo_registered(*admin.commit(registry, store, adapter, **card))
+    if not units:
+        typer.echo(f"no adapters under {adapters_dir} (no <unit>/adapter_config.json): nothing registered")
 
 
 @adapters_app.command("list")
@@ -181,6 +207,41 @@ def _registry(url: str | None, check_id: str | None = None) -> Iterator[Registry
         _fail(_naming(exc, url), code=1)
     finally:
         registry.close()
+
+
+def _echo_registered(record: AdapterRecord, created: bool) -> None:
+    pinned = " (pinned)" if record.pinned else ""
+    if created:
+        typer.echo(f"registered {record.adapter_id} version {record.version[:12]}{pinned}")
+    else:
+        typer.echo(f"{record.adapter_id} is already at version {record.version[:12]}: nothing changed{pinned}")
+
+
+def _unit_dirs(adapters_dir: Path) -> list[Path]:
+    """`adapters_dir/<unit>/` with an adapter_config.json, in name order; units not trained yet are named and skipped."""
+    if not adapters_dir.is_dir():
+        _fail(f"--adapters-dir {adapters_dir}: not a directory")
+    dirs = sorted(d for d in adapters_dir.iterdir() if d.is_dir())
+    for d in dirs:
+        if not (d / "adapter_config.json").is_file():
+            typer.echo(f"skipping {d}: no adapter_config.json (not trained yet?)", err=True)
+    return [d for d in dirs if (d / "adapter_config.json").is_file()]
+
+
+def _unit_card(unit_dir: Path) -> dict[str, str | None]:
+    """owner, description and system_prompt from `unit_dir/lorax.json`; None for each one it (or the file) lacks."""
+    path = unit_dir / "lorax.json"
+    if not path.exists():
+        return dict.fromkeys(UNIT_CARD_KEYS)
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        _fail(f"{path}: not a readable JSON file ({_one_line(exc)})")
+    if not isinstance(card, dict):
+        _fail(f"{path}: expected a JSON object with {', '.join(UNIT_CARD_KEYS)}, got {type(card).__name__}")
+    if bad := [key for key in UNIT_CARD_KEYS if not isinstance(card.get(key, ""), str)]:
+        _fail(f"{path}: {', '.join(bad)} must be a string")
+    return {key: card.get(key) for key in UNIT_CARD_KEYS}
 
 
 def _get(registry: Registry, adapter_id: str) -> AdapterRecord:
