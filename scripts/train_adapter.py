@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -286,7 +287,7 @@ def model_card(out: Path, args: argparse.Namespace, argv: Sequence[str], config:
     if result:
         rows.append(("held-out accuracy", f"{result.accuracy:.2f} ({result.num_correct}/{result.n}, `{result.path}`, "
                                           "greedy via the lorax-lite engine, answer contains the key fact)"))
-    command = " ".join([".venv/bin/python", "scripts/train_adapter.py", *argv])
+    command = shlex.join([".venv/bin/python", "scripts/train_adapter.py", *argv])
     return "\n".join([
         f"# LoRA adapter `{out.resolve().name}`", "",
         f"Trained by `scripts/train_adapter.py` on {datetime.date.today().isoformat()}. lorax-lite serves it from",
