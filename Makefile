@@ -4,6 +4,7 @@
 #   make test      install, fetch the default model, make the client venv, run the whole test suite
 #   make bench     install, fetch the default model, run the benchmarks -> docs/benchmarks.md (+ .json)
 #
+# Debian's chromium (apt) is the browser of tests/test_browser_chat.py; playwright never downloads one.
 # GPU users: create .venv and install your own CUDA build of torch into it first;
 # `make install` only installs $(TORCH) when torch is not importable yet.
 
@@ -20,6 +21,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server) || (sudo apt-get update -qq && sudo apt-get install -y -qq redis-server)
+	test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium) || (sudo apt-get update -qq && sudo apt-get install -y -qq chromium)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH)"
@@ -38,16 +40,13 @@ $(CLIENTS_VENV)/.installed: tests/clients/requirements.txt
 	touch $@
 
 test: fetch-model clients
-	LORAX_REQUIRE_DEFAULT_MODEL=1 LORAX_REQUIRE_REDIS=1 LORAX_CLIENTS_PYTHON=$(CLIENTS_VENV)/bin/python \
+	LORAX_REQUIRE_DEFAULT_MODEL=1 LORAX_REQUIRE_REDIS=1 LORAX_REQUIRE_BROWSER=1 LORAX_CLIENTS_PYTHON=$(CLIENTS_VENV)/bin/python \
 	  LORAX_MODEL=$(MODEL_DIR) $(PY) -m pytest -q tests
 
-# Registers every adapter shipped under adapters/<name>/ (id = <name>; a no-op when unchanged), then serves.
+# Registers every adapter shipped under adapters/<unit>/ (id = <unit>, owner/description/system prompt from its
+# lorax.json; a no-op when unchanged), then serves.
 serve: fetch-model
-	@for dir in adapters/*/; do \
-	  if [ -f "$$dir/adapter_config.json" ]; then \
-	    $(VENV)/bin/lorax-lite adapters register "$$(basename "$$dir")" "$$dir" --model $(MODEL_DIR) || exit 1; \
-	  fi; \
-	done
+	$(VENV)/bin/lorax-lite adapters register-units --adapters-dir adapters --model $(MODEL_DIR)
 	$(VENV)/bin/lorax-lite serve --model $(MODEL_DIR) --host 127.0.0.1 --port 8080
 
 bench: fetch-model
