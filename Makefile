@@ -52,6 +52,7 @@ serve: fetch-model
 bench: fetch-model
 	$(PY) scripts/bench_engine.py --model $(MODEL_DIR) --output docs/benchmarks.md --json docs/benchmarks.json
 	$(PY) scripts/bench_lora.py --model $(MODEL_DIR) --output docs/benchmarks.md --json docs/benchmarks_lora.json
+	$(PY) scripts/bench_workload.py --model $(MODEL_DIR) --output docs/benchmarks.md --json docs/benchmarks_workload.json
 	$(PY) scripts/bench_server.py --model $(MODEL_DIR) --output docs/benchmarks.md --json docs/benchmarks_server.json
 
 clean:

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 import transformers
-from bench_report import command_line, parse_bench_args, write_section
+from bench_report import command_line, parse_bench_args, repo_path, write_section
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -702,13 +702,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     res.update(env=env | {"loadavg_end": _loadavg()}, quick=args.quick, json_path=args.json)
     res["total_seconds"] = time.perf_counter() - start
     write(Path(args.json), json.dumps(res, indent=2, default=str))
-    out = Path(args.output)
-    write_section(out if out.is_absolute() else REPO_ROOT / out, "engine", render(res))
+    write_section(repo_path(args.output), "engine", render(res))
     print(f"wrote {args.output} and {args.json} in {res['total_seconds']:.0f} s")
 
 
 def write(path: Path, text: str) -> None:
-    path = path if path.is_absolute() else REPO_ROOT / path
+    path = repo_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text + ("" if text.endswith("\n") else "\n"))
 

@@ -1,16 +1,20 @@
 """Benchmark multi-LoRA serving against the base model and PEFT; writes its section of docs/benchmarks.md.
 
-All in one run, on one model (fp32, CPU), with random rank-8 PEFT adapters on all seven projections:
+All in one run, on one model (fp32), with random rank-8 PEFT adapters on all seven projections:
 
-1. Throughput: the engine benchmark's 32 prompts x 64 greedy tokens (`ignore_eos`) as one
-   `LLM.generate` call, with 1, 8 and 32 distinct adapters (request i uses adapter i mod n),
+1. Adapters per batch: the engine benchmark's prompts (64) x 32 greedy tokens (`ignore_eos`) as one
+   `LLM.generate` call, with 1, 2, 8, 32 and 64 distinct adapters (request i uses adapter i mod n),
    against the same engine on the base model alone; against PEFT `generate(adapter_names=...)`
    on the same batch (left-padded); and against PEFT one request at a time with `set_adapter`
    (on the first `--sequential` requests: it is slow). Engine runs alternate with each other for
    `--repeats` rounds; medians are reported. The engine's tokens for the sequential requests are
-   checked against PEFT's.
+   checked against PEFT's. Plot: docs/img/lora_adapters_per_batch.png.
 2. Adapter load latency: disk -> ready in a device slot (read + validate + copy), host memory ->
-   slot, against PEFT `load_adapter` into a PeftModel, per adapter, median over the 32.
+   slot, against PEFT `load_adapter` into a PeftModel, per adapter, median over the adapters.
+3. Adapter cold start, request to first token: an adapter registered (admin API, SQLite registry,
+   store) but never requested, so the engine resolves, reads, verifies and loads it; the same
+   adapter again from host memory (evicted from its slot) and hot (in a slot); the base model; and
+   PEFT `load_adapter` + `set_adapter` + the first token against PEFT with the adapter loaded.
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_engine import REPO_ROOT, Workload, _loadavg, build_prompts, environment, greedy, verdict
-from bench_report import command_line, parse_bench_args, write_section
+from bench_engine import Workload, _loadavg, build_prompts, environment, greedy, verdict, write
+from bench_report import command_line, figure_path, parse_bench_args, pyplot, repo_path, save_figure, write_section
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -37,18 +41,20 @@ from lorax_lite.lora.synthetic import make_random_adapter
 
 @dataclass
 class LoRAWorkload:
-    num_prompts: int = 32
-    max_tokens: int = 64
-    num_adapters: tuple[int, ...] = (1, 8, 32)
+    num_prompts: int = 64
+    max_tokens: int = 32
+    num_adapters: tuple[int, ...] = (1, 2, 8, 32, 64)
     rank: int = 8
     alpha: float = 16
     repeats: int = 3
     peft_repeats: int = 1
     sequential: int = 8
+    cold_adapters: int = 6  # cold-start samples (each a never-requested adapter)
+    cold_slots: int = 2  # device slots of the cold-start engine: the host-memory case needs evictions
 
     @classmethod
     def quick(cls) -> "LoRAWorkload":
-        return cls(num_prompts=4, max_tokens=4, num_adapters=(1, 4), repeats=1, sequential=2)
+        return cls(num_prompts=4, max_tokens=4, num_adapters=(1, 4), repeats=1, sequential=2, cold_adapters=3)
 
 
 def median(values: list[float]) -> float:
@@ -167,11 +173,100 @@ def run_loads(llm: LLM, base: PreTrainedModel, paths: list[Path]) -> tuple[dict[
     return res, peft
 
 
+# ---------------------------------------------------------------- 3. cold start
+
+
+def first_token_seconds(llm: LLM, prompt: str, adapter_id: str | None) -> float:
+    """Request -> first token for one request on an idle engine (`max_tokens=1`: prefill plus one sample)."""
+    start = time.perf_counter()
+    out = llm.generate([prompt], greedy(1), adapter_ids=[adapter_id])[0]
+    seconds = time.perf_counter() - start
+    if out.finish_reason != "length":
+        raise RuntimeError(f"cold-start request for {adapter_id!r} failed: {out.error}")
+    return seconds
+
+
+def peft_first_token_seconds(peft: PeftModel, tok: PreTrainedTokenizerBase, prompt: str, adapter_id: str,
+                             load_from: Path | None = None) -> float:
+    """PEFT: (`load_adapter` when `load_from`) + `set_adapter` + one greedy token."""
+    start = time.perf_counter()
+    if load_from is not None:
+        peft.load_adapter(load_from, adapter_name=adapter_id)
+    peft.set_adapter(adapter_id)
+    enc = tok(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        peft.generate(**enc, max_new_tokens=1, do_sample=False, pad_token_id=tok.pad_token_id)
+    return time.perf_counter() - start
+
+
+def run_cold_start(model_dir: str, base: PreTrainedModel, peft: PeftModel, tok: PreTrainedTokenizerBase, prompt: str,
+                   w: LoRAWorkload, workdir: Path) -> dict[str, Any]:
+    """Never-requested registered adapters through a registry-backed engine with `w.cold_slots` slots."""
+    from lorax_lite.registry import admin
+    from lorax_lite.registry.sqlite import SQLiteRegistry
+    from lorax_lite.registry.store import AdapterStore
+
+    registry, store = SQLiteRegistry(workdir / "registry.db"), AdapterStore(workdir / "store")
+    ids = [f"cold-{i}" for i in range(w.cold_adapters)]
+    paths = [make_random_adapter(base, workdir / "cold-src" / i, rank=w.rank, alpha=w.alpha, seed=1000 + k, std=0.3)
+             for k, i in enumerate(ids)]
+    for adapter_id, path in zip(ids, paths):
+        admin.register(registry, store, adapter_id, path, model_dir)
+    llm = LLM(model_dir, dtype="float32", device="cpu", registry=registry, store=str(workdir / "store"),
+              max_loras=w.cold_slots, max_lora_rank=w.rank, max_cpu_loras=max(w.cold_adapters, w.cold_slots))
+    try:
+        first_token_seconds(llm, prompt, None)  # warm-up (first-call allocations)
+        res: dict[str, list[float]] = {"base": [], "cold": [], "hot": [], "host": [], "peft_cold": [], "peft_hot": []}
+        for adapter_id in ids:  # never requested: registry lookup, store read, checksum, validation, slot copy
+            res["cold"].append(first_token_seconds(llm, prompt, adapter_id))
+            res["hot"].append(first_token_seconds(llm, prompt, adapter_id))
+            res["base"].append(first_token_seconds(llm, prompt, None))
+        for adapter_id in ids:  # all in host memory; cycling through more adapters than slots (LRU) misses every slot
+            res["host"].append(first_token_seconds(llm, prompt, adapter_id))
+        for adapter_id, path in zip(ids, paths):
+            res["peft_cold"].append(peft_first_token_seconds(peft, tok, prompt, adapter_id, load_from=path))
+            res["peft_hot"].append(peft_first_token_seconds(peft, tok, prompt, adapter_id))
+        cache = asdict(llm.engine.adapters.stats)
+    finally:
+        del llm
+        registry.close()
+    out: dict[str, Any] = {"seconds": res, "median_s": {k: median(v) for k, v in res.items()},
+                           "prompt_tokens": len(tok(prompt).input_ids), "slots": w.cold_slots,
+                           "adapter_cache": cache}
+    m = out["median_s"]
+    print("  first token: " + ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in m.items()), flush=True)
+    return out
+
+
 # ---------------------------------------------------------------- report
 
 
+PLOT = "lora_adapters_per_batch.png"
+
+
 def render(res: dict[str, Any]) -> str:
-    return "\n".join([_header(res), _throughput_md(res), _loads_md(res), _reading_md(res)])
+    return "\n".join([_header(res), _throughput_md(res), _loads_md(res), _cold_md(res), _reading_md(res)])
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    """Tokens/s against distinct adapters in the batch: engine, PEFT batched; base and PEFT one-at-a-time as lines."""
+    plt = pyplot()
+    e, p, w = res["engine"], res["peft"], res["workload"]
+    counts = list(w["num_adapters"])
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    ax.plot(counts, [e["tok_s"][n] for n in counts], "o-", label="lorax-lite engine")
+    ax.plot(counts, [p["batched"][n]["tok_s"] for n in counts], "s--", label="PEFT generate(adapter_names=…)")
+    ax.axhline(e["tok_s"][0], color="grey", linestyle=":", label="lorax-lite engine, base model only")
+    ax.axhline(p["sequential"]["tok_s"], color="tab:red", linestyle="-.", label="PEFT one request at a time")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(counts, [str(n) for n in counts])
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel(f"distinct adapters in a batch of {w['num_prompts']}")
+    ax.set_ylabel("generated tokens / s")
+    ax.set_title(f"{res['env']['model'].split('/')[-1]}, {res['env']['dtype']}, {res['env']['device']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
 
 
 def _header(res: dict[str, Any]) -> str:
@@ -204,7 +299,9 @@ def _throughput_md(res: dict[str, Any]) -> str:
     seq = p["sequential"]
     vs_base, vs_peft, vs_seq = e["tok_s"][top] / base, e["tok_s"][top] / p["batched"][top]["tok_s"], e["tok_s"][top] / seq["tok_s"]
     return f"""
-### 1. Throughput with many adapters in one batch
+### 1. Adapters per batch: throughput with many adapters in one batch
+
+![Generated tokens/s against distinct adapters per batch](img/{PLOT})
 
 | Batch of {w['num_prompts']} | engine tok/s | vs engine, base only | PEFT `generate(adapter_names=…)` tok/s | engine / PEFT |
 |---|---|---|---|---|
@@ -238,6 +335,29 @@ def _loads_md(res: dict[str, Any]) -> str:
 """
 
 
+def _cold_md(res: dict[str, Any]) -> str:
+    c = res["cold"]
+    m = {k: 1e3 * v for k, v in c["median_s"].items()}
+    return f"""
+### 3. Adapter cold start: request to first token (median of {len(c['seconds']['cold'])} adapters)
+
+One request of {c['prompt_tokens']} prompt tokens, `max_tokens=1`, on an idle engine with {c['slots']} device slots
+whose adapters come from a SQLite registry and the store (as `lorax-lite serve` runs them).
+
+| The request's adapter | first token | vs the base model |
+|---|---|---|
+| base model (no adapter) | {m['base']:.0f} ms | 1.00× |
+| hot: already in a device slot | {m['hot']:.0f} ms | {m['hot'] / m['base']:.2f}× |
+| in host memory, evicted from its slot | {m['host']:.0f} ms | {m['host'] / m['base']:.2f}× |
+| cold: registered, never requested (registry lookup, store read, checksum, validation, slot copy) | {m['cold']:.0f} ms | {m['cold'] / m['base']:.2f}× |
+| PEFT, adapter already loaded (`set_adapter`) | {m['peft_hot']:.0f} ms | {m['peft_hot'] / m['base']:.2f}× |
+| PEFT cold: `load_adapter` + `set_adapter` | {m['peft_cold']:.0f} ms | {m['peft_cold'] / m['base']:.2f}× |
+
+A cold adapter costs {m['cold'] - m['hot']:.0f} ms over a hot one here; PEFT's load costs {m['peft_cold'] - m['peft_hot']:.0f} ms
+({(m['peft_cold'] - m['peft_hot']) / max(m['cold'] - m['hot'], 1e-3):.0f}× more). Adapter cache counters of that engine: {', '.join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in c['adapter_cache'].items())}.
+"""
+
+
 def _reading_md(res: dict[str, Any]) -> str:
     e, w = res["engine"], res["workload"]
     base, top = e["tok_s"][0], max(w["num_adapters"])
@@ -263,7 +383,8 @@ def _reading_md(res: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return parse_bench_args(__doc__.splitlines()[0], "benchmarks_lora", argv)
+    # two rounds: 6 engine configurations x 64 prompts; PEFT batched runs once per adapter count
+    return parse_bench_args(__doc__.splitlines()[0], "benchmarks_lora", argv, extra=lambda p: p.set_defaults(repeats=2))
 
 
 def run_all(model_dir: str, w: LoRAWorkload, workdir: Path) -> dict[str, Any]:
@@ -278,16 +399,19 @@ def run_all(model_dir: str, w: LoRAWorkload, workdir: Path) -> dict[str, Any]:
               max_num_batched_tokens=512)
     res: dict[str, Any] = {"workload": asdict(w), "prompt_tokens": [len(tok(p).input_ids) for p in prompts],
                            "max_loras": top, "backend": type(llm.engine.lora_slots.backend).__name__}
-    print("1/2 adapter load latency", flush=True)
+    print("1/3 adapter load latency", flush=True)
     res["loads"], peft = run_loads(llm, base, paths)
     res["loads"]["size_mb"] = llm.engine.load_adapter_weights(paths[0]).size_bytes / 2**20
     for i, path in enumerate(paths):
         llm.add_adapter(f"bench-{i}", path)
-    print(f"2/2 throughput: {w.num_prompts} prompts x {w.max_tokens} tokens", flush=True)
+    print(f"2/3 throughput: {w.num_prompts} prompts x {w.max_tokens} tokens", flush=True)
     res["engine"] = run_engine(llm, prompts, w)
     res["peft"] = run_peft(peft, tok, prompts, w)
     got = res["engine"]["tokens"][top][: w.sequential]
     res["identical"] = sum(a == b for a, b in zip(got, res["peft"]["sequential"]["tokens"]))
+    del llm
+    print(f"3/3 cold start: {w.cold_adapters} never-requested adapters", flush=True)
+    res["cold"] = run_cold_start(model_dir, base, peft, tok, prompts[0], w, workdir)
     return res
 
 
@@ -305,12 +429,10 @@ def main(argv: list[str] | None = None) -> None:
         res = run_all(args.model, w, Path(workdir))
     res.update(env=env | {"loadavg_end": _loadavg()}, quick=args.quick, json_path=args.json, peft_version=peft.__version__)
     res["total_seconds"] = time.perf_counter() - start
-    for path, text in ((Path(args.json), json.dumps(res, indent=2, default=str)),):
-        path = path if path.is_absolute() else REPO_ROOT / path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
-    out = Path(args.output)
-    write_section(out if out.is_absolute() else REPO_ROOT / out, "lora", render(res))
+    write(Path(args.json), json.dumps(res, indent=2, default=str))
+    out = repo_path(args.output)
+    plot(res, figure_path(out, PLOT))
+    write_section(out, "lora", render(res))
     print(f"wrote {args.output} and {args.json} in {res['total_seconds']:.0f} s")
 
 

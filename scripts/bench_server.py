@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from bench_engine import (CLASSIFY_SYSTEM, ARTICLE_TITLES, REPO_ROOT, Workload, _loadavg, environment, median,
                           timed, write)
-from bench_report import command_line, parse_bench_args, write_section
+from bench_report import command_line, parse_bench_args, repo_path, write_section
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lorax_lite.client import AsyncClient, Client, GenerateResult
@@ -268,8 +268,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     res.update(env=env | {"loadavg_end": _loadavg()}, quick=args.quick, json_path=args.json)
     res["total_seconds"] = time.perf_counter() - start
     write(Path(args.json), json.dumps(res, indent=2, default=str))
-    out = Path(args.output)
-    write_section(out if out.is_absolute() else REPO_ROOT / out, "server", render(res))
+    write_section(repo_path(args.output), "server", render(res))
     print(f"wrote {args.output} and {args.json} in {res['total_seconds']:.0f} s")
 
 

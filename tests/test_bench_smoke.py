@@ -33,4 +33,8 @@ def test_bench_scripts_quick_run_and_share_one_report(default_model_dir, tmp_pat
     assert report.index("section:engine") < report.index("section:lora") < report.index("section:server")
     assert "Throughput" in report and "100/10/10" in report and "ratio" in report.lower()
     assert "distinct adapters" in report and "PEFT `load_adapter`" in report
+    assert "Adapter cold start: request to first token" in report and "cold: registered, never requested" in report
+    assert "](img/lora_adapters_per_batch.png)" in report and (tmp_path / "img" / "lora_adapters_per_batch.png").stat().st_size > 0
+    cold = json.loads((tmp_path / "lora.json").read_text())["cold"]
+    assert cold["adapter_cache"]["misses"] == len(cold["seconds"]["cold"])  # each cold request loaded from the store
     assert "over HTTP (seed 000)" in report and "`AsyncClient.generate_many(prompts, concurrency=16)`" in report
