@@ -442,7 +442,7 @@ def cpu_model() -> str:
 
 
 def environment(model_dir: str, command: str) -> dict[str, Any]:
-    dirty = sh("git", "status", "--porcelain", "--untracked-files=no")
+    dirty = sh("git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)docs")  # docs/: reports
     return {
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "commit": sh("git", "rev-parse", "--short", "HEAD") + (" (with uncommitted changes)" if dirty else ""),
