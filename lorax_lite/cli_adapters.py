@@ -84,7 +84,8 @@ def register_units_command(
     """
     with _errors():
         cards = {path: _unit_card(path) for path in _unit_dirs(Path(adapters_dir))}
-        units = [(admin.validate(path.name, path, model or default_model()), card) for path, card in cards.items()]
+        model_dir = model or default_model()
+        units = [(admin.validate(path.name, path, model_dir), card) for path, card in cards.items()]
         if units:
             with _registry(registry_url) as registry:
                 store = AdapterStore(store_dir)

@@ -216,7 +216,7 @@ def run_cold_start(model_dir: str, paths: list[Path], peft: PeftModel, tok: PreT
     ids = [path.name for path in paths]
     for adapter_id, path in zip(ids, paths):
         admin.register(registry, store, adapter_id, path, model_dir)
-    llm = LLM(model_dir, dtype="float32", device="cpu", registry=registry, store=str(workdir / "store"),
+    llm = LLM(model_dir, dtype="float32", device="cpu", registry=registry, store=store,
               max_loras=w.cold_slots, max_lora_rank=w.rank, max_cpu_loras=max(w.cold_adapters, w.cold_slots))
     try:
         first_token_seconds(llm, prompt, None)  # warm-up (first-call allocations)

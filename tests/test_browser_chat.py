@@ -30,6 +30,7 @@ CHROMIUM = Path("/usr/bin/chromium")  # Debian's (`make install`); playwright ne
 ADAPTERS_DIR = ROOT / "adapters"  # the shipped units, each with its lorax.json and data/
 # (unit, held-out question asked on its page): questions the shipped adapters answer right in the evaluation
 QUESTIONS = {"pricing": 6, "supply_chain": 10}
+PRICING = ADAPTERS_DIR / "pricing"
 DOCS_IMG = ROOT / "docs" / "img"
 ANSWER_TIMEOUT_MS = 180_000  # a CPU shared with other work can be slow
 runner = CliRunner()
@@ -50,11 +51,6 @@ def require_browser() -> None:
 
 
 @pytest.fixture(scope="module")
-def unit_dir() -> Path:
-    return ADAPTERS_DIR / "pricing"
-
-
-@pytest.fixture(scope="module")
 def browser():
     require_browser()
     from playwright.sync_api import sync_playwright
@@ -66,8 +62,8 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def deployment(browser, unit_dir: Path, default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A fresh registry and store in which the pricing unit was registered as `make serve` does it."""
+def deployment(browser, default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A fresh registry and store in which both shipped units were registered as `make serve` does it."""
     root = tmp_path_factory.mktemp("browser-chat")
     found = {"registry": f"sqlite:///{root / 'registry.db'}", "store": str(root / "store"), "model": str(default_model_dir),
              "db": root / "registry.db"}
@@ -145,9 +141,9 @@ def test_each_assistant_answers_a_held_out_question_with_its_key_fact(page, unit
     save_screenshot(page, tmp_path, f"chat_{unit}.png")
 
 
-def test_the_page_keeps_the_conversation_and_new_conversation_clears_it(page, unit_dir):
-    item = eval_adapters.load_heldout(unit_dir / "data" / "heldout.jsonl")[QUESTIONS["pricing"]]
-    page.goto(f"/chat/{unit_dir.name}")
+def test_the_page_keeps_the_conversation_and_new_conversation_clears_it(page):
+    item = eval_adapters.load_heldout(PRICING / "data" / "heldout.jsonl")[QUESTIONS[PRICING.name]]
+    page.goto(f"/chat/{PRICING.name}")
     answer = ask(page, item.question)
     with page.expect_request("**/v1/chat/completions") as request:
         ask(page, "Thank you. Who approves that?")
@@ -160,11 +156,11 @@ def test_the_page_keeps_the_conversation_and_new_conversation_clears_it(page, un
     assert page.locator("li.message").count() == 0
 
 
-def test_a_failed_request_shows_in_the_page_and_keeps_the_question(page, deployment, unit_dir):
+def test_a_failed_request_shows_in_the_page_and_keeps_the_question(page, deployment):
     """The assistant is removed while its page is open: the next question gets a 404, shown in #error."""
     from playwright.sync_api import expect
 
-    admin_cli("register", "doomed", str(unit_dir), "--model", deployment["model"], deployment=deployment)
+    admin_cli("register", "doomed", str(PRICING), "--model", deployment["model"], deployment=deployment)
     page.goto("/chat/doomed")
     admin_cli("remove", "doomed", deployment=deployment)
     page.fill("#question", "Anyone there?")
