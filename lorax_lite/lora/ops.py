@@ -100,13 +100,13 @@ def add_padded_delta(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lor
     """The delta on the padded [num_slots, pad_len] grid: two bmm calls, padding rows are zeros."""
     n, k, rows, r = m.num_lora_tokens, m.num_slots, m.pad_len, m.max_rank
     slots = slice(m.first_slot, m.first_slot + k)
-    if m.pad_dest is None:
-        grid = x[:n].view(k, rows, -1)
-    else:
-        grid = x.new_zeros(k * rows, x.shape[1]).index_copy_(0, m.pad_dest, x[:n]).view(k, rows, -1)
+    if m.pad_dest is None:  # the grid is the batch itself: accumulate into y in place (no [n, out] temporary)
+        shrunk = torch.bmm(x[:n].view(k, rows, -1), lora_a[slots, :r].transpose(1, 2))  # [k, rows, r]
+        y[:n].view(k, rows, -1).baddbmm_(shrunk, lora_b[slots, :r])
+        return
+    grid = x.new_zeros(k * rows, x.shape[1]).index_copy_(0, m.pad_dest, x[:n]).view(k, rows, -1)
     out = torch.bmm(torch.bmm(grid, lora_a[slots, :r].transpose(1, 2)), lora_b[slots, :r])  # [k, rows, out]
-    out = out.view(k * rows, -1)
-    y[:n] += out if m.pad_dest is None else out.index_select(0, m.pad_dest)
+    y[:n] += out.view(k * rows, -1).index_select(0, m.pad_dest)
 
 
 class GroupedMatmulBackend(LoRABackend):
@@ -130,7 +130,7 @@ class SegmentBackend(LoRABackend):
             return add_padded_delta(y, x, lora_a, lora_b, mapping)
         r = mapping.max_rank
         for slot, start, end in mapping.segments:
-            y[start:end] += (x[start:end] @ lora_a[slot, :r].T) @ lora_b[slot, :r]
+            y[start:end].addmm_(x[start:end] @ lora_a[slot, :r].T, lora_b[slot, :r])
 
 
 def select_backend(device: torch.device, dtype: torch.dtype) -> LoRABackend:
