@@ -15,6 +15,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
 from lorax_lite.lora import weights
+from lorax_lite.lora.synthetic import make_random_adapter, make_random_adapters
 from lorax_lite.lora.weights import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -99,6 +100,19 @@ def test_valid_adapter_loads_with_peft_scaling(adapter: Path, targets: dict) -> 
         torch.testing.assert_close(lora_b, saved[f"{PREFIX}{name}.lora_B.weight"] * 16 / 8)
     assert lora.size_bytes == sum(t.numel() * 4 for t in saved.values())
     assert read_adapter_config(adapter)["r"] == 8
+
+
+def test_make_random_adapters_equals_one_at_a_time(llama: PreTrainedModel, tmp_path: Path) -> None:
+    one = [make_random_adapter(llama, tmp_path / f"one-{seed}", rank=4, seed=seed) for seed in (3, 7)]
+    many = make_random_adapters(llama, [tmp_path / "many-3", tmp_path / "many-7"], [3, 7], rank=4)
+    for a, b in zip(one, many):
+        assert (a / "adapter_config.json").read_text() == (b / "adapter_config.json").read_text()
+        saved_a, saved_b = _saved(a), _saved(b)
+        assert saved_a.keys() == saved_b.keys() and all(torch.equal(saved_a[k], saved_b[k]) for k in saved_a)
+    assert not torch.equal(_saved(many[0])[f"{PREFIX}{Q0}.lora_A.weight"], _saved(many[1])[f"{PREFIX}{Q0}.lora_A.weight"])
+    assert type(llama.model.layers[0].self_attn.q_proj) is nn.Linear  # PEFT unloaded: the model is left as it was
+    with pytest.raises(ValueError, match="2 output directories for 1 seeds"):
+        make_random_adapters(llama, [tmp_path / "x", tmp_path / "y"], [1])
 
 
 def test_rslora_scales_by_alpha_over_sqrt_rank(llama: PreTrainedModel, targets: dict, tmp_path: Path) -> None:

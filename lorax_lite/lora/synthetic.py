@@ -29,8 +29,28 @@ def make_random_adapter(
     without overflowing. `model` is left as it was (PEFT's layers are unloaded). Extra keyword
     arguments go to `peft.LoraConfig`.
     """
+    return make_random_adapters(model, [out], [seed], rank, alpha, target_modules, use_rslora, std, **lora_config)[0]
+
+
+def make_random_adapters(
+    model: PreTrainedModel,
+    outs: Sequence[str | os.PathLike],
+    seeds: Sequence[int],
+    rank: int = 8,
+    alpha: float = 16,
+    target_modules: Sequence[str] = LLAMA_PROJECTIONS,
+    use_rslora: bool = False,
+    std: float = 0.5,
+    **lora_config: object,
+) -> list[Path]:
+    """`make_random_adapter` for many seeds, wrapping `model` with PEFT once (benchmarks make hundreds).
+
+    outs[i] gets the adapter of seeds[i], identical to `make_random_adapter(..., seed=seeds[i])`.
+    """
     from peft import LoraConfig, get_peft_model  # only tests, benchmarks and training need PEFT
 
+    if len(outs) != len(seeds):
+        raise ValueError(f"{len(outs)} output directories for {len(seeds)} seeds")
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
@@ -40,11 +60,14 @@ def make_random_adapter(
         **{"bias": "none", **lora_config},
     )
     peft_model = get_peft_model(model, config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if ("lora_A" in name or "lora_B" in name) and param.dim() == 2:
-                param.copy_(torch.randn(param.shape, generator=gen) * std / param.shape[1] ** 0.5)
-    peft_model.save_pretrained(out)
-    peft_model.unload()
-    return Path(out)
+    factors = [p for name, p in peft_model.named_parameters() if ("lora_A" in name or "lora_B" in name) and p.dim() == 2]
+    try:
+        for out, seed in zip(outs, seeds):
+            gen = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for param in factors:
+                    param.copy_(torch.randn(param.shape, generator=gen) * std / param.shape[1] ** 0.5)
+            peft_model.save_pretrained(out)
+    finally:
+        peft_model.unload()
+    return [Path(out) for out in outs]
