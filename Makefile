@@ -50,10 +50,10 @@ serve: fetch-model
 	$(VENV)/bin/lorax-lite serve --model $(MODEL_DIR) --host 127.0.0.1 --port 8080
 
 bench: fetch-model
-	$(PY) scripts/bench_engine.py --model $(MODEL_DIR) --output docs/benchmarks.md --json docs/benchmarks.json
-	$(PY) scripts/bench_lora.py --model $(MODEL_DIR) --output docs/benchmarks.md --json docs/benchmarks_lora.json
-	$(PY) scripts/bench_workload.py --model $(MODEL_DIR) --output docs/benchmarks.md --json docs/benchmarks_workload.json
-	$(PY) scripts/bench_server.py --model $(MODEL_DIR) --output docs/benchmarks.md --json docs/benchmarks_server.json
+	$(PY) scripts/bench_engine.py --model $(MODEL_DIR)
+	$(PY) scripts/bench_lora.py --model $(MODEL_DIR)
+	$(PY) scripts/bench_workload.py --model $(MODEL_DIR)
+	$(PY) scripts/bench_server.py --model $(MODEL_DIR)
 
 clean:
 	rm -rf $(VENV) $(CLIENTS_VENV) build *.egg-info

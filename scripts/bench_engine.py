@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import random
-import statistics
 import subprocess
 import sys
 import time
@@ -37,10 +36,9 @@ from typing import Any
 
 import torch
 import transformers
-from bench_report import command_line, parse_bench_args, repo_path, write_section
+from bench_report import REPO_ROOT, command_line, median, parse_bench_args, repo_path, section_name, sync, write_section
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # import this checkout's lorax_lite whatever the editable install says
 
 from lorax_lite import LLM, SamplingParams  # noqa: E402
@@ -158,10 +156,6 @@ class Workload:
 # ---------------------------------------------------------------- helpers
 
 
-def median(values: Sequence[float]) -> float:
-    return float(statistics.median(values))
-
-
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     """Wall seconds of `fn()` and its result."""
     start = time.perf_counter()
@@ -204,7 +198,7 @@ def hf_generate(
     """transformers' batched generate, timed from text in to text out like the engine's."""
 
     def run() -> list[list[int]]:
-        enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
+        enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
         with torch.inference_mode():
             out = model.generate(**enc, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
                                  do_sample=False, pad_token_id=tok.pad_token_id)
@@ -220,16 +214,18 @@ class ForwardTimer:
 
     def __init__(self, model: PreTrainedModel, num_seqs: int) -> None:
         self.num_seqs, self.calls, self._start = num_seqs, [], 0.0
-        self._is_prefill = False
+        self._is_prefill, self._device = False, next(model.parameters()).device
         self._handles = [model.register_forward_pre_hook(self._before, with_kwargs=True),
                          model.register_forward_hook(self._after)]
 
     def _before(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)  # engine: [1, T] flat; transformers: [B, L]
         self._is_prefill = ids is not None and (ids.shape[1] > 1 if ids.shape[0] > 1 else ids.numel() > self.num_seqs)
+        sync(self._device)
         self._start = time.perf_counter()
 
     def _after(self, *args: object) -> None:
+        sync(self._device)
         self.calls.append((self._is_prefill, time.perf_counter() - self._start))
 
     def split(self, elapsed: float) -> dict[str, float]:
@@ -293,7 +289,7 @@ def check_correctness(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prom
     """Engine tokens vs transformers `generate` on each prompt alone (batch 1, no padding, no EOS stop)."""
     results = []
     for i in correctness_indices(prompts, tok, w.num_correctness_prompts):
-        enc = tok(prompts[i], return_tensors="pt")
+        enc = tok(prompts[i], return_tensors="pt").to(model.device)
         with torch.inference_mode():
             out = model.generate(**enc, max_new_tokens=w.max_tokens, do_sample=False,
                                  eos_token_id=[], pad_token_id=tok.pad_token_id)  # no EOS: like ignore_eos
@@ -352,11 +348,13 @@ def hf_decode_step(model: PreTrainedModel, batch: int, repeats: int, context: in
     """Median seconds of one transformers decode step (KV cache, `context` tokens) for `batch` sequences."""
     times = []
     with torch.inference_mode():
-        ids = torch.randint(100, 10000, (batch, context), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(100, 10000, (batch, context), generator=torch.Generator().manual_seed(0)).to(model.device)
         cache = model(ids, use_cache=True).past_key_values
         for _ in range(4 * repeats):
             step = ids[:, -1:]
-            seconds, _ = timed(lambda: model(step, past_key_values=cache, use_cache=True, logits_to_keep=1))
+            sync(model.device)
+            seconds, _ = timed(lambda: (model(step, past_key_values=cache, use_cache=True, logits_to_keep=1),
+                                        sync(model.device)))
             times.append(seconds)
     return median(times)
 
@@ -441,14 +439,18 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def environment(model_dir: str, command: str) -> dict[str, Any]:
+def environment(model_dir: str, command: str, device: torch.device) -> dict[str, Any]:
     dirty = sh("git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)docs")  # docs/: reports
+    cpu, threads = cpu_model(), torch.get_num_threads()
+    machine = f"{cpu}, {os.cpu_count()} cores, torch threads {threads}"
+    if device.type == "cuda":
+        machine = f"{torch.cuda.get_device_name(device)}; host {machine}"
     return {
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "commit": sh("git", "rev-parse", "--short", "HEAD") + (" (with uncommitted changes)" if dirty else ""),
-        "cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads, "machine": machine,
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "model": model_dir, "dtype": "float32", "device": "cpu", "command": command,
+        "model": model_dir, "dtype": "float32", "device": str(device), "command": command,
         "loadavg_start": _loadavg(),
     }
 
@@ -480,7 +482,7 @@ Generated by `scripts/bench_engine.py`.
 |---|---|
 | Date | {env['date']} |
 | Commit | `{env['commit']}` |
-| Machine | {env['cpu']}, {env['cores']} cores, torch threads {env['torch_threads']} |
+| Machine | {env['machine']} |
 | Load average (start → end) | {env['loadavg_start']} → {env['loadavg_end']} |
 | Model | `{env['model']}`, {env['dtype']}, {env['device']} |
 | Software | Python {env['python']}, torch {env['torch']}, transformers {env['transformers']} |
@@ -503,7 +505,7 @@ def _throughput_md(res: dict[str, Any]) -> str:
 
 Workload: {w['num_prompts']} prompts (seed {PROMPT_SEED}; {min(p)}–{max(p)} tokens, median {median(p):.0f}),
 {w['max_tokens']} greedy tokens each with `ignore_eos`, so {t['generated_tokens']} generated tokens per run.
-Engine: `LLM(model, dtype="float32", device="cpu", max_num_seqs=64, max_num_batched_tokens=512).generate(prompts, ...)`.
+Engine: `LLM(model, dtype="float32", device="{res['env']['device']}", max_num_seqs=64, max_num_batched_tokens=512).generate(prompts, ...)`.
 Baseline: transformers `model.generate` on the same {w['num_prompts']} prompts as one left-padded batch
 (`max_new_tokens=min_new_tokens={w['max_tokens']}`, `do_sample=False`). Both timed from text in to text out.
 
@@ -639,10 +641,16 @@ def _read_latency(res: dict[str, Any]) -> str:
   once and left after their {s0['max_tokens']} tokens instead of waiting for the long request's {rows[0]['max_tokens']} (which
   itself took {rows[0]['slowdown']:.2f}× its solo latency). What they pay is shared steps: the first step
   prefills all three prompts (TTFT {s0['ttft_together'] * 1000:.0f} ms vs {s0['ttft_alone'] * 1000:.0f} ms alone) and each later step decodes three
-  sequences ({s0['decode_step_together'] * 1000:.0f} ms vs {s0['decode_step_alone'] * 1000:.0f} ms per token alone). On a GPU a decode step
+  sequences ({s0['decode_step_together'] * 1000:.0f} ms vs {s0['decode_step_alone'] * 1000:.0f} ms per token alone). {_step_cost(res, hf)}"""
+
+
+def _step_cost(res: dict[str, Any], hf: dict[int, float]) -> str:
+    ratio = f"transformers' own decode step takes {hf[3] / hf[1]:.2f}× as long for three sequences as for one"
+    if res["env"]["device"] != "cpu":
+        return f"On this GPU {ratio}."
+    return f"""On a GPU a decode step
   costs about the same for one sequence or three; on this CPU its fp32 matrix multiplies grow
-  with the rows: transformers' own decode step takes {hf[3] / hf[1]:.2f}× as long for three sequences as for
-  one (note under the table). So a short request sharing its steps pays about that factor."""
+  with the rows: {ratio} (note under the table). So a short request sharing its steps pays about that factor."""
 
 
 def _read_classification(res: dict[str, Any]) -> str:
@@ -666,18 +674,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parse_bench_args(__doc__.splitlines()[0], "benchmarks", argv)
 
 
-def load(model_dir: str) -> tuple[LLM, PreTrainedModel, PreTrainedTokenizerBase]:
-    llm = LLM(model_dir, dtype="float32", device="cpu", max_num_seqs=64, max_num_batched_tokens=512)
+def load(model_dir: str, device: torch.device) -> tuple[LLM, PreTrainedModel, PreTrainedTokenizerBase]:
+    llm = LLM(model_dir, dtype="float32", device=str(device), max_num_seqs=64, max_num_batched_tokens=512)
     tok = AutoTokenizer.from_pretrained(model_dir)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     return llm, model, tok
 
 
-def run_all(model_dir: str, w: Workload) -> dict[str, Any]:
+def run_all(model_dir: str, w: Workload, device: torch.device) -> dict[str, Any]:
     """The three scenarios, one after the other, on one loaded engine and one transformers model."""
-    llm, model, tok = load(model_dir)
+    llm, model, tok = load(model_dir, device)
     prompts = build_prompts(tok, w)
     res: dict[str, Any] = {"workload": asdict(w), "prompts": prompts,
                            "prompt_tokens": [len(tok(p).input_ids) for p in prompts]}
@@ -697,12 +705,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    env = environment(args.model, command_line("bench_engine.py", sys.argv[1:], "benchmarks"))
-    res = run_all(args.model, w)
+    env = environment(args.model, command_line("bench_engine.py", argv), args.device)
+    res = run_all(args.model, w, args.device)
     res.update(env=env | {"loadavg_end": _loadavg()}, quick=args.quick, json_path=args.json)
     res["total_seconds"] = time.perf_counter() - start
     write(Path(args.json), json.dumps(res, indent=2, default=str))
-    write_section(repo_path(args.output), "engine", render(res))
+    write_section(repo_path(args.output), section_name("engine", args.device), render(res))
     print(f"wrote {args.output} and {args.json} in {res['total_seconds']:.0f} s")
 
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -31,7 +29,8 @@ from typing import Any
 
 import torch
 from bench_engine import Workload, _loadavg, build_prompts, environment, greedy, verdict, write
-from bench_report import command_line, figure_path, parse_bench_args, pyplot, repo_path, save_figure, write_section
+from bench_report import (command_line, figure_name, figure_path, median, parse_bench_args, pyplot, repo_path, save_figure,
+                          section_name, sync, write_section)
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -42,26 +41,22 @@ from lorax_lite.lora.synthetic import make_random_adapters
 @dataclass
 class LoRAWorkload:
     num_prompts: int = 64
-    max_tokens: int = 32
+    max_tokens: int = 24
     min_prompt_tokens: int = 10
     max_prompt_tokens: int = 60  # decode-heavy, like chat turns; also keeps PEFT's left-padded batch short
     num_adapters: tuple[int, ...] = (1, 2, 8, 32, 64)
     rank: int = 8
     alpha: float = 16
-    repeats: int = 3
-    peft_repeats: int = 1
-    sequential: int = 8
+    repeats: int = 2
+    peft_repeats: int = 1  # PEFT batched runs once per adapter count (it is slow)
+    sequential: int = 4
     load_samples: int = 16  # adapters whose load latency is measured
-    cold_adapters: int = 6  # cold-start samples (each a never-requested adapter)
+    cold_adapters: int = 4  # cold-start samples (each a never-requested adapter)
     cold_slots: int = 2  # device slots of the cold-start engine: the host-memory case needs evictions
 
     @classmethod
     def quick(cls) -> "LoRAWorkload":
         return cls(num_prompts=4, max_tokens=4, num_adapters=(1, 4), repeats=1, sequential=2, cold_adapters=3)
-
-
-def median(values: list[float]) -> float:
-    return float(statistics.median(values))
 
 
 def make_adapters(model: PreTrainedModel, n: int, rank: int, alpha: float, out: Path) -> list[Path]:
@@ -104,11 +99,11 @@ def run_engine(llm: LLM, prompts: list[str], w: LoRAWorkload) -> dict[str, Any]:
 def peft_batched(peft: PeftModel, tok: PreTrainedTokenizerBase, prompts: list[str], ids: list[str], max_tokens: int) -> float:
     """PEFT mixed-adapter inference: one left-padded batch, `adapter_names` per row."""
     start = time.perf_counter()
-    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
+    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left").to(peft.device)
     with torch.inference_mode():
         out = peft.generate(**enc, adapter_names=ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
                             do_sample=False, pad_token_id=tok.pad_token_id)
-    tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    tok.batch_decode(out[:, enc.input_ids.shape[1]:].tolist(), skip_special_tokens=True)
     return time.perf_counter() - start
 
 
@@ -118,7 +113,7 @@ def peft_sequential(peft: PeftModel, tok: PreTrainedTokenizerBase, prompts: list
     start, tokens = time.perf_counter(), []
     for prompt, adapter_id in zip(prompts, ids):
         peft.set_adapter(adapter_id)
-        enc = tok(prompt, return_tensors="pt")
+        enc = tok(prompt, return_tensors="pt").to(peft.device)
         with torch.inference_mode():
             out = peft.generate(**enc, max_new_tokens=max_tokens, do_sample=False, eos_token_id=[],
                                 pad_token_id=tok.pad_token_id)
@@ -151,24 +146,28 @@ def run_loads(llm: LLM, base: PreTrainedModel, paths: list[Path], samples: int) 
 
     Returns the PeftModel with every adapter of `paths` loaded (the rest untimed, `low_cpu_mem_usage`).
     """
-    engine, slots = llm.engine, llm.engine.lora_slots
+    engine, slots, device = llm.engine, llm.engine.lora_slots, base.device
     disk, host = [], []
     for i, path in enumerate(paths[:samples]):
         start = time.perf_counter()
         weights = engine.load_adapter_weights(path)
         slots.load(i % slots.max_loras, weights)
+        sync(device)
         disk.append(time.perf_counter() - start)
         start = time.perf_counter()
         slots.load(i % slots.max_loras, weights)
+        sync(device)
         host.append(time.perf_counter() - start)
         slots.clear(i % slots.max_loras)
     peft_times = []
     start = time.perf_counter()
     peft = PeftModel.from_pretrained(base, paths[0], adapter_name="bench-0")
+    sync(device)
     peft_times.append(time.perf_counter() - start)
     for i, path in enumerate(paths[1:samples], start=1):
         start = time.perf_counter()
         peft.load_adapter(path, adapter_name=f"bench-{i}")
+        sync(device)
         peft_times.append(time.perf_counter() - start)
     for i, path in enumerate(paths[samples:], start=samples):
         peft.load_adapter(path, adapter_name=f"bench-{i}", low_cpu_mem_usage=True)
@@ -202,9 +201,10 @@ def peft_first_token_seconds(peft: PeftModel, tok: PreTrainedTokenizerBase, prom
     if load_from is not None:
         peft.load_adapter(load_from, adapter_name=adapter_id)
     peft.set_adapter(adapter_id)
-    enc = tok(prompt, return_tensors="pt")
+    enc = tok(prompt, return_tensors="pt").to(peft.device)
     with torch.inference_mode():
         peft.generate(**enc, max_new_tokens=1, do_sample=False, pad_token_id=tok.pad_token_id)
+    sync(peft.device)
     return time.perf_counter() - start
 
 
@@ -219,7 +219,7 @@ def run_cold_start(model_dir: str, paths: list[Path], peft: PeftModel, tok: PreT
     ids = [path.name for path in paths]
     for adapter_id, path in zip(ids, paths):
         admin.register(registry, store, adapter_id, path, model_dir)
-    llm = LLM(model_dir, dtype="float32", device="cpu", registry=registry, store=store,
+    llm = LLM(model_dir, dtype="float32", device=str(peft.device), registry=registry, store=store,
               max_loras=w.cold_slots, max_lora_rank=w.rank, max_cpu_loras=max(w.cold_adapters, w.cold_slots))
     try:
         first_token_seconds(llm, prompt, None)  # warm-up (first-call allocations)
@@ -281,8 +281,8 @@ def _header(res: dict[str, Any]) -> str:
     quick = "\n> **Quick smoke run (`--quick`): tiny workload, figures not meaningful.**\n" if res["quick"] else ""
     return f"""## Multi-LoRA: mixed-adapter batches vs the base model and PEFT
 {quick}
-Generated by `scripts/bench_lora.py` on {env['date']}, commit `{env['commit']}`: {env['cpu']}, {env['cores']} cores,
-torch threads {env['torch_threads']}, load average {env['loadavg_start']} → {env['loadavg_end']}; model
+Generated by `scripts/bench_lora.py` on {env['date']}, commit `{env['commit']}`: {env['machine']},
+load average {env['loadavg_start']} → {env['loadavg_end']}; model
 `{env['model']}`, {env['dtype']}, {env['device']}; torch {env['torch']}, transformers {env['transformers']},
 peft {res['peft_version']}. Command: {env['command']}. Whole run {res['total_seconds']:.0f} s; raw numbers
 `{res['json_path']}`.
@@ -290,7 +290,7 @@ peft {res['peft_version']}. Command: {env['command']}. Whole run {res['total_sec
 Workload: the engine benchmark's {w['num_prompts']} prompts ({min(res['prompt_tokens'])}–{max(res['prompt_tokens'])} tokens) ×
 {w['max_tokens']} greedy tokens (`ignore_eos`); random rank-{w['rank']} PEFT adapters (alpha {w['alpha']:g}) on all
 seven projections (q/k/v/o/gate/up/down); request i uses adapter i mod n. Engine:
-`LLM(model, dtype="float32", device="cpu", max_loras={res['max_loras']}, max_lora_rank={w['rank']}, max_num_seqs=64, max_num_batched_tokens=512)`;
+`LLM(model, dtype="float32", device="{env['device']}", max_loras={res['max_loras']}, max_lora_rank={w['rank']}, max_num_seqs=64, max_num_batched_tokens=512)`;
 LoRA backend `{res['backend']}`.
 """
 
@@ -308,7 +308,7 @@ def _throughput_md(res: dict[str, Any]) -> str:
     return f"""
 ### 1. Adapters per batch: throughput with many adapters in one batch
 
-![Generated tokens/s against distinct adapters per batch](img/{PLOT})
+![Generated tokens/s against distinct adapters per batch](img/{res['plot']})
 
 | Batch of {w['num_prompts']} | engine tok/s | vs engine, base only | PEFT `generate(adapter_names=…)` tok/s | engine / PEFT |
 |---|---|---|---|---|
@@ -371,29 +371,26 @@ A cold adapter costs {m['cold'] - m['hot']:.0f} ms over a hot one here; PEFT's l
 
 def _reading_md(res: dict[str, Any]) -> str:
     e, w = res["engine"], res["workload"]
-    base, top = e["tok_s"][0], max(w["num_adapters"])
+    base, top, one = e["tok_s"][0], max(w["num_adapters"]), min(w["num_adapters"])
     base_runs = e["seconds"][0]
     spread = 100 * (max(base_runs) / min(base_runs) - 1)
-    cost = 100 * (1 - e["tok_s"][top] / base)
-    low, high = (f(e["tok_s"][n] / base for n in w["num_adapters"]) for f in (min, max))
-    if cost <= spread:
-        verdict_text = f"base-model rounds alone varied by {spread:.0f}%, so the LoRA cost is within this machine's noise"
-    else:
-        verdict_text = (f"that is a {cost:.0f}% cost, more than the {spread:.0f}% spread of the base-model rounds; "
-                        f"with one adapter it is {100 * (1 - e['tok_s'][min(w['num_adapters'])] / base):.0f}%. Rank 8 adds "
-                        f"2–6% to a projection's FLOPs, but on this CPU a rank-8 matmul pair is bound by memory traffic and "
-                        f"call overhead, not arithmetic: timed alone at batch 64, a layer's seven pairs take ~9% of its "
-                        f"projections' time (over a third of the small k/v projections')")
+    size, traffic = res["loads"]["size_mb"], top * res["loads"]["size_mb"]
     return f"""
 ### Reading
 
 - Every projection of every layer adds the delta for the whole flat batch in two batched
   matmuls: decode steps (one token per request, even groups) use `bmm` over a padded
   [adapters × rows] grid, prefill chunks with uneven groups use two grouped GEMMs. No weights are
-  gathered per token and no Python runs per request: between 1 and {top} distinct adapters the engine
-  runs at {low:.2f}–{high:.2f}× the base model's throughput; {top} adapters run at {e['tok_s'][top] / base:.2f}×:
-  {verdict_text}. PEFT instead runs one masked sub-batch per adapter in every
-  layer (its throughput falls as adapters are added), and one request at a time it loses all batching.
+  gathered per token and no Python runs per request. PEFT instead runs one masked sub-batch per
+  adapter in every layer (its throughput falls as adapters are added), and one request at a time it
+  loses all batching.
+- What adapters cost: {one} adapter for the whole batch runs at {e['tok_s'][one] / base:.2f}× the base model, {top} distinct
+  adapters at {e['tok_s'][top] / base:.2f}× (the base-model rounds alone varied by {spread:.0f}%). Rank {w['rank']} adds 2–6% to a
+  projection's arithmetic, but the adapters' matmuls are bound by memory traffic: each decode step
+  reads the weights of every distinct adapter in the batch for a handful of rows ({top} × {size:.1f} MB =
+  {traffic:.0f} MB at {top} adapters, against the base model's {res['base_mb']:.0f} MB), while the base projections reuse
+  their weights across all {w['num_prompts']} rows. So the cost grows with the number of distinct adapters in a
+  step, not with the number of requests that use them.
 - A cold load is one safetensors read, validation, the scaling folded into B, and a copy into
   pre-allocated slot buffers; PEFT's `load_adapter` builds new modules for every adapter it loads.
 """
@@ -403,23 +400,23 @@ def _reading_md(res: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    # two rounds: 6 engine configurations x 64 prompts; PEFT batched runs once per adapter count
-    return parse_bench_args(__doc__.splitlines()[0], "benchmarks_lora", argv, extra=lambda p: p.set_defaults(repeats=2))
+    return parse_bench_args(__doc__.splitlines()[0], "benchmarks_lora", argv)
 
 
-def run_all(model_dir: str, w: LoRAWorkload, workdir: Path) -> dict[str, Any]:
+def run_all(model_dir: str, w: LoRAWorkload, workdir: Path, device: torch.device) -> dict[str, Any]:
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.pad_token = tok.pad_token or tok.eos_token
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     prompts = build_prompts(tok, Workload(num_prompts=w.num_prompts, min_prompt_tokens=w.min_prompt_tokens,
                                           max_prompt_tokens=w.max_prompt_tokens))
     top = max(w.num_adapters)
     print(f"making {top} random rank-{w.rank} adapters", flush=True)
     paths = make_adapters(base, top, w.rank, w.alpha, workdir)
-    llm = LLM(model_dir, dtype="float32", device="cpu", max_loras=top, max_lora_rank=w.rank, max_num_seqs=64,
+    llm = LLM(model_dir, dtype="float32", device=str(device), max_loras=top, max_lora_rank=w.rank, max_num_seqs=64,
               max_num_batched_tokens=512)
     res: dict[str, Any] = {"workload": asdict(w), "prompt_tokens": [len(tok(p).input_ids) for p in prompts],
-                           "max_loras": top, "backend": type(llm.engine.lora_slots.backend).__name__}
+                           "max_loras": top, "backend": type(llm.engine.lora_slots.backend).__name__,
+                           "base_mb": sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20}
     print("1/3 adapter load latency", flush=True)
     cold_paths = make_random_adapters(base, [workdir / "cold-src" / f"cold-{i}" for i in range(w.cold_adapters)],
                                       [1000 + i for i in range(w.cold_adapters)], rank=w.rank, alpha=w.alpha,
@@ -435,8 +432,8 @@ def run_all(model_dir: str, w: LoRAWorkload, workdir: Path) -> dict[str, Any]:
     res["identical"] = sum(a == b for a, b in zip(got, res["peft"]["sequential"]["tokens"]))
     del llm, peft, base  # PEFT's per-adapter cost grows with the adapters it holds: cold start uses a fresh PeftModel
     print(f"3/3 cold start: {w.cold_adapters} never-requested adapters", flush=True)
-    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), paths[0],
-                                     adapter_name="bench-0").eval()
+    fresh = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    peft = PeftModel.from_pretrained(fresh, paths[0], adapter_name="bench-0").eval()
     res["cold"] = run_cold_start(model_dir, cold_paths, peft, tok, prompts[0], w, workdir)
     return res
 
@@ -449,16 +446,17 @@ def main(argv: list[str] | None = None) -> None:
     import peft
 
     start = time.perf_counter()
-    command = command_line("bench_lora.py", sys.argv[1:], "benchmarks_lora")
-    env = environment(args.model, command)
+    command = command_line("bench_lora.py", argv)
+    env = environment(args.model, command, args.device)
     with tempfile.TemporaryDirectory(prefix="lorax-bench-adapters-") as workdir:
-        res = run_all(args.model, w, Path(workdir))
+        res = run_all(args.model, w, Path(workdir), args.device)
     res.update(env=env | {"loadavg_end": _loadavg()}, quick=args.quick, json_path=args.json, peft_version=peft.__version__)
     res["total_seconds"] = time.perf_counter() - start
     write(Path(args.json), json.dumps(res, indent=2, default=str))
     out = repo_path(args.output)
-    plot(res, figure_path(out, PLOT))
-    write_section(out, "lora", render(res))
+    res["plot"] = figure_name(PLOT, args.device)
+    plot(res, figure_path(out, res["plot"]))
+    write_section(out, section_name("lora", args.device), render(res))
     print(f"wrote {args.output} and {args.json} in {res['total_seconds']:.0f} s")
 
 
