@@ -11,8 +11,8 @@ What is measured, all in one run, on one model (fp32, CPU, torch's default threa
 2. Continuous batching (the seed's 100/10/10 experiment): three pirate-chat requests submitted
    together with max_tokens 100, 10, 10; each short one's latency beside the long one is
    compared with its latency when it runs alone. Times come from the engine's RequestMetrics.
-3. Sequential vs concurrent classification (seed 000): 16 article titles classified through
-   `LLM.chat` one request at a time, all 16 submitted together, and as one prompt holding all 16.
+The seed's third experiment (sequential vs one prompt vs concurrent classification of 16 article
+titles) runs against the HTTP server in bench_server.py, which uses this script's titles and prompt.
 
 Timings are wall-clock medians; the machine is shared and noisy, so only ratios measured in the
 same run are compared. Raw numbers go to the JSON file. `make bench` runs this script.
@@ -143,7 +143,7 @@ class Workload:
     repeats: int = 3
     num_correctness_prompts: int = 4
     latency_max_tokens: tuple[int, ...] = (100, 10, 10)
-    num_titles: int = 16
+    num_titles: int = 16  # this and the next two: bench_server.py's classification
     classify_max_tokens: int = 8
     one_prompt_max_tokens: int = 128
 
@@ -395,30 +395,6 @@ def _latency_row(i: int, max_tokens: int, prompt_tokens: int,
 # ---------------------------------------------------------------- 3. sequential vs concurrent
 
 
-def run_classification(llm: LLM, w: Workload) -> dict[str, Any]:
-    """Classify the seed's article titles one at a time, all together, and as one prompt."""
-    titles = ARTICLE_TITLES[: w.num_titles]
-    convs = [[{"role": "system", "content": CLASSIFY_SYSTEM}, {"role": "user", "content": t}] for t in titles]
-    one = [{"role": "system", "content": CLASSIFY_SYSTEM}, {"role": "user", "content": json.dumps([titles])}]
-    sp, sp_one = greedy(w.classify_max_tokens, False), greedy(w.one_prompt_max_tokens, False)
-    llm.chat(convs[0], greedy(2))  # warm-up
-    modes: dict[str, list[float]] = {"sequential": [], "concurrent": [], "one_prompt": []}
-    for _ in range(w.repeats):
-        seconds, seq = timed(lambda: [llm.chat(c, sp)[0] for c in convs])
-        modes["sequential"].append(seconds)
-        seconds, conc = timed(lambda: llm.chat(convs, sp))
-        modes["concurrent"].append(seconds)
-        seconds, single = timed(lambda: llm.chat(one, sp_one)[0])
-        modes["one_prompt"].append(seconds)
-    return {
-        "seconds": modes, "median": {k: median(v) for k, v in modes.items()},
-        "answers": [o.text for o in conc], "same_answers": [o.token_ids for o in seq] == [o.token_ids for o in conc],
-        "tokens": {"sequential": sum(len(o.token_ids) for o in seq), "concurrent": sum(len(o.token_ids) for o in conc),
-                   "one_prompt": len(single.token_ids)},
-        "one_prompt_answer": single.text,
-    }
-
-
 # ---------------------------------------------------------------- environment and report
 
 
@@ -468,7 +444,7 @@ def verdict(ok: bool) -> str:
 
 def render(res: dict[str, Any]) -> str:
     """The whole of docs/benchmarks.md."""
-    return "\n".join([_header(res), _throughput_md(res), _latency_md(res), _classify_md(res), _reading_md(res)])
+    return "\n".join([_header(res), _throughput_md(res), _latency_md(res), _reading_md(res)])
 
 
 def _header(res: dict[str, Any]) -> str:
@@ -566,29 +542,8 @@ Bar: each short request beside the long one takes ≤ 2× its solo latency — {
 """
 
 
-def _classify_md(res: dict[str, Any]) -> str:
-    c, w = res["classification"], res["workload"]
-    m = c["median"]
-    answers = ", ".join(f"`{a.strip()}`" for a in c["answers"])
-    return f"""
-### 3. Sequential vs concurrent classification (seed 000)
-
-The seed's {w['num_titles']} article titles, each classified as SCIENCE or AI through `LLM.chat` with the seed's
-system prompt (greedy, max_tokens {w['classify_max_tokens']}, stops at EOS); medians of {w['repeats']} rounds.
-
-| mode | median wall time (s) | generated tokens | speedup vs sequential |
-|---|---:|---:|---:|
-| sequential: one `chat` call per title | {m['sequential']:.2f} | {c['tokens']['sequential']} | 1.00× |
-| concurrent: all {w['num_titles']} conversations in one `chat` call | {m['concurrent']:.2f} | {c['tokens']['concurrent']} | {m['sequential'] / m['concurrent']:.2f}× |
-| one prompt holding all titles as JSON (max_tokens {w['one_prompt_max_tokens']}) | {m['one_prompt']:.2f} | {c['tokens']['one_prompt']} | {m['sequential'] / m['one_prompt']:.2f}× |
-
-No bar; the concurrent answers are token-identical to the sequential ones: {'yes' if c['same_answers'] else 'no'}.
-Answers (135M model, so quality is not the point): {answers}.
-"""
-
-
 def _reading_md(res: dict[str, Any]) -> str:
-    parts = [_read_throughput(res), _read_latency(res), _read_classification(res), _read_noise(res)]
+    parts = [_read_throughput(res), _read_latency(res), _read_noise(res)]
     return "\n### Reading\n\n" + "\n".join(parts) + "\n"
 
 
@@ -653,16 +608,6 @@ def _step_cost(res: dict[str, Any], hf: dict[int, float]) -> str:
   with the rows: {ratio} (note under the table). So a short request sharing its steps pays about that factor."""
 
 
-def _read_classification(res: dict[str, Any]) -> str:
-    c, w = res["classification"], res["workload"]
-    m = c["median"]
-    return f"""- **Concurrency.** Submitting the {w['num_titles']} classifications together was
-  {m['sequential'] / m['concurrent']:.2f}× faster than one at a time: the engine prefills the {w['num_titles']} prompts in a
-  few packed steps and decodes all of them in each step, instead of {w['num_titles']} separate prefills and
-  decode loops. The single JSON prompt's time depends on how much the model writes
-  ({c['tokens']['one_prompt']} tokens here, not a usable answer from a 135M model), so it is no fair comparison."""
-
-
 def _fmt_list(values: Sequence[float]) -> str:
     return ", ".join(f"{v:.2f}" for v in values)
 
@@ -684,17 +629,15 @@ def load(model_dir: str, device: torch.device) -> tuple[LLM, PreTrainedModel, Pr
 
 
 def run_all(model_dir: str, w: Workload, device: torch.device) -> dict[str, Any]:
-    """The three scenarios, one after the other, on one loaded engine and one transformers model."""
+    """The two scenarios, one after the other, on one loaded engine and one transformers model."""
     llm, model, tok = load(model_dir, device)
     prompts = build_prompts(tok, w)
     res: dict[str, Any] = {"workload": asdict(w), "prompts": prompts,
                            "prompt_tokens": [len(tok(p).input_ids) for p in prompts]}
-    print(f"1/3 throughput: {w.num_prompts} prompts x {w.max_tokens} tokens, {w.repeats} rounds", flush=True)
+    print(f"1/2 throughput: {w.num_prompts} prompts x {w.max_tokens} tokens, {w.repeats} rounds", flush=True)
     res["throughput"] = run_throughput(llm, model, tok, prompts, w)
-    print("2/3 continuous batching latency", flush=True)
+    print("2/2 continuous batching latency", flush=True)
     res["latency"] = run_latency(llm, model, w)
-    print("3/3 sequential vs concurrent classification", flush=True)
-    res["classification"] = run_classification(llm, w)
     return res
 
 

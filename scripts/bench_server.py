@@ -107,7 +107,7 @@ def _tail(path: Path, chars: int = 3000) -> str:
 
 
 def build_prompts(tok: PreTrainedTokenizerBase, w: Workload) -> tuple[list[str], str]:
-    """One chat prompt per title, and the one prompt holding all titles (as in bench_engine)."""
+    """One chat prompt per title, and the one prompt holding all titles."""
     titles = ARTICLE_TITLES[: w.num_titles]
     return [_chat_prompt(tok, t) for t in titles], _chat_prompt(tok, json.dumps([titles]))
 
@@ -224,9 +224,7 @@ def _reading_md(res: dict[str, Any]) -> str:
   arrive together, and the server's continuous batching prefills the {n}
   prompts together in a few packed steps and then decodes all of them in each step; one at a time, each
   request pays its own prefill, its own decode loop and an HTTP round trip while the engine idles
-  between requests. Section 3 of the engine benchmark runs the same conversations through `LLM.chat`
-  in-process; the difference between its figures and these is what HTTP, JSON and the server's event
-  loop add (compare ratios, not times: the two ran at different moments).
+  between requests.
 - **One prompt.** Its time depends on how much the model writes: {c['tokens']['one_prompt']} tokens here
   (limit {w['one_prompt_max_tokens']}), decoded one token a step for a single sequence, and a 135M model does not return a
   usable array of {n} labels, so it is no fair comparison: a model that answered with just the labels
