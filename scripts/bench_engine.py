@@ -1,6 +1,7 @@
 """Benchmark the lorax-lite engine against transformers on this machine; writes docs/benchmarks.md.
 
-What is measured, all in one run, on one model (fp32, CPU, torch's default threads unless --threads):
+What is measured, all in one run, on one model (fp32; on the CPU with torch's default threads unless
+--threads, or on the GPU with `--device cuda`, the default when torch sees one):
 
 1. Throughput: the same 32 prompts (fixed seed, ~10-120 tokens each) x 64 greedy tokens with
    `ignore_eos`, as one `LLM.generate` call, against transformers `model.generate` on the same
@@ -140,7 +141,7 @@ class Workload:
     max_tokens: int = 64
     min_prompt_tokens: int = 10
     max_prompt_tokens: int = 120
-    repeats: int = 3
+    repeats: int = 2
     num_correctness_prompts: int = 4
     latency_max_tokens: tuple[int, ...] = (100, 10, 10)
     num_titles: int = 16  # this and the next two: bench_server.py's classification
@@ -392,9 +393,6 @@ def _latency_row(i: int, max_tokens: int, prompt_tokens: int,
             "decode_step_together": (lat_t - ttft_t) / steps, "decode_step_alone": (lat_a - ttft_a) / steps}
 
 
-# ---------------------------------------------------------------- 3. sequential vs concurrent
-
-
 # ---------------------------------------------------------------- environment and report
 
 
@@ -556,6 +554,8 @@ def _read_noise(res: dict[str, Any]) -> str:
 
 
 def _threads_note(env: dict[str, Any]) -> str:
+    if env["device"] != "cpu":
+        return ""
     if env["torch_threads"] < env["cores"]:
         return f"Torch ran {env['torch_threads']} thread(s) on {env['cores']} cores (`--threads`), leaving room for other load."
     return (f"With torch using every core ({env['torch_threads']} threads), any other busy process stalls its thread\n"

@@ -2,8 +2,8 @@
 
 All in one run, on one model (fp32), with random rank-8 PEFT adapters on all seven projections:
 
-1. Adapters per batch: the engine benchmark's prompts (64) x 32 greedy tokens (`ignore_eos`) as one
-   `LLM.generate` call, with 1, 2, 8, 32 and 64 distinct adapters (request i uses adapter i mod n),
+1. Adapters per batch: 64 prompts built like the engine benchmark's (10-60 tokens) x 24 greedy
+   tokens (`ignore_eos`) as one `LLM.generate` call, with 1, 2, 8, 32 and 64 distinct adapters (request i uses adapter i mod n),
    against the same engine on the base model alone; against PEFT `generate(adapter_names=...)`
    on the same batch (left-padded); and against PEFT one request at a time with `set_adapter`
    (on the first `--sequential` requests: it is slow). Engine runs alternate with each other for
@@ -23,6 +23,7 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,12 @@ class LoRAWorkload:
 
 def make_adapters(model: PreTrainedModel, n: int, rank: int, alpha: float, out: Path) -> list[Path]:
     return make_random_adapters(model, [out / f"bench-{i}" for i in range(n)], list(range(n)), rank=rank, alpha=alpha, std=0.3)
+
+
+def flop_share(shapes: Iterable[tuple[int, int]], rank: int) -> tuple[float, float]:
+    """The least and most a rank-`rank` delta adds to a projection's multiply-adds: r(in + out) / (in * out)."""
+    shares = [rank * (i + o) / (i * o) for i, o in shapes]
+    return min(shares), max(shares)
 
 
 def adapter_ids_for(n: int, num_prompts: int) -> list[str | None]:
@@ -287,7 +294,7 @@ load average {env['loadavg_start']} → {env['loadavg_end']}; model
 peft {res['peft_version']}. Command: {env['command']}. Whole run {res['total_seconds']:.0f} s; raw numbers
 `{res['json_path']}`.
 
-Workload: the engine benchmark's {w['num_prompts']} prompts ({min(res['prompt_tokens'])}–{max(res['prompt_tokens'])} tokens) ×
+Workload: {w['num_prompts']} prompts built like the engine benchmark's ({min(res['prompt_tokens'])}–{max(res['prompt_tokens'])} tokens) ×
 {w['max_tokens']} greedy tokens (`ignore_eos`); random rank-{w['rank']} PEFT adapters (alpha {w['alpha']:g}) on all
 seven projections (q/k/v/o/gate/up/down); request i uses adapter i mod n. Engine:
 `LLM(model, dtype="float32", device="{env['device']}", max_loras={res['max_loras']}, max_lora_rank={w['rank']}, max_num_seqs=64, max_num_batched_tokens=512)`;
@@ -385,7 +392,7 @@ def _reading_md(res: dict[str, Any]) -> str:
   adapter in every layer (its throughput falls as adapters are added), and one request at a time it
   loses all batching.
 - What adapters cost: {one} adapter for the whole batch runs at {e['tok_s'][one] / base:.2f}× the base model, {top} distinct
-  adapters at {e['tok_s'][top] / base:.2f}× (the base-model rounds alone varied by {spread:.0f}%). Rank {w['rank']} adds 2–6% to a
+  adapters at {e['tok_s'][top] / base:.2f}× (the base-model rounds alone varied by {spread:.0f}%). Rank {w['rank']} adds {res['flop_share'][0]:.0%}–{res['flop_share'][1]:.0%} to a
   projection's arithmetic, but the adapters' matmuls are bound by memory traffic: each decode step
   reads the weights of every distinct adapter in the batch for a handful of rows ({top} × {size:.1f} MB =
   {traffic:.0f} MB at {top} adapters, against the base model's {res['base_mb']:.0f} MB), while the base projections reuse
@@ -416,7 +423,8 @@ def run_all(model_dir: str, w: LoRAWorkload, workdir: Path, device: torch.device
               max_num_batched_tokens=512)
     res: dict[str, Any] = {"workload": asdict(w), "prompt_tokens": [len(tok(p).input_ids) for p in prompts],
                            "max_loras": top, "backend": type(llm.engine.lora_slots.backend).__name__,
-                           "base_mb": sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20}
+                           "base_mb": sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20,
+                           "flop_share": flop_share(llm.engine.lora_slots.targets.values(), w.rank)}
     print("1/3 adapter load latency", flush=True)
     cold_paths = make_random_adapters(base, [workdir / "cold-src" / f"cold-{i}" for i in range(w.cold_adapters)],
                                       [1000 + i for i in range(w.cold_adapters)], rank=w.rank, alpha=w.alpha,

@@ -69,7 +69,7 @@ def sync(device: Any) -> None:
     if str(device).startswith("cuda"):
         import torch
 
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def repo_path(path: str | Path) -> Path:

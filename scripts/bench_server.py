@@ -1,7 +1,7 @@
 """Benchmark the seed's classification against the HTTP server; writes its section of docs/benchmarks.md.
 
-The seed 000 scenario end to end: `lorax-lite serve` runs in a subprocess (fp32, CPU, a free port, an
-empty registry, the server's default batch limits) and this script is its client. The engine
+The seed 000 scenario end to end: `lorax-lite serve` runs in a subprocess (fp32, on the chosen `--device`, a free
+port, an empty registry, the server's default batch limits) and this script is its client. The engine
 benchmark's 16 article titles, each a chat conversation with the seed's system prompt rendered with
 the model's chat template, are classified through the native API (`lorax_lite.client`; greedy,
 stopping at EOS):

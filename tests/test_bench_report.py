@@ -15,6 +15,7 @@ from bench_report import (  # noqa: E402
     DEFAULT_MODEL,
     TITLE,
     command_line,
+    device_suffix,
     figure_name,
     parse_bench_args,
     section_name,
@@ -42,6 +43,7 @@ def test_sections_keep_each_other_and_sort_cpu_then_cuda_in_script_order(tmp_pat
 ])
 def test_section_and_figure_names_carry_the_device(device: str, section: str, figure: str):
     assert section_name("workload", torch.device(device)) == section
+    assert device_suffix(torch.device(device)) == ("" if device == "cpu" else "_cuda")  # the JSON name's suffix too
     assert figure_name("workload_ttft_p99.png", torch.device(device)) == figure
 
 

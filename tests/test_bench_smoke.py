@@ -13,7 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_quick(script: str, model_dir: Path, out_md: Path, out_json: Path) -> None:
-    cmd = [sys.executable, str(REPO_ROOT / "scripts" / script), "--quick", "--threads", "1",
+    cmd = [sys.executable, str(REPO_ROOT / "scripts" / script), "--quick", "--threads", "1", "--device", "cpu",
            "--model", str(model_dir), "--output", str(out_md), "--json", str(out_json)]
     result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]

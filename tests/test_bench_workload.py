@@ -44,7 +44,7 @@ def test_quick_sweep_on_tiny_model_writes_json_report_and_plot(tiny_llama_dir, t
     out_md, out_json = tmp_path / "bench.md", tmp_path / "workload.json"
     write_section(out_md, "engine", "engine figures")
     write_section(out_md, "server", "server figures")
-    bench_workload.main(["--quick", "--model", str(tiny_llama_dir), "--output", str(out_md), "--json", str(out_json)])
+    bench_workload.main(["--quick", "--device", "cpu", "--model", str(tiny_llama_dir), "--output", str(out_md), "--json", str(out_json)])
 
     res = json.loads(out_json.read_text())
     w = res["workload"]

@@ -109,7 +109,10 @@ def test_make_random_adapters_equals_one_at_a_time(llama: PreTrainedModel, tmp_p
         assert (a / "adapter_config.json").read_text() == (b / "adapter_config.json").read_text()
         saved_a, saved_b = _saved(a), _saved(b)
         assert saved_a.keys() == saved_b.keys() and all(torch.equal(saved_a[k], saved_b[k]) for k in saved_a)
-    assert not torch.equal(_saved(many[0])[f"{PREFIX}{Q0}.lora_A.weight"], _saved(many[1])[f"{PREFIX}{Q0}.lora_A.weight"])
+    first_a = _saved(many[0])[f"{PREFIX}{Q0}.lora_A.weight"]  # the first factor drawn: N(0, std^2 / fan_in), std 0.5
+    fan_in = first_a.shape[1]
+    torch.testing.assert_close(first_a, torch.randn(4, fan_in, generator=torch.Generator().manual_seed(3)) * 0.5 / fan_in ** 0.5)
+    assert not torch.equal(first_a, _saved(many[1])[f"{PREFIX}{Q0}.lora_A.weight"])
     assert type(llama.model.layers[0].self_attn.q_proj) is nn.Linear  # PEFT unloaded: the model is left as it was
     with pytest.raises(ValueError, match="2 output directories for 1 seeds"):
         make_random_adapters(llama, [tmp_path / "x", tmp_path / "y"], [1])
