@@ -72,6 +72,19 @@ def sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
+def run_table(env: dict[str, Any], machine_note: str = "", software_note: str = "") -> str:
+    """The first rows of a section's header table: when, which commit, machine, load, model, software."""
+    return f"""| | |
+|---|---|
+| Date | {env['date']} |
+| Commit | `{env['commit']}` |
+| Machine | {env['machine']}{machine_note} |
+| Load average (start → end) | {env['loadavg_start']} → {env['loadavg_end']} |
+| Model | `{env['model']}`, {env['dtype']}, {env['device']} |
+| Software | Python {env['python']}, torch {env['torch']}, transformers {env['transformers']}{software_note} |
+"""
+
+
 def repo_path(path: str | Path) -> Path:
     """`path` as given when absolute, else relative to the repository (scripts may run from elsewhere)."""
     path = Path(path)
