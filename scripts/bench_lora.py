@@ -60,8 +60,14 @@ class LoRAWorkload:
         return cls(num_prompts=4, max_tokens=4, num_adapters=(1, 4), repeats=1, sequential=2, cold_adapters=3)
 
 
+def adapter_name(index: int) -> str:
+    """The id of the index-th adapter `make_adapters` makes, which is also its directory's name."""
+    return f"bench-{index}"
+
+
 def make_adapters(model: PreTrainedModel, n: int, rank: int, alpha: float, out: Path) -> list[Path]:
-    return make_random_adapters(model, [out / f"bench-{i}" for i in range(n)], list(range(n)), rank=rank, alpha=alpha, std=0.3)
+    return make_random_adapters(model, [out / adapter_name(i) for i in range(n)], list(range(n)), rank=rank, alpha=alpha,
+                                std=0.3)
 
 
 def flop_share(shapes: Iterable[tuple[int, int]], rank: int) -> tuple[float, float]:
@@ -71,7 +77,7 @@ def flop_share(shapes: Iterable[tuple[int, int]], rank: int) -> tuple[float, flo
 
 
 def adapter_ids_for(n: int, num_prompts: int) -> list[str | None]:
-    return [None] * num_prompts if n == 0 else [f"bench-{i % n}" for i in range(num_prompts)]
+    return [None] * num_prompts if n == 0 else [adapter_name(i % n) for i in range(num_prompts)]
 
 
 # ---------------------------------------------------------------- 1. throughput
@@ -168,16 +174,16 @@ def run_loads(llm: LLM, base: PreTrainedModel, paths: list[Path], samples: int) 
         slots.clear(i % slots.max_loras)
     peft_times = []
     start = time.perf_counter()
-    peft = PeftModel.from_pretrained(base, paths[0], adapter_name="bench-0")
+    peft = PeftModel.from_pretrained(base, paths[0], adapter_name=adapter_name(0))
     sync(device)
     peft_times.append(time.perf_counter() - start)
     for i, path in enumerate(paths[1:samples], start=1):
         start = time.perf_counter()
-        peft.load_adapter(path, adapter_name=f"bench-{i}")
+        peft.load_adapter(path, adapter_name=adapter_name(i))
         sync(device)
         peft_times.append(time.perf_counter() - start)
     for i, path in enumerate(paths[samples:], start=samples):
-        peft.load_adapter(path, adapter_name=f"bench-{i}", low_cpu_mem_usage=True)
+        peft.load_adapter(path, adapter_name=adapter_name(i), low_cpu_mem_usage=True)
     peft.eval()
     res = {"disk_to_slot_s": disk, "host_to_slot_s": host, "peft_load_adapter_s": peft_times,
            "median_disk_to_slot_s": median(disk), "median_host_to_slot_s": median(host),
@@ -438,7 +444,7 @@ def run_all(model_dir: str, w: LoRAWorkload, workdir: Path, device: torch.device
     res["loads"], peft = run_loads(llm, base, paths, w.load_samples)
     res["loads"]["size_mb"] = llm.engine.load_adapter_weights(paths[0]).size_bytes / 2**20
     for i, path in enumerate(paths):
-        llm.add_adapter(f"bench-{i}", path)
+        llm.add_adapter(adapter_name(i), path)
     print(f"2/3 throughput: {w.num_prompts} prompts x {w.max_tokens} tokens", flush=True)
     res["engine"] = run_engine(llm, prompts, w)
     res["peft"] = run_peft(peft, tok, prompts, w)
@@ -447,7 +453,7 @@ def run_all(model_dir: str, w: LoRAWorkload, workdir: Path, device: torch.device
     del llm, peft, base  # PEFT's per-adapter cost grows with the adapters it holds: cold start uses a fresh PeftModel
     print(f"3/3 cold start: {w.cold_adapters} never-requested adapters", flush=True)
     fresh = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
-    peft = PeftModel.from_pretrained(fresh, paths[0], adapter_name="bench-0").eval()
+    peft = PeftModel.from_pretrained(fresh, paths[0], adapter_name=adapter_name(0)).eval()
     res["cold"] = run_cold_start(model_dir, cold_paths, peft, tok, prompts[0], w, workdir)
     return res
 

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 from bench_engine import CONTEXT, QUESTIONS, _loadavg, environment, greedy, timed, write
-from bench_lora import make_adapters
+from bench_lora import adapter_name, make_adapters
 from bench_report import (command_line, figure_name, figure_path, parse_bench_args, pyplot, repo_path, run_table,
                           save_figure, section_name, write_section)
 from peft import PeftModel
@@ -164,10 +164,6 @@ class RequestDraws:
         adapter = min(int(n * self.popularity[i] ** (1 / alpha)), n - 1)  # X = U^(1/alpha) ~ Power(alpha)
         return TraceRequest(float(self.times[i] * duration), adapter_name(adapter), text_ids[start:start + length],
                             int(self.output_tokens[i]))
-
-
-def adapter_name(index: int) -> str:
-    return f"bench-{index}"  # bench_lora.make_adapters' directory names
 
 
 def prompt_text_ids(tok: PreTrainedTokenizerBase, max_tokens: int) -> list[int]:
@@ -311,9 +307,9 @@ def peft_point(peft: PeftModel, tok: PreTrainedTokenizerBase, trace: list[TraceR
     return summarize(_static_batches(peft, tok, trace, w.max_batch), w.slo_ttft)
 
 
-def load_peft(base: PreTrainedModel, paths: list[Path], device: torch.device) -> PeftModel:
+def load_peft(base: PreTrainedModel, first: Path, device: torch.device) -> PeftModel:
     """`base` as a PeftModel holding the first adapter; `ensure_peft_adapters` adds the others when needed."""
-    return PeftModel.from_pretrained(base.to(device).eval(), paths[0], adapter_name=adapter_name(0)).eval()
+    return PeftModel.from_pretrained(base.to(device).eval(), first, adapter_name=adapter_name(0)).eval()
 
 
 def ensure_peft_adapters(peft: PeftModel, trace: list[TraceRequest], adapter_dir: Path) -> int:
@@ -375,7 +371,7 @@ def run_all(model_dir: str, w: OpenLoopWorkload, device: torch.device, workdir: 
     tok.pad_token = tok.pad_token or tok.eos_token
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     setup["make_adapters_s"], paths = timed(lambda: make_adapters(base, top, w.rank, w.lora_alpha, workdir))
-    setup["peft_load_s"], peft = timed(lambda: load_peft(base, paths, device))
+    setup["peft_load_s"], peft = timed(lambda: load_peft(base, paths[0], device))
     engine_config = {"dtype": "float32", "device": str(device), "max_loras": w.max_loras, "max_lora_rank": w.rank,
                      "max_cpu_loras": w.max_cpu_loras, "max_num_seqs": w.max_batch, "max_num_batched_tokens": 512}
     setup["engine_start_s"], llm = timed(lambda: AsyncLLM(model_dir, **engine_config))
