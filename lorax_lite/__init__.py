@@ -14,11 +14,12 @@ _EXPORTS = {
     "SamplingParams": "lorax_lite.engine.request",
     "RequestOutput": "lorax_lite.engine.request",
     "FinishReason": "lorax_lite.engine.request",
+    "OutputKind": "lorax_lite.engine.request",
 }
 
 if TYPE_CHECKING:
     from lorax_lite.engine.async_llm import AsyncLLM
-    from lorax_lite.engine.request import FinishReason, RequestOutput, SamplingParams
+    from lorax_lite.engine.request import FinishReason, OutputKind, RequestOutput, SamplingParams
     from lorax_lite.llm import LLM
 
 

@@ -8,11 +8,13 @@ from collections.abc import Sequence
 from transformers import PreTrainedTokenizerBase
 
 from lorax_lite.config import EngineConfig
+from lorax_lite.engine.catalog import ResolvedAdapter
 from lorax_lite.engine.engine import LLMEngine, Prompt
-from lorax_lite.engine.request import Request, RequestOutput, SamplingParams
-from lorax_lite.lora.manager import check_adapter_id
+from lorax_lite.engine.request import OutputKind, Request, RequestOutput, SamplingParams
+from lorax_lite.lora.naming import check_adapter_id
 from lorax_lite.registry.base import Registry
 from lorax_lite.registry.factory import as_registry, as_store
+from lorax_lite.registry.store import AdapterStore
 
 Message = dict[str, str]
 
@@ -29,7 +31,10 @@ class LLM:
     """
 
     def __init__(
-        self, model: str | None = None, registry: Registry | str | None = None, store: AdapterStore | str | os.PathLike | None = None,
+        self,
+        model: str | None = None,
+        registry: Registry | str | None = None,
+        store: AdapterStore | str | os.PathLike | None = None,
         **engine_config: object,
     ) -> None:
         config = EngineConfig.from_kwargs(model, **engine_config)
@@ -42,7 +47,7 @@ class LLM:
     def add_adapter(self, adapter_id: str, path: str | os.PathLike) -> None:
         """Read and validate a PEFT adapter directory now (raising a specific AdapterError) and make it usable."""
         check_adapter_id(adapter_id)  # before touching the filesystem
-        self.engine.add_adapter(adapter_id, path, self.engine.load_adapter_weights(path))
+        self.engine.add_adapter(adapter_id, path, self.engine.read_adapter(path))
 
     def remove_adapter(self, adapter_id: str) -> None:
         """Forget an adapter; an unknown id raises AdapterNotFoundError."""
@@ -62,8 +67,8 @@ class LLM:
         """
         prompts = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompts))
-        adapters = _as_per_prompt(adapter_ids, len(prompts), "adapter_ids")
-        requests = [self.engine.make_request(p, sp, adapter_id=a) for p, sp, a in zip(prompts, params, adapters)]
+        adapters = self._resolve(_as_per_prompt(adapter_ids, len(prompts), "adapter_ids"))
+        requests = [self._make_request(p, sp, a) for p, sp, a in zip(prompts, params, adapters, strict=True)]
         return self._run(requests)
 
     def chat(
@@ -78,12 +83,22 @@ class LLM:
         """
         conversations = _as_conversations(messages)
         params = _as_params_list(sampling_params, len(conversations))
-        adapters = _as_per_prompt(adapter_id, len(conversations), "adapter_id")
+        adapters = self._resolve(_as_per_prompt(adapter_id, len(conversations), "adapter_id"))
         requests = []
-        for conversation, sp, a in zip(conversations, params, adapters):
+        for conversation, sp, a in zip(conversations, params, adapters, strict=True):
             text, token_ids = render_chat(self.tokenizer, conversation)
-            requests.append(self.engine.make_request(token_ids, sp, adapter_id=a, prompt_text=text))
+            requests.append(self._make_request(token_ids, sp, a, prompt_text=text))
         return self._run(requests)
+
+    def _resolve(self, adapter_ids: list[str | None]) -> list[ResolvedAdapter | None]:
+        """Each distinct id resolved once (one registry read), so one call's prompts share one version."""
+        resolved = {a: self.engine.resolve_adapter(a) for a in dict.fromkeys(adapter_ids) if a is not None}
+        return [resolved[a] if a is not None else None for a in adapter_ids]
+
+    def _make_request(self, prompt: Prompt, params: SamplingParams, adapter: ResolvedAdapter | None,
+                      prompt_text: str | None = None) -> Request:
+        return self.engine.make_request(prompt, params, adapter=adapter, prompt_text=prompt_text,
+                                        output_kind=OutputKind.FINAL_ONLY)
 
     def _run(self, requests: list[Request]) -> list[RequestOutput]:
         for req in requests:

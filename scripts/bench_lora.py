@@ -159,11 +159,11 @@ def run_loads(llm: LLM, base: PreTrainedModel, paths: list[Path], samples: int) 
 
     Returns the PeftModel with every adapter of `paths` loaded (the rest untimed, `low_cpu_mem_usage`).
     """
-    engine, slots, device = llm.engine, llm.engine.lora_slots, base.device
+    engine, slots, device = llm.engine, llm.engine.lora_layers, base.device
     disk, host = [], []
     for i, path in enumerate(paths[:samples]):
         start = time.perf_counter()
-        weights = engine.load_adapter_weights(path)
+        weights = engine.read_adapter(path)
         slots.load(i % slots.max_loras, weights)
         sync(device)
         disk.append(time.perf_counter() - start)
@@ -246,7 +246,7 @@ def run_cold_start(model_dir: str, paths: list[Path], peft: PeftModel, tok: PreT
         for adapter_id, path in zip(ids, paths):
             res["peft_cold"].append(peft_first_token_seconds(peft, tok, prompt, adapter_id, load_from=path))
             res["peft_hot"].append(peft_first_token_seconds(peft, tok, prompt, adapter_id))
-        cache = asdict(llm.engine.adapters.stats)
+        cache = asdict(llm.engine.adapter_manager.stats)
     finally:
         del llm
         registry.close()
@@ -434,15 +434,15 @@ def run_all(model_dir: str, w: LoRAWorkload, workdir: Path, device: torch.device
     llm = LLM(model_dir, dtype="float32", device=str(device), max_loras=top, max_lora_rank=w.rank, max_num_seqs=64,
               max_num_batched_tokens=512)
     res: dict[str, Any] = {"workload": asdict(w), "prompt_tokens": [len(tok(p).input_ids) for p in prompts],
-                           "max_loras": top, "backend": type(llm.engine.lora_slots.backend).__name__,
+                           "max_loras": top, "backend": type(llm.engine.lora_layers.backend).__name__,
                            "base_mb": sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20,
-                           "flop_share": flop_share(llm.engine.lora_slots.targets.values(), w.rank)}
+                           "flop_share": flop_share(llm.engine.lora_layers.targets.values(), w.rank)}
     print("1/3 adapter load latency", flush=True)
     cold_paths = make_random_adapters(base, [workdir / "cold-src" / f"cold-{i}" for i in range(w.cold_adapters)],
                                       [1000 + i for i in range(w.cold_adapters)], rank=w.rank, alpha=w.alpha,
                                       std=0.3)  # before PEFT wraps `base`
     res["loads"], peft = run_loads(llm, base, paths, w.load_samples)
-    res["loads"]["size_mb"] = llm.engine.load_adapter_weights(paths[0]).size_bytes / 2**20
+    res["loads"]["size_mb"] = llm.engine.read_adapter(paths[0]).size_bytes / 2**20
     for i, path in enumerate(paths):
         llm.add_adapter(adapter_name(i), path)
     print(f"2/3 throughput: {w.num_prompts} prompts x {w.max_tokens} tokens", flush=True)

@@ -54,7 +54,7 @@ from peft import __version__ as PEFT_VERSION
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation.streamers import BaseStreamer
 
-from lorax_lite import AsyncLLM
+from lorax_lite import AsyncLLM, OutputKind
 
 JSON_NAME = "benchmarks_workload"
 PLOT_NAME = "workload_ttft_p99.png"  # written to img/ beside the markdown report
@@ -213,23 +213,26 @@ def summarize(results: list[RequestResult], slo_ttft: float) -> dict[str, Any]:
 
 def engine_counters(llm: AsyncLLM) -> dict[str, int]:
     """The adapter cache's and the engine's counters (read between points, while the engine is idle)."""
-    cache, stats = llm.engine.adapters.stats, llm.engine.stats
+    snap = llm.snapshot()
+    cache, stats = snap.adapters.stats, snap.stats
     return {"disk_loads": cache.misses, "slot_loads": cache.host_hits, "slot_evictions": cache.evictions,
             "host_evictions": cache.host_evictions, "steps": stats.steps, "batch_size_sum": stats.batch_size_sum,
-            "preemptions": llm.engine.scheduler.num_preemptions}
+            "preemptions": snap.num_preemptions}
 
 
 async def _serve(llm: AsyncLLM, req: TraceRequest, start: float) -> RequestResult:
     await asyncio.sleep(max(0.0, start + req.arrival - time.perf_counter()))
     first, out = None, None
-    async for out in llm.generate(req.prompt_token_ids, greedy(req.max_tokens), adapter_id=req.adapter_id):
+    outputs = llm.generate(req.prompt_token_ids, greedy(req.max_tokens), adapter_id=req.adapter_id,
+                           output_kind=OutputKind.DELTA)  # as the server streams
+    async for out in outputs:
         if first is None and out.token_ids:
             first = time.perf_counter()
     end = time.perf_counter()
     if out is None or out.finish_reason != "length" or first is None:
         raise RuntimeError(f"engine request failed: {None if out is None else (out.finish_reason, out.error)}")
     arrived = start + req.arrival
-    return RequestResult(req.arrival, first - arrived, end - arrived, len(out.token_ids), req.max_tokens,
+    return RequestResult(req.arrival, first - arrived, end - arrived, out.num_generated_tokens, req.max_tokens,
                          req.adapter_id)
 
 
@@ -380,7 +383,7 @@ def run_all(model_dir: str, w: OpenLoopWorkload, device: torch.device, workdir: 
         warm_up(llm, peft, tok)
         print(f"sweep: {len(w.series())} series x {len(w.rates)} rates, {w.duration:g} s of arrivals each", flush=True)
         sweep_seconds, points = timed(lambda: run_sweep(llm, peft, tok, w, workdir))
-        backend = type(llm.engine.lora_slots.backend).__name__
+        backend = type(llm.engine.lora_layers.backend).__name__
     finally:
         llm.shutdown()
     size_mb = (paths[0] / "adapter_model.safetensors").stat().st_size / 2**20

@@ -8,6 +8,7 @@ ChatML chat template. `<|im_end|>` is the eos token, as in the default model.
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,9 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
+
+# Every engine in the tests (and the servers they start) checks its allocators' invariants whenever it goes idle.
+os.environ.setdefault("LORAX_DEBUG_INVARIANTS", "1")
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -184,7 +188,6 @@ def default_model_dir() -> Path:
     Skipped when absent, except under `make test` / CI (LORAX_REQUIRE_DEFAULT_MODEL=1), where a
     missing model is a failure, not a silent skip.
     """
-    import os
 
     from lorax_lite.config import DEFAULT_MODEL_DIR
 

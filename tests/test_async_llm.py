@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+from engine_helpers import wait_until_idle
+
 import pytest
 
 from lorax_lite import AsyncLLM, SamplingParams
@@ -22,15 +24,6 @@ def greedy(max_tokens, **kw):
 
 async def collect(allm, prompt, params, **kw):
     return [out async for out in allm.generate(prompt, params, **kw)]
-
-
-def wait_until_idle(allm, timeout=10.0):
-    import time
-
-    deadline = time.time() + timeout
-    while allm.engine.has_unfinished_requests() or allm.engine.block_manager.num_used_blocks:
-        assert time.time() < deadline, "engine did not go idle"
-        time.sleep(0.01)
 
 
 def test_stream_is_cumulative_and_ends_finished(allm):
@@ -57,21 +50,24 @@ def test_concurrent_requests_match_offline_results(allm, tiny_llama_dir):
 
 def test_short_requests_finish_first_and_late_request_is_served_early(allm):
     """The seed experiment over the async API: 100/10/10 together, then one joining mid-flight."""
-    finish_order, first_token_at = [], {}
+    finish_order = []
 
-    async def one(name, prompt, max_tokens, delay=0.0):
-        await asyncio.sleep(delay)
+    async def one(name, prompt, max_tokens, after: asyncio.Event | None = None, running: asyncio.Event | None = None):
+        if after is not None:
+            await after.wait()
         async for out in allm.generate(prompt, greedy(max_tokens), request_id=name):
-            first_token_at.setdefault(name, asyncio.get_running_loop().time())
+            if running is not None and len(out.token_ids) >= 5:
+                running.set()
             if out.finished:
                 finish_order.append(name)
 
     async def main():
+        long_is_running = asyncio.Event()  # the late request arrives once the long one has 5 of its 100 tokens
         await asyncio.gather(
-            one("long", "If you could have dinner with anyone", 100),
+            one("long", "If you could have dinner with anyone", 100, running=long_is_running),
             one("short-1", "What one technology will matter most", 10),
             one("short-2", "Which country would you live in", 10),
-            one("late", "Hello", 3, delay=0.05),
+            one("late", "Hello", 3, after=long_is_running),
         )
 
     asyncio.run(main())

@@ -25,7 +25,8 @@ from typer.testing import CliRunner
 
 from lorax_lite.cli import app
 from lorax_lite.registry.sqlite import SQLiteRegistry
-from lorax_lite.registry.store import AdapterStore, compute_version
+from lorax_lite.lora.checksum import compute_version
+from lorax_lite.registry.store import AdapterStore
 
 runner = CliRunner()
 UNREACHABLE = "redis://127.0.0.1:1/0"

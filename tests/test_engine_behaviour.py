@@ -93,7 +93,9 @@ def test_generate_accepts_text_token_ids_and_one_params(llm):
     ids = llm.tokenizer("Hello there").input_ids
     outs = llm.generate([ids, "Hello there"], greedy(4))
     assert outs[0].token_ids == outs[1].token_ids and outs[1].prompt == "Hello there"
-    assert [o.request_id for o in outs] != [None, None]
+    assert outs[0].prompt is None and outs[0].prompt_token_ids == outs[1].prompt_token_ids == ids
+    ids_given = [o.request_id for o in outs]
+    assert all(isinstance(i, str) and i for i in ids_given) and len(set(ids_given)) == 2  # engine-assigned, distinct
     single = llm.generate(ids, greedy(4))
     assert len(single) == 1 and single[0].token_ids == outs[0].token_ids
 
@@ -138,9 +140,9 @@ def test_bad_prompts_raise_and_engine_keeps_serving(llm):
     with pytest.raises(ValueError, match="empty"):
         llm.generate([[]], greedy(4))
     with pytest.raises(ValueError, match="max_model_len"):
-        llm.generate([[5] * engine.max_model_len], greedy(4))
+        llm.generate([[5] * engine.max_seq_len], greedy(4))
     with pytest.raises(ValueError, match="max_model_len"):
-        llm.generate("price " * engine.max_model_len, greedy(4))
+        llm.generate("price " * engine.max_seq_len, greedy(4))
     with pytest.raises(ValueError, match="string or a list"):
         llm.engine.add_request(42, greedy(4))
     with pytest.raises(ValueError, match="token ids"):
@@ -171,6 +173,6 @@ def test_bad_engine_config_is_refused(tiny_llama_dir):
 
 def test_max_model_len_defaults_and_caps(tiny_llama_dir):
     llm = LLM(str(tiny_llama_dir), device="cpu", num_kv_blocks=8, block_size=4)
-    assert llm.engine.max_model_len == 32  # capped by the cache (the model allows 512)
+    assert llm.engine.max_seq_len == 32  # capped by the cache (the model allows 512)
     out = llm.generate([[5] * 30], greedy(10))[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 2

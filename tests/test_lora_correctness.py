@@ -61,20 +61,25 @@ def peft_references(model_dir: Path, adapters: dict[str, Path], prompts, adapter
     return refs
 
 
-def run_engine(llm: LLM, prompts, adapter_ids, max_tokens) -> tuple[list, int]:
-    """Outputs, and the largest number of distinct adapters that shared one forward pass."""
-    most = 0
+def record_distinct_adapters(llm: LLM) -> list[int]:
+    """Wrap the runner: the returned list gets, per forward pass, the number of distinct adapters in it."""
+    counts: list[int] = []
     run = llm.engine.runner.run
 
     def recording_run(batch, block_manager):
-        nonlocal most
-        most = max(most, len({r.adapter_id for r in batch.requests if r.adapter_id is not None}))
+        counts.append(len({r.adapter_id for r in batch.requests if r.adapter_id is not None}))
         return run(batch, block_manager)
 
     llm.engine.runner.run = recording_run
+    return counts
+
+
+def run_engine(llm: LLM, prompts, adapter_ids, max_tokens) -> tuple[list, int]:
+    """Outputs, and the largest number of distinct adapters that shared one forward pass."""
+    counts = record_distinct_adapters(llm)
     params = [SamplingParams(max_tokens=m, temperature=0) for m in max_tokens]
     outs = llm.generate(prompts, params, adapter_ids=adapter_ids)
-    return outs, most
+    return outs, max(counts)
 
 
 def check_against_peft(outs, refs, adapter_ids) -> None:
@@ -87,9 +92,9 @@ def check_against_peft(outs, refs, adapter_ids) -> None:
 def check_drained(llm: LLM) -> None:
     engine = llm.engine
     engine.block_manager.check_invariants()
-    engine.adapters.check_invariants()
+    engine.adapter_manager.check_invariants()
     assert engine.block_manager.num_used_blocks == 0
-    assert all(engine.adapters.refcount(a) == 0 for a in ADAPTER_SPECS)
+    assert all(engine.adapter_manager.refcount(a) == 0 for a in ADAPTER_SPECS)
 
 
 @pytest.fixture(params=["tiny_llama_dir", "tiny_qwen2_dir"], scope="module")
@@ -117,20 +122,39 @@ def test_one_mixed_batch_of_ten_adapters_and_base_matches_peft(tiny_case):
     outs, most = run_engine(llm, *workload)
     check_against_peft(outs, refs, workload[1])
     assert most == 10  # every adapter was in one forward pass
-    assert llm.engine.adapters.stats.evictions == 0
+    assert llm.engine.adapter_manager.stats.evictions == 0
     check_drained(llm)
 
 
 def test_two_slots_for_ten_adapters_thrash_and_stay_correct(tiny_case):
-    """Lazily registered adapters (disk loads on the loader thread), 2 slots, 4 in host memory."""
-    model_dir, adapters, workload, refs = tiny_case
+    """Lazily added adapters (disk loads on the loader thread), 2 slots, 4 in host memory; half the requests
+    arrive at once and the rest one per step; the allocators' invariants hold after every step."""
+    model_dir, adapters, (prompts, adapter_ids, max_tokens), refs = tiny_case
     llm = LLM(str(model_dir), dtype="float32", device="cpu", max_loras=2, max_cpu_loras=4, max_num_seqs=8)
+    engine = llm.engine
     for name, path in adapters.items():
-        llm.engine.add_adapter(name, path)
-    outs, most = run_engine(llm, *workload)
-    check_against_peft(outs, refs, workload[1])
-    stats = llm.engine.adapters.stats
-    assert most <= 2 and stats.evictions > 0 and stats.host_evictions > 0 and stats.load_failures == 0
+        engine.add_adapter(name, path)
+    counts = record_distinct_adapters(llm)
+    jobs = list(zip(prompts, adapter_ids, max_tokens, strict=True))
+    requests = []
+
+    def feed() -> None:
+        prompt, adapter_id, n = jobs[len(requests)]
+        requests.append(engine.add_request(prompt, SamplingParams(max_tokens=n, temperature=0), adapter_id=adapter_id))
+
+    while len(requests) < len(jobs) // 2:
+        feed()
+    for _ in range(3000):
+        engine.step()
+        engine.check_invariants()
+        if len(requests) < len(jobs):
+            feed()
+        elif not engine.has_unfinished_requests():
+            break
+    assert all(r.is_finished and r.error is None and r.finish_reason.value in ("length", "eos") for r in requests)
+    assert [r.output_token_ids for r in requests] == refs
+    stats = engine.adapter_manager.stats
+    assert max(counts) <= 2 and stats.evictions > 0 and stats.host_evictions > 0 and stats.load_failures == 0
     check_drained(llm)
 
 
@@ -163,5 +187,5 @@ def test_default_model_mixed_batch_and_thrash_match_peft(default_model_dir, tmp_
         thrash.engine.add_adapter(name, path)
     outs, most = run_engine(thrash, *workload)
     check_against_peft(outs, refs, workload[1])
-    assert most <= 2 and thrash.engine.adapters.stats.evictions > 0
+    assert most <= 2 and thrash.engine.adapter_manager.stats.evictions > 0
     check_drained(thrash)

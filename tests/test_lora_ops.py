@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from lorax_lite.lora.layers import LoRALinear, LoRASlots, find_decoder_layers
+from lorax_lite.lora.layers import LoRALinear, LoRALayers, find_decoder_layers
 from lorax_lite.lora.ops import GroupedMatmulBackend, LoRAMapping, SegmentBackend, lora_context, select_backend
 from lorax_lite.lora.weights import LoRAWeights
 
@@ -178,7 +178,7 @@ def test_set_slot_zero_pads_the_rank_and_none_clears():
     assert not layer.lora_a.any() and not layer.lora_b.any()
 
 
-# ---- LoRASlots.inject on real (tiny) models ------------------------------------------------------
+# ---- LoRALayers.inject on real (tiny) models ------------------------------------------------------
 
 MODEL_DIRS = ["tiny_llama_dir", "tiny_qwen2_dir"]
 
@@ -191,7 +191,7 @@ def model_dir(request) -> Path:
 def test_inject_wraps_exactly_the_seven_projections_of_each_decoder_layer(model_dir):
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     num_layers = model.config.num_hidden_layers
-    slots = LoRASlots.inject(model, max_loras=2, max_lora_rank=4)
+    slots = LoRALayers.inject(model, max_loras=2, max_lora_rank=4)
     expected = {f"model.layers.{i}.{'mlp' if p in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{p}"
                 for i in range(num_layers) for p in PROJECTIONS}
     assert set(slots.layers) == expected
@@ -206,7 +206,7 @@ def test_inject_wraps_exactly_the_seven_projections_of_each_decoder_layer(model_
 
 def test_loading_and_clearing_slots_never_changes_the_module_tree(tiny_llama_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-    slots = LoRASlots.inject(model, max_loras=2, max_lora_rank=4)
+    slots = LoRALayers.inject(model, max_loras=2, max_lora_rank=4)
     names = [name for name, _ in model.named_modules()]
     modules = {name: random_pair(3, d_in, d_out, seed=i) for i, (name, (d_in, d_out)) in enumerate(slots.targets.items())}
     slots.load(1, LoRAWeights(rank=3, alpha=3.0, use_rslora=False, target_modules=PROJECTIONS, modules=modules))
@@ -223,7 +223,7 @@ def test_injection_leaves_the_models_output_unchanged_without_a_mapping(model_di
     input_ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
     with torch.no_grad():
         before = model(input_ids).logits
-        slots = LoRASlots.inject(model, max_loras=2, max_lora_rank=4)
+        slots = LoRALayers.inject(model, max_loras=2, max_lora_rank=4)
         slots.load(0, LoRAWeights(4, 4.0, False, PROJECTIONS, {
             name: random_pair(4, d_in, d_out, seed=i) for i, (name, (d_in, d_out)) in enumerate(slots.targets.items())
         }))

@@ -103,9 +103,9 @@ def test_a_new_version_serves_new_requests_while_running_ones_keep_theirs(setup,
     run_to_end(llm, [old, new])
     assert old.output_token_ids == expected["v1"]
     assert new.output_token_ids == expected["v2"]
-    manager = llm.engine.adapters
+    manager = llm.engine.adapter_manager
     manager.check_invariants()
-    cached = manager.host_adapters
+    cached = manager.host_keys
     assert f"pricing@{second.version}" in cached
     assert not any(first.version in key for key in cached)  # the old version left the cache once unused
 
@@ -117,7 +117,7 @@ def test_identical_re_registration_is_a_no_op_for_the_engine(setup, sources, exp
     again, created = register(setup, "pricing", sources["v1"])
     assert not created and again.version == first.version
     assert generate(llm, "pricing") == expected["v1"]
-    assert llm.engine.adapters.stats.misses == 1  # loaded from disk once
+    assert llm.engine.adapter_manager.stats.misses == 1  # loaded from disk once
 
 
 def test_a_checksum_mismatch_refuses_that_adapter_only(setup, sources, expected):
@@ -140,10 +140,10 @@ def test_the_registry_pin_flag_is_followed(setup, sources):
     llm = LLM(str(setup[3]), registry=registry, dtype="float32", device="cpu", max_loras=1, max_cpu_loras=4)
     generate(llm, "pricing")
     key = f"pricing@{record.version}"
-    assert llm.engine.adapters.is_pinned(key)
+    assert llm.engine.adapter_manager.is_pinned(key)
     registry.set_pinned("pricing", False)
     generate(llm, "pricing")
-    assert not llm.engine.adapters.is_pinned(key)
+    assert not llm.engine.adapter_manager.is_pinned(key)
 
 
 def test_added_adapters_work_beside_a_registry(setup, sources, expected):
@@ -155,11 +155,12 @@ def test_added_adapters_work_beside_a_registry(setup, sources, expected):
 
 
 def test_a_request_resolved_before_a_newer_version_was_served_still_gets_its_version(setup, sources, expected):
-    """AsyncLLM resolves in the caller's thread and admits in the engine thread: the two can interleave."""
+    """AsyncLLM resolves in a worker thread and admits in the engine thread: the two can interleave."""
     llm = setup[0]
     register(setup, "pricing", sources["v1"])
     assert generate(llm, "pricing") == expected["v1"]  # v1 is the version the engine serves
-    early = llm.engine.make_request(PROMPT, GREEDY, adapter_id="pricing")  # resolved to v1, not yet admitted
+    v1 = llm.engine.resolve_adapter("pricing")
+    early = llm.engine.make_request(PROMPT, GREEDY, adapter=v1)  # resolved to v1, not yet admitted
     register(setup, "pricing", sources["v2"])
     assert generate(llm, "pricing") == expected["v2"]  # v2 admitted and finished first
     llm.engine.add(early)

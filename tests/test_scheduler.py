@@ -5,9 +5,9 @@ from lorax_lite.engine.request import FinishReason, Request, RequestStatus, Samp
 from lorax_lite.engine.scheduler import Scheduler
 
 
-def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=32, max_model_len=128):
+def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=32, max_seq_len=128):
     bm = BlockManager(num_blocks, block_size)
-    return Scheduler(bm, max_num_seqs, max_num_batched_tokens, max_model_len, eos_token_ids={0})
+    return Scheduler(bm, max_num_seqs, max_num_batched_tokens, max_seq_len, eos_token_ids={0})
 
 
 def make_request(rid, prompt_len, max_tokens=8, **params):
@@ -50,7 +50,7 @@ def test_long_prompt_is_chunked_and_decodes_go_first():
 
 
 def test_preempts_newest_and_recomputes_it():
-    sched = make_scheduler(num_blocks=8, block_size=4, max_num_batched_tokens=64, max_model_len=32)
+    sched = make_scheduler(num_blocks=8, block_size=4, max_num_batched_tokens=64, max_seq_len=32)
     sched.add(make_request("old", 8, max_tokens=20))  # 28 tokens = 7 blocks each: both cannot fit at the end
     sched.add(make_request("new", 8, max_tokens=20))
     while not sched.num_preemptions:
@@ -81,8 +81,8 @@ def test_stop_conditions():
     assert sched.running == [ignore] and sched.block_manager.num_used_blocks == 1
 
 
-def test_max_model_len_ends_generation():
-    sched = make_scheduler(max_model_len=10)
+def test_max_seq_len_ends_generation():
+    sched = make_scheduler(max_seq_len=10)
     req = make_request("r", 8, max_tokens=100)
     sched.add(req)
     while sched.has_unfinished():
@@ -99,10 +99,3 @@ def test_abort_frees_blocks_anywhere():
     assert sched.abort("b").finish_reason is FinishReason.ABORT
     assert sched.abort("missing") is None
     assert not sched.has_unfinished() and sched.block_manager.num_used_blocks == 0
-
-
-def test_max_model_len_must_fit_in_the_cache():
-    import pytest
-
-    with pytest.raises(ValueError, match="exceeds the KV cache capacity"):
-        make_scheduler(num_blocks=4, block_size=4, max_model_len=17)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import types
 from pathlib import Path
 
 import httpx
@@ -15,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from lora_helpers import AdapterSpec, make_peft_adapter
 from lorax_lite import LLM, AsyncLLM, SamplingParams
 from lorax_lite.server import create_app
+from engine_helpers import wait_until_idle
 from server_helpers import call
 from lorax_lite.server.generation import Generation
 from lorax_lite.server.calls import ClientDisconnected, run_to_end_or_abort
@@ -227,28 +227,24 @@ def test_health_and_info(app, llm):
     assert info["model_id"] == MODEL_NAME and "model" not in info["engine_config"]
     assert info["engine_config"]["max_num_batched_tokens"] == 64 and info["max_model_len"] == 128
     assert "pricing" in info["adapters"]["added"] and "pricing" in info["adapters"]["host"]
-    assert len(info["adapters"]["slots"]) == llm.engine.config.max_loras
-    stopped = create_app(types.SimpleNamespace(is_running=False, engine=llm.engine), MODEL_NAME)
-    assert call(stopped, "GET", "/health").status_code == 503
+    assert len(info["adapters"]["slots"]) == llm.config.max_loras
 
 
-def wait_until_idle(llm, timeout: float = 10.0) -> None:
-    import time
-
-    deadline = time.time() + timeout
-    while llm.engine.has_unfinished_requests() or llm.engine.block_manager.num_used_blocks:
-        assert time.time() < deadline, "engine did not go idle"
-        time.sleep(0.01)
+def test_health_is_503_once_the_engine_stopped(tiny_llama_dir):
+    stopped = AsyncLLM(str(tiny_llama_dir), **ENGINE)
+    stopped.shutdown()
+    response = call(create_app(stopped, MODEL_NAME), "GET", "/health")
+    assert response.status_code == 503 and response.json()["error_type"] == "unavailable"
 
 
 class DisconnectingRequest:
-    """Stands in for a Starlette request whose client leaves after `after` seconds."""
+    """Stands in for a Starlette request whose client leaves once `left` is set."""
 
-    def __init__(self, after: float) -> None:
-        self.after = after
+    def __init__(self) -> None:
+        self.left = asyncio.Event()
 
     async def receive(self) -> dict:
-        await asyncio.sleep(self.after)
+        await self.left.wait()
         return {"type": "http.disconnect"}
 
 
@@ -261,14 +257,21 @@ def test_disconnect_aborts_a_non_streaming_request(app, llm):
 
     async def go():
         gen = await Generation.start(app.state.server, GenerateRequest(**body(100, adapter_id="pricing")), "pricing")
+        client = DisconnectingRequest()
+
+        def on_output(out):
+            gen.advance(out)
+            if len(gen.tokens) >= 3:
+                client.left.set()  # the client leaves once 3 of its 100 tokens are out
+
         with pytest.raises(ClientDisconnected):
-            await run_to_end_or_abort(gen.call, DisconnectingRequest(after=0.05), on_output=gen.advance)
+            await run_to_end_or_abort(gen.call, client, on_output=on_output)
         return gen
 
     gen = asyncio.run(go())
-    assert 0 < len(gen.tokens) < 100
+    assert 3 <= len(gen.tokens) < 100
     wait_until_idle(llm)
-    assert llm.engine.adapters.refcount("pricing") == 0
+    assert llm.engine.adapter_manager.refcount("pricing") == 0
     assert aborted_count(app, "pricing") == before + 1
 
 
@@ -284,5 +287,19 @@ def test_leaving_a_stream_early_aborts_the_request(app, llm):
     wait_until_idle(llm)
 
 
-def test_engine_is_idle_after_the_requests(llm):
-    assert not llm.engine.has_unfinished_requests() and llm.engine.block_manager.num_used_blocks == 0
+def test_every_way_a_request_ends_leaves_the_engine_idle(app, llm):
+    """Finished, streamed, refused and left early: afterwards nothing is held (this test's own requests)."""
+    assert call(app, "POST", "/generate", json=body(4, adapter_id="pricing")).status_code == 200
+    assert call(app, "POST", "/generate_stream", json=body(4)).status_code == 200
+    assert call(app, "POST", "/generate", json=body(4, adapter_id="no-such-adapter")).status_code == 404
+    assert call(app, "POST", "/generate", json=body(10**6)).status_code == 422
+
+    async def leave_a_stream():
+        gen = await Generation.start(app.state.server, GenerateRequest(**body(100, adapter_id="pricing")), "pricing")
+        events = gen.stream_events()
+        await events.__anext__()
+        await events.aclose()
+
+    asyncio.run(leave_a_stream())
+    wait_until_idle(llm)
+    llm.engine.check_invariants(idle=True)

@@ -17,10 +17,11 @@ from lora_helpers import AdapterSpec, make_peft_adapter, rewrite_config
 from transformers import AutoModelForCausalLM
 
 from lorax_lite.lora.errors import AdapterShapeError, CorruptWeightsError, UnsupportedAdapterError
-from lorax_lite.lora.manager import InvalidAdapterIdError
+from lorax_lite.lora.checksum import compute_version
+from lorax_lite.lora.naming import InvalidAdapterIdError
 from lorax_lite.registry import admin, store as store_module
 from lorax_lite.registry.sqlite import SQLiteRegistry
-from lorax_lite.registry.store import AdapterStore, compute_version
+from lorax_lite.registry.store import AdapterStore
 
 FILES = ["adapter_config.json", "adapter_model.safetensors"]
 BAD_IDS = ["../x", "..", ".hidden", "a/b", "", "-x", "x" * 65, "a b"]
@@ -59,34 +60,6 @@ def flip_last_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
-
-
-# ---- compute_version ---------------------------------------------------------------------------
-
-
-def test_version_is_sha256_of_content_not_of_config_formatting(sources: dict[str, Path], tmp_path: Path) -> None:
-    v1 = compute_version(sources["v1"])
-    assert len(v1) == 64 and int(v1, 16) >= 0
-    assert compute_version(sources["v2"]) != v1
-    copy = Path(shutil.copytree(sources["v1"], tmp_path / "copy"))
-    config = json.loads((copy / FILES[0]).read_text())
-    (copy / FILES[0]).write_text(json.dumps(dict(reversed(list(config.items()))), indent=4))
-    assert compute_version(copy) == v1  # same config, other key order and whitespace
-    rewrite_config(copy, lora_alpha=9)
-    assert compute_version(copy) != v1
-
-
-def test_version_hashes_each_part_with_its_length() -> None:
-    # The bytes go in as (len name, name, len data, data): moving bytes from one part to the next changes the hash.
-    import hashlib
-
-    def digest(parts: list[tuple[str, bytes]]) -> str:
-        h = hashlib.sha256()
-        for name, data in parts:
-            store_module._hash_part(h, name, len(data), [data])
-        return h.hexdigest()
-
-    assert digest([("a", b"xy"), ("b", b"z")]) != digest([("a", b"x"), ("b", b"yz")])
 
 
 # ---- AdapterStore ------------------------------------------------------------------------------

@@ -1,7 +1,12 @@
 """AsyncLLM: the engine loop in a background thread, with one asyncio stream per request.
 
-The event loop never waits on the engine: new requests and aborts go to the engine thread through
-a queue, and outputs come back with `loop.call_soon_threadsafe`. The thread sleeps while idle.
+The event loop never waits on the engine: building a request (tokenizing a text prompt, resolving
+an adapter id against the registry) runs in a worker thread; new requests, aborts and adapter
+changes go to the engine thread as typed messages on a queue; outputs come back with
+`loop.call_soon_threadsafe`. The thread sleeps while idle.
+
+What the server reads of the engine goes through the few typed reads here (`config`, `tokenizer`,
+`max_seq_len`, `resolve_adapter`, `list_adapters`, `snapshot`), never the engine's internals.
 """
 
 from __future__ import annotations
@@ -17,11 +22,15 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from lorax_lite.config import EngineConfig
-from lorax_lite.engine.engine import LLMEngine, Prompt
-from lorax_lite.engine.request import Request, RequestOutput, SamplingParams
-from lorax_lite.lora.manager import check_adapter_id
+from lorax_lite.engine.catalog import AdapterCatalog, ResolvedAdapter
+from lorax_lite.engine.engine import LORA_OFF, LLMEngine, Prompt
+from lorax_lite.engine.request import OutputKind, Request, RequestOutput, SamplingParams
+from lorax_lite.engine.stats import BATCH_SIZE_BUCKETS, AdapterCacheSnapshot, EngineSnapshot, EngineStats
+from lorax_lite.lora.naming import check_adapter_id
+from lorax_lite.lora.weights import LoRAWeights
 from lorax_lite.registry.base import Registry
 from lorax_lite.registry.factory import as_registry, as_store
+from lorax_lite.registry.store import AdapterStore
 
 logger = logging.getLogger(__name__)
 
@@ -30,39 +39,96 @@ class EngineDeadError(RuntimeError):
     """The engine loop stopped (shut down or crashed); no request can be served."""
 
 
+# ---- messages to the engine thread ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AddRequest:
+    request: Request
+
+
+@dataclass(frozen=True)
+class AbortRequest:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class CacheAdapter:
+    adapter_key: str
+    weights: LoRAWeights
+
+
+@dataclass(frozen=True)
+class DiscardAdapter:
+    adapter_key: str
+
+
+EngineMessage = AddRequest | AbortRequest | CacheAdapter | DiscardAdapter
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    queue: asyncio.Queue[RequestOutput | BaseException]
 
     def put(self, item: RequestOutput | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
 class AsyncLLM:
-    """`async for out in llm.generate(prompt, params)` yields cumulative outputs; the last is finished."""
+    """`async for out in llm.generate(prompt, params)` yields outputs (cumulative by default); the last is finished."""
 
     def __init__(
-        self, model: str | None = None, registry: Registry | str | None = None, store: AdapterStore | str | os.PathLike | None = None,
+        self,
+        model: str | None = None,
+        registry: Registry | str | None = None,
+        store: AdapterStore | str | os.PathLike | None = None,
         **engine_config: object,
     ) -> None:
         config = EngineConfig.from_kwargs(model, **engine_config)
         self.engine = LLMEngine(config, registry=as_registry(registry), store=as_store(store))
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._messages: queue.SimpleQueue[EngineMessage] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._wakeup = threading.Event()
         self._stopping = False
         self._error: BaseException | None = None
+        self._snapshot = self.engine.snapshot()
         self._thread = threading.Thread(target=self._run_loop, name="lorax-engine", daemon=True)
         self._thread.start()
+
+    # ---- typed reads ---------------------------------------------------------------------------
+
+    @property
+    def config(self) -> EngineConfig:
+        return self.engine.config
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         return self.engine.tokenizer
 
     @property
+    def max_seq_len(self) -> int:
+        """The longest prompt + output served: `max_model_len` when given, else the model's context, capped by the KV cache."""
+        return self.engine.max_seq_len
+
+    @property
     def is_running(self) -> bool:
         return self._thread.is_alive() and not self._stopping
+
+    def resolve_adapter(self, adapter_id: str) -> ResolvedAdapter:
+        """The version of `adapter_id` a new request gets; AdapterNotFoundError if unknown. Blocking (it may
+        read the registry): from async code, run it in a worker thread."""
+        return self.engine.resolve_adapter(adapter_id)
+
+    def list_adapters(self) -> list[ResolvedAdapter]:
+        """Every adapter a request can name. Blocking (it may read the registry): from async code, run it in a thread."""
+        return self.engine.list_adapters()
+
+    def snapshot(self) -> EngineSnapshot:
+        """The engine's state and counters as of its last step (never waits for the engine)."""
+        return self._snapshot
+
+    # ---- requests ------------------------------------------------------------------------------
 
     async def generate(
         self,
@@ -71,17 +137,27 @@ class AsyncLLM:
         adapter_id: str | None = None,
         request_id: str | None = None,
         prompt_text: str | None = None,
+        *,
+        adapter: ResolvedAdapter | None = None,
+        output_kind: OutputKind = OutputKind.CUMULATIVE,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream one request. Bad input raises ValueError (an unknown adapter: AdapterNotFoundError);
-        leaving the loop early aborts the request. `adapter_id` None means the base model."""
+        """Stream one request. Bad input raises ValueError (an unknown adapter: AdapterNotFoundError); leaving
+        the loop early aborts the request. The adapter is `adapter_id` (resolved here, in a worker thread) or
+        an `adapter` already resolved with `resolve_adapter`; neither means the base model."""
         if not self.is_running:
             raise EngineDeadError(f"the engine is not running: {self._error or 'shut down'}")
         if request_id is not None and request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        request = self.engine.make_request(prompt, sampling_params, request_id, adapter_id, prompt_text)
+        if adapter_id is not None and adapter is not None:
+            raise ValueError("give adapter_id or a resolved adapter, not both")
+        args = (prompt, sampling_params, request_id, adapter_id, adapter, prompt_text, output_kind)
+        if isinstance(prompt, str) or adapter_id is not None:  # tokenizer or registry work: off the event loop
+            request = await asyncio.to_thread(self._make_request, *args)
+        else:
+            request = self._make_request(*args)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request.request_id] = stream
-        self._send(("add", request))
+        self._send(AddRequest(request))
         finished = False
         try:
             while not finished:
@@ -94,28 +170,43 @@ class AsyncLLM:
             if not finished:
                 self._abort_now(request.request_id)
 
-    def add_adapter(self, adapter_id: str, path: str | os.PathLike) -> None:
-        """Validate a PEFT adapter (in the caller's thread: it reads the disk) and make it usable at once."""
-        check_adapter_id(adapter_id)
-        weights = self.engine.load_adapter_weights(path)
-        self.engine.register_adapter(adapter_id, path)
-        self._send(("cache_adapter", (adapter_id, weights)))
-
-    def remove_adapter(self, adapter_id: str) -> None:
-        """New requests cannot use it any more; running ones finish with it."""
-        self.engine.unregister_adapter(adapter_id)
-        self._send(("drop_adapter", adapter_id))
+    def _make_request(self, prompt: Prompt, sampling_params: SamplingParams | None, request_id: str | None,
+                      adapter_id: str | None, adapter: ResolvedAdapter | None, prompt_text: str | None,
+                      output_kind: OutputKind) -> Request:
+        if adapter_id is not None:
+            adapter = self.engine.resolve_adapter(adapter_id)
+        return self.engine.make_request(prompt, sampling_params, request_id, adapter, prompt_text, output_kind)
 
     async def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks; its stream ends with finish_reason "abort"."""
-        self._send(("abort", request_id))
+        self._send(AbortRequest(request_id))
 
     def _abort_now(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
-        self._send(("abort", request_id))
+        self._send(AbortRequest(request_id))
 
-    def _send(self, command: tuple[str, object]) -> None:
-        self._commands.put(command)
+    # ---- adapters ------------------------------------------------------------------------------
+
+    def add_adapter(self, adapter_id: str, path: str | os.PathLike) -> None:
+        """Validate a PEFT adapter (in the caller's thread: it reads the disk) and make it usable at once."""
+        check_adapter_id(adapter_id)
+        weights = self.engine.read_adapter(path)
+        adapter = self._catalog().add_path(adapter_id, path)  # the next request can name it
+        self._send(CacheAdapter(adapter.adapter_key, weights))
+
+    def remove_adapter(self, adapter_id: str) -> None:
+        """New requests cannot name it any more; running ones finish with it."""
+        self._send(DiscardAdapter(self._catalog().remove_path(adapter_id)))
+
+    def _catalog(self) -> AdapterCatalog:
+        if self.engine.catalog is None:
+            raise ValueError(LORA_OFF)
+        return self.engine.catalog
+
+    # ---- the engine thread ---------------------------------------------------------------------
+
+    def _send(self, message: EngineMessage) -> None:
+        self._messages.put(message)
         self._wakeup.set()
 
     def shutdown(self) -> None:
@@ -127,12 +218,14 @@ class AsyncLLM:
     def _run_loop(self) -> None:
         try:
             while not self._stopping:
-                self._apply_commands()
+                outputs = self._apply_messages()
+                if self.engine.has_unfinished_requests():
+                    outputs += self.engine.step()
+                self._snapshot = self.engine.snapshot()  # before delivering: a client that saw an output sees its step
+                self._deliver(outputs)
                 if not self.engine.has_unfinished_requests():
                     self._wakeup.wait()
                     self._wakeup.clear()
-                    continue
-                self._deliver(self.engine.step())
         except BaseException as exc:  # a bug in the loop: say so to every waiting client
             logger.exception("engine loop crashed")
             self._error = exc
@@ -140,22 +233,30 @@ class AsyncLLM:
             self._stopping = True
             self._fail_all(EngineDeadError(f"the engine stopped: {self._error or 'shut down'}"))
 
-    def _apply_commands(self) -> None:
+    def _apply_messages(self) -> list[RequestOutput]:
+        """Apply every queued message; returns the outputs they produced (of aborted requests)."""
+        outputs: list[RequestOutput] = []
         while True:
             try:
-                kind, arg = self._commands.get_nowait()
+                message = self._messages.get_nowait()
             except queue.Empty:
-                return
-            if kind == "add":
-                self._add(arg)
-            elif kind == "cache_adapter":
-                self.engine.adapters.put(*arg)
-            elif kind == "drop_adapter":
-                self.engine.adapters.remove(arg)
-            else:
-                aborted = self.engine.abort_request(arg)
+                return outputs
+            self._apply(message, outputs)
+
+    def _apply(self, message: EngineMessage, outputs: list[RequestOutput]) -> None:
+        match message:
+            case AddRequest(request):
+                self._add(request)
+            case AbortRequest(request_id):
+                aborted = self.engine.abort_request(request_id)
                 if aborted is not None:
-                    self._deliver([aborted.to_output()])
+                    outputs.append(aborted)
+            case CacheAdapter(adapter_key, weights):
+                self._catalog().manager.put(adapter_key, weights)
+            case DiscardAdapter(adapter_key):
+                self.engine.discard_adapter(adapter_key)
+            case _:
+                raise TypeError(f"unknown engine message {message!r}")
 
     def _add(self, request: Request) -> None:
         if request.request_id not in self._streams:
@@ -179,3 +280,10 @@ class AsyncLLM:
             stream = self._streams.pop(request_id, None)
             if stream is not None:
                 stream.put(error)
+
+
+# The server's one door into the engine: AsyncLLM and the types its reads return.
+__all__ = [
+    "BATCH_SIZE_BUCKETS", "AdapterCacheSnapshot", "AsyncLLM", "EngineDeadError", "EngineSnapshot", "EngineStats",
+    "OutputKind", "ResolvedAdapter",
+]

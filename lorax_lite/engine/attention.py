@@ -1,8 +1,8 @@
 """Paged attention for a flattened batch, registered with transformers' AttentionInterface.
 
 The runner publishes an `AttentionMetadata` for the step through `forward_context`; every
-attention layer of the HF model then (1) writes the K/V of the scheduled tokens into their cache
-slots and (2) attends each sequence's queries to that sequence's cached keys. Sequences are
+attention layer of the HF model then (1) writes the K/V of the scheduled tokens into their KV rows
+and (2) attends each sequence's queries to that sequence's cached keys. Sequences are
 grouped once per step (decodes, prefill chunks) into padded batches, so a layer runs at most
 two SDPA calls whatever the number of requests: no per-request Python inside the model.
 """
@@ -53,7 +53,7 @@ class AttentionMetadata:
     """What every attention layer needs for one step; built once by the runner."""
 
     kv_cache: KVCache
-    slot_mapping: torch.Tensor  # [T] cache slot where each scheduled token's K/V is written
+    kv_rows: torch.Tensor  # [T] row of the KV cache where each scheduled token's K/V is written
     groups: list[AttentionGroup]
 
 
@@ -87,8 +87,8 @@ def paged_attention_forward(
         raise RuntimeError(f"{ATTN_IMPLEMENTATION} attention called outside the engine's forward_context")
     layer = module.layer_idx
     k_cache, v_cache = meta.kv_cache.key[layer], meta.kv_cache.value[layer]
-    k_cache.index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1))
-    v_cache.index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1))
+    k_cache.index_copy_(0, meta.kv_rows, key[0].transpose(0, 1))
+    v_cache.index_copy_(0, meta.kv_rows, value[0].transpose(0, 1))
     q = query[0].transpose(0, 1)  # [T, Hq, D]
     if len(meta.groups) == 1 and meta.groups[0].dest is None:  # e.g. all decodes: no scatter needed
         return _attend_group(q, k_cache, v_cache, meta.groups[0], scaling, sliding_window).unsqueeze(0), None

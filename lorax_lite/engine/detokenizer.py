@@ -50,10 +50,15 @@ class IncrementalDetokenizer:
             self._add_text(new_text)
 
     def stream_text(self, finished: bool) -> str:
-        """Text safe to show now: while unfinished, hold back a tail that could begin a stop string."""
-        if finished or self.stopped or self.stop_holdback == 0:
-            return self.output_text
-        return self.output_text[: max(0, len(self.output_text) - self.stop_holdback)]
+        """The text safe to show now (see `num_visible_chars`)."""
+        return self.output_text[: self.num_visible_chars(finished)]
+
+    def num_visible_chars(self, finished: bool) -> int:
+        """How much of `output_text` is safe to show now: while unfinished, a tail that could begin a stop
+        string is held back. Never decreases for one request, so shown text is never taken back."""
+        if finished or self.stopped:
+            return len(self.output_text)
+        return max(0, len(self.output_text) - self.stop_holdback)
 
     def _decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens)

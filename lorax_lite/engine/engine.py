@@ -2,58 +2,46 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
 import random
-from bisect import bisect_left
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lorax_lite.config import EngineConfig
-from lorax_lite.engine.detokenizer import IncrementalDetokenizer
-from lorax_lite.engine.kv_cache import BlockManager, KVCache
-from lorax_lite.engine.request import Request, RequestOutput, SamplingParams
-from lorax_lite.engine.runner import ModelRunner, ModelShape
+from lorax_lite.engine.catalog import AdapterCatalog, ResolvedAdapter
+from lorax_lite.engine.kv_cache import BlockManager, ModelShape, plan_kv_cache
+from lorax_lite.engine.output import OutputProcessor
+from lorax_lite.engine.request import OutputKind, Request, RequestOutput, SamplingParams
+from lorax_lite.engine.runner import ModelRunner
 from lorax_lite.engine.scheduler import Scheduler
-from lorax_lite.lora.layers import LoRASlots
-from lorax_lite.lora.catalog import AdapterCatalog
+from lorax_lite.engine.stats import AdapterCacheSnapshot, EngineSnapshot, EngineStats
+from lorax_lite.invariants import debug_invariants
+from lorax_lite.lora.errors import AdapterNotFoundError
+from lorax_lite.lora.layers import LoRALayers
+from lorax_lite.lora.loader import AdapterReader
 from lorax_lite.lora.manager import AdapterManager
-from lorax_lite.lora.weights import LoRAWeights, load_lora_weights
+from lorax_lite.lora.weights import LoRAWeights
+from lorax_lite.model_loader import load_model_and_tokenizer
 from lorax_lite.registry.base import Registry
 from lorax_lite.registry.store import AdapterStore
-from lorax_lite.model_loader import load_model_and_tokenizer
 
 logger = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
-
-BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-
-
-@dataclass
-class EngineStats:
-    """Counters since start-up, written by the thread that steps the engine (read by /metrics)."""
-
-    steps: int = 0  # forward passes
-    batched_tokens: int = 0  # tokens run through the model, summed over steps
-    batch_size_sum: int = 0  # sequences per step, summed over steps
-    batch_size_buckets: list[int] = field(default_factory=lambda: [0] * len(BATCH_SIZE_BUCKETS))  # steps per bucket (<= bound)
-
-    def observe_step(self, num_seqs: int, num_tokens: int) -> None:
-        self.steps += 1
-        self.batched_tokens += num_tokens
-        self.batch_size_sum += num_seqs
-        bucket = bisect_left(BATCH_SIZE_BUCKETS, num_seqs)
-        if bucket < len(BATCH_SIZE_BUCKETS):
-            self.batch_size_buckets[bucket] += 1
+LORA_OFF = "LoRA is turned off (max_loras=0); start the engine with max_loras >= 1 to serve adapters"
 
 
 class LLMEngine:
-    """The synchronous engine; `LLM` drives it in the caller's thread, `AsyncLLM` in its own."""
+    """The synchronous engine; `LLM` drives it in the caller's thread, `AsyncLLM` in its own.
+
+    Thread safety: `read_adapter`, `resolve_adapter`, `list_adapters` and `make_request` may run in any
+    thread; everything else runs in the thread that steps the engine.
+    """
 
     def __init__(
         self,
@@ -68,106 +56,83 @@ class LLMEngine:
             model, tokenizer = load_model_and_tokenizer(config.model, dtype=config.dtype, device=config.device)
         self.tokenizer = tokenizer
         self.dtype = next(model.parameters()).dtype
-        self.lora_slots, self.adapters = self._init_lora(model)
-        self.catalog = None if self.adapters is None else AdapterCatalog(self.adapters, self.load_adapter_weights, registry, store)
         self.vocab_size = model.get_input_embeddings().num_embeddings
-        shape = ModelShape.of(model)
-        num_blocks = self._num_kv_blocks(shape, self.dtype)
-        self.max_model_len = self._max_model_len(shape, num_blocks)
-        self.runner = ModelRunner(model, num_blocks, config.block_size, self.lora_slots)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self._init_lora(model, registry, store)
+        plan = plan_kv_cache(config, ModelShape.of(model), self.dtype)
+        self.max_seq_len = plan.max_seq_len  # the longest prompt + output served (see max_model_len)
+        self.runner = ModelRunner(model, plan.num_blocks, config.block_size, self.lora_layers)
+        self.block_manager = BlockManager(plan.num_blocks, config.block_size)
         self.scheduler = Scheduler(
             self.block_manager,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=self.max_model_len,
+            max_seq_len=self.max_seq_len,
             eos_token_ids=eos_token_ids(model, tokenizer),
-            adapters=self.adapters,
+            adapter_manager=self.adapter_manager,
         )
+        self.output_processor = OutputProcessor(tokenizer)
         self.stats = EngineStats()
+        self.check_when_idle = debug_invariants()
         self._ids = itertools.count()
         self._requests: dict[str, Request] = {}
 
-    def _init_lora(self, model: PreTrainedModel) -> tuple[LoRASlots | None, AdapterManager | None]:
+    def _init_lora(self, model: PreTrainedModel, registry: Registry | None, store: AdapterStore | None) -> None:
+        self.lora_layers: LoRALayers | None = None
+        self.adapter_reader: AdapterReader | None = None
+        self.adapter_manager: AdapterManager | None = None
+        self.catalog: AdapterCatalog | None = None
         cfg = self.config
         if cfg.max_loras == 0:
-            return None, None
-        slots = LoRASlots.inject(model, cfg.max_loras, cfg.max_lora_rank)
+            return
+        self.lora_layers = LoRALayers.inject(model, cfg.max_loras, cfg.max_lora_rank)
+        self.adapter_reader = AdapterReader(self.lora_layers.targets, cfg.max_lora_rank, self.dtype)
         on_cuda = next(model.parameters()).device.type == "cuda"
-        return slots, AdapterManager(slots, cfg.max_cpu_loras, self._load_registered, pin_memory=on_cuda)
+        self.adapter_manager = AdapterManager(self.lora_layers, cfg.max_cpu_loras, self.adapter_reader.read, pin_memory=on_cuda)
+        self.catalog = AdapterCatalog(self.adapter_manager, registry, store)
 
     # ---- adapters ----------------------------------------------------------------------------
 
-    def load_adapter_weights(self, path: str | os.PathLike) -> LoRAWeights:
+    def read_adapter(self, path: str | os.PathLike) -> LoRAWeights:
         """Read and validate a PEFT adapter against this base model (raises a specific AdapterError)."""
-        self._require_lora()
-        return load_lora_weights(path, self.lora_slots.targets, self.config.max_lora_rank, dtype=self.dtype)
+        if self.adapter_reader is None:
+            raise ValueError(LORA_OFF)
+        return self.adapter_reader.read_dir(path)
 
     def add_adapter(self, adapter_id: str, path: str | os.PathLike, weights: LoRAWeights | None = None) -> None:
-        """Make `adapter_id` usable by requests; loaded from `path` on first use unless `weights` are given."""
-        self.register_adapter(adapter_id, path)
+        """Make `adapter_id` name the adapter at `path`; read on first use unless its `weights` are given."""
+        catalog = self._catalog()
+        adapter = catalog.add_path(adapter_id, path)
         if weights is not None:
-            self.adapters.put(adapter_id, weights)
-
-    def register_adapter(self, adapter_id: str, path: str | os.PathLike) -> None:
-        """Only record where the adapter is (safe from any thread; the cache is untouched)."""
-        self._require_lora()
-        self.catalog.add(adapter_id, path)
+            catalog.manager.put(adapter.adapter_key, weights)
 
     def remove_adapter(self, adapter_id: str) -> None:
-        """New requests cannot use it any more; running ones finish with it."""
-        self.unregister_adapter(adapter_id)
-        self.adapters.remove(adapter_id)
+        """New requests cannot name it any more; running ones finish with it, waiting ones fail."""
+        self.discard_adapter(self._catalog().remove_path(adapter_id))
 
-    def unregister_adapter(self, adapter_id: str) -> None:
-        self._require_lora()
-        self.catalog.discard(adapter_id)
+    def discard_adapter(self, adapter_key: str) -> None:
+        """The cache forgets `adapter_key` (once its running requests finish); its waiting requests fail."""
+        self._catalog().manager.remove(adapter_key)
+        self.scheduler.fail_waiting(adapter_key, AdapterNotFoundError(f"adapter {adapter_key!r} was removed"))
+
+    def resolve_adapter(self, adapter_id: str) -> ResolvedAdapter:
+        """The version of `adapter_id` a new request gets (may read the registry); AdapterNotFoundError if unknown."""
+        return self._catalog().resolve(adapter_id)
+
+    def list_adapters(self) -> list[ResolvedAdapter]:
+        """Every adapter a request can name (may read the registry); empty when LoRA is off."""
+        return [] if self.catalog is None else self.catalog.list_adapters()
 
     @property
-    def adapter_ids(self) -> list[str]:
-        """Adapters added by path (registry adapters: see the registry)."""
+    def added_adapter_ids(self) -> list[str]:
+        """Adapters added by path (registered ones: see the registry)."""
         return [] if self.catalog is None else self.catalog.added_ids
 
-    def _require_lora(self) -> None:
-        if self.adapters is None:
-            raise ValueError("LoRA is turned off (max_loras=0); start the engine with max_loras >= 1 to serve adapters")
-
-    def _resolve_adapter(self, adapter_id: str | None) -> str | None:
-        if adapter_id is None:
-            return None
-        self._require_lora()
-        return self.catalog.resolve(adapter_id)
-
-    def _load_registered(self, key: str) -> LoRAWeights:
-        """Runs on the adapter loader thread."""
-        return self.catalog.load(key)
+    def _catalog(self) -> AdapterCatalog:
+        if self.catalog is None:
+            raise ValueError(LORA_OFF)
+        return self.catalog
 
     # ---- requests ----------------------------------------------------------------------------
-
-    def _num_kv_blocks(self, shape: ModelShape, dtype: torch.dtype) -> int:
-        cfg = self.config
-        if cfg.num_kv_blocks is not None:
-            return cfg.num_kv_blocks
-        per_block = KVCache.bytes_per_block(shape.num_layers, cfg.block_size, shape.num_kv_heads, shape.head_dim, dtype)
-        budget = int(cfg.kv_cache_memory_gb * 2**30) // per_block
-        model_len = cfg.max_model_len or shape.max_position_embeddings or 4096
-        useful = cfg.max_num_seqs * -(-model_len // cfg.block_size)  # more blocks than this can never be used
-        return max(1, min(budget, useful))
-
-    def _max_model_len(self, shape: ModelShape, num_blocks: int) -> int:
-        capacity = num_blocks * self.config.block_size
-        model_len = shape.max_position_embeddings
-        wanted = self.config.max_model_len
-        if wanted is None:
-            return min(model_len or capacity, capacity)
-        if model_len is not None and wanted > model_len:
-            raise ValueError(f"max_model_len {wanted} exceeds the model's context length {model_len}")
-        if wanted > capacity:
-            raise ValueError(
-                f"max_model_len {wanted} does not fit in the KV cache ({num_blocks} blocks of "
-                f"{self.config.block_size} tokens); raise num_kv_blocks or kv_cache_memory_gb"
-            )
-        return wanted
 
     def add_request(
         self,
@@ -177,44 +142,39 @@ class LLMEngine:
         adapter_id: str | None = None,
     ) -> Request:
         """Validate and queue one request; bad input raises ValueError and changes nothing."""
-        request = self.make_request(prompt, sampling_params, request_id, adapter_id)
+        adapter = self.resolve_adapter(adapter_id) if adapter_id is not None else None
+        request = self.make_request(prompt, sampling_params, request_id, adapter)
         self.add(request)
         return request
-
-    def add(self, request: Request) -> None:
-        """Queue a request built by `make_request`."""
-        if request.request_id in self._requests:
-            raise ValueError(f"request_id {request.request_id!r} is already in use")
-        self._requests[request.request_id] = request
-        if request.adapter_id is not None:
-            self.catalog.admit(request.adapter_id, request.adapter_key)
-        self.scheduler.add(request)
 
     def make_request(
         self,
         prompt: Prompt,
         sampling_params: SamplingParams | None = None,
         request_id: str | None = None,
-        adapter_id: str | None = None,
+        adapter: ResolvedAdapter | None = None,
         prompt_text: str | None = None,
+        output_kind: OutputKind = OutputKind.CUMULATIVE,
     ) -> Request:
-        """Build a validated Request without queueing it (AsyncLLM validates in the caller's thread).
+        """Build a validated Request without queueing it (AsyncLLM builds requests outside the engine thread).
 
         `prompt` is text (tokenized here) or token ids; `prompt_text` names token ids' text in outputs.
         """
         params = sampling_params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
-        adapter_key = self._resolve_adapter(adapter_id)
+        if adapter is not None and not isinstance(adapter, ResolvedAdapter):
+            raise ValueError(f"adapter must be a ResolvedAdapter (see resolve_adapter), got {type(adapter).__name__}")
         text, token_ids = self._tokenize(prompt)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        request = Request(request_id, token_ids, params, prompt=text or prompt_text, adapter_id=adapter_id)
-        request.adapter_key = adapter_key
-        self._init_sampling_state(request)
+        request = Request(request_id, token_ids, params, prompt=text or prompt_text, adapter=adapter, output_kind=output_kind)
+        if not params.is_greedy:
+            request.seed = params.seed if params.seed is not None else random.getrandbits(63)
+            request.generator = torch.Generator().manual_seed(request.seed)
         return request
 
     def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
@@ -234,55 +194,80 @@ class LLMEngine:
             raise ValueError("prompt is empty (no tokens)")
         if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in token_ids):
             raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
-        if len(token_ids) >= self.max_model_len:
+        if len(token_ids) >= self.max_seq_len:
             raise ValueError(
-                f"prompt has {len(token_ids)} tokens but max_model_len is {self.max_model_len} "
+                f"prompt has {len(token_ids)} tokens but max_model_len is {self.max_seq_len} "
                 "(prompt + at least one generated token must fit); shorten the prompt"
             )
 
-    def _init_sampling_state(self, request: Request) -> None:
-        params = request.sampling_params
-        if not params.is_greedy:
-            request.seed = params.seed if params.seed is not None else random.getrandbits(63)
-            request.generator = torch.Generator().manual_seed(request.seed)
-        request.detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.stop)
+    def add(self, request: Request) -> None:
+        """Queue a request built by `make_request`."""
+        if request.request_id in self._requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        if request.adapter is not None:
+            self._catalog().admit(request.adapter)
+        self._requests[request.request_id] = request
+        self.output_processor.add(request)
+        self.scheduler.add(request)
 
-    def abort_request(self, request_id: str) -> Request | None:
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Finish a request now (finish_reason "abort"), freeing its blocks; its last output, or None if unknown."""
         request = self.scheduler.abort(request_id)
-        self._forget(request_id)
-        return request
+        return None if request is None else self._finish_step([request])[0]
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        """One continuous-batching step; returns outputs of requests that advanced."""
+        """One continuous-batching step; returns the outputs of requests that advanced or finished."""
         batch = self.scheduler.schedule()
-        failed, self.scheduler.failed = self.scheduler.failed, []
+        failed = self.scheduler.take_failed()
         if batch.is_empty:
             if self.scheduler.is_waiting_for_adapters:
-                self.adapters.wait(timeout=0.05)  # adapters are on their way from disk: do not spin
-            return self._collect(failed)
+                self._catalog().manager.wait(timeout=0.05)  # adapters are on their way from disk: do not spin
+            return self._finish_step(failed)
         self.stats.observe_step(len(batch.requests), batch.num_tokens)
         try:
             sampled = self.runner.run(batch, self.block_manager)
         except Exception as exc:  # a failed forward fails its batch, never the engine
             logger.exception("forward pass failed for %d requests", len(batch.requests))
             self.scheduler.fail(batch.requests, f"forward pass failed: {exc}")
-            return self._collect(failed + batch.requests)
+            return self._finish_step(failed + batch.requests)
         updated = self.scheduler.postprocess(batch, sampled.token_ids, sampled.logprobs)
-        return self._collect(failed + updated)
+        return self._finish_step(failed + updated)
 
-    def _collect(self, requests: list[Request]) -> list[RequestOutput]:
+    def _finish_step(self, requests: list[Request]) -> list[RequestOutput]:
+        outputs = self.output_processor.process(requests, self.scheduler.finish_request)
         for req in requests:
-            if req.is_finished:
-                self._forget(req.request_id)
-        return [r.to_output() for r in requests]
+            if req.is_finished and self._requests.pop(req.request_id, None) is not None and req.adapter is not None:
+                self._catalog().finished(req.adapter)
+        if self.check_when_idle and not self.scheduler.has_unfinished():
+            self.check_invariants(idle=True)
+        return outputs
 
-    def _forget(self, request_id: str) -> None:
-        req = self._requests.pop(request_id, None)
-        if req is not None and req.adapter_id is not None:
-            self.catalog.finished(req.adapter_key)
+    # ---- state ---------------------------------------------------------------------------------
+
+    def snapshot(self) -> EngineSnapshot:
+        """A frozen copy of the engine's state and counters (call it in the thread that steps the engine)."""
+        manager = self.adapter_manager
+        adapters = None if manager is None else AdapterCacheSnapshot(
+            self.added_adapter_ids, manager.slot_keys, manager.host_keys, dataclasses.replace(manager.stats))
+        return EngineSnapshot(
+            num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running),
+            num_kv_blocks_used=self.block_manager.num_used_blocks,
+            num_kv_blocks=self.block_manager.num_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+            stats=self.stats.copy(),
+            adapters=adapters,
+        )
+
+    def check_invariants(self, idle: bool = False) -> None:
+        """The allocators' invariants (InvariantError when broken); `idle`: nothing may be held either.
+        Runs whenever the engine goes idle with LORAX_DEBUG_INVARIANTS=1 (as in the tests)."""
+        self.block_manager.check_invariants(idle=idle)
+        if self.adapter_manager is not None:
+            self.adapter_manager.check_invariants(idle=idle)
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:

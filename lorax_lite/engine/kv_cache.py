@@ -1,10 +1,69 @@
-"""Paged KV cache: a BlockManager that hands out fixed-size blocks, and the per-layer tensors they index."""
+"""Paged KV cache: how big it is (`plan_kv_cache`), a BlockManager that hands out fixed-size blocks, and
+the per-layer tensors they index."""
 
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedModel
+
+from lorax_lite.config import EngineConfig
+from lorax_lite.invariants import require
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the KV cache needs to know about the model."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int | None
+
+    @classmethod
+    def of(cls, model: PreTrainedModel) -> ModelShape:
+        cfg = model.config.get_text_config()
+        num_heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
+        return cls(
+            num_layers=cfg.num_hidden_layers,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or num_heads,
+            head_dim=head_dim,
+            max_position_embeddings=getattr(cfg, "max_position_embeddings", None),
+        )
+
+
+@dataclass(frozen=True)
+class KVCachePlan:
+    """The KV cache an engine gets, and the longest sequence (prompt + output) it can therefore serve."""
+
+    num_blocks: int
+    max_seq_len: int
+
+
+def plan_kv_cache(config: EngineConfig, shape: ModelShape, dtype: torch.dtype) -> KVCachePlan:
+    """Size the cache from `num_kv_blocks` or `kv_cache_memory_gb`, then resolve `max_model_len` against the
+    model's context and the cache (one sequence of max_seq_len tokens must fit alone); ValueError says what to raise.
+    """
+    num_blocks = config.num_kv_blocks
+    if num_blocks is None:
+        per_block = KVCache.bytes_per_block(shape.num_layers, config.block_size, shape.num_kv_heads, shape.head_dim, dtype)
+        budget = int(config.kv_cache_memory_gb * 2**30) // per_block
+        model_len = config.max_model_len or shape.max_position_embeddings or 4096
+        useful = config.max_num_seqs * -(-model_len // config.block_size)  # more blocks than this can never be used
+        num_blocks = max(1, min(budget, useful))
+    capacity = num_blocks * config.block_size
+    model_len, wanted = shape.max_position_embeddings, config.max_model_len
+    if wanted is None:
+        return KVCachePlan(num_blocks, min(model_len or capacity, capacity))
+    if model_len is not None and wanted > model_len:
+        raise ValueError(f"max_model_len {wanted} exceeds the model's context length {model_len}")
+    if wanted > capacity:
+        raise ValueError(f"max_model_len {wanted} does not fit in the KV cache ({num_blocks} blocks of "
+                         f"{config.block_size} tokens); raise num_kv_blocks or kv_cache_memory_gb")
+    return KVCachePlan(num_blocks, wanted)
 
 
 class BlockManager:
@@ -71,23 +130,21 @@ class BlockManager:
         for block in self._tables.pop(seq_id, ()):
             self._free.append(block)
 
-    def check_invariants(self) -> None:
+    def check_invariants(self, idle: bool = False) -> None:
+        """Raise InvariantError if the block tables are inconsistent; `idle`: no sequence holds blocks either."""
         used = [b for table in self._tables.values() for b in table]
-        if len(used) != len(set(used)):
-            raise AssertionError("a block is owned by two sequences (or twice by one)")
-        if set(used) & set(self._free):
-            raise AssertionError("a block is both free and used")
-        if len(used) + len(self._free) != self.num_blocks:
-            raise AssertionError(f"free {len(self._free)} + used {len(used)} != total {self.num_blocks}")
-        if len(self._free) != len(set(self._free)):
-            raise AssertionError("a block is on the free list twice")
+        require(len(used) == len(set(used)), "a block is owned by two sequences (or twice by one)")
+        require(not set(used) & set(self._free), "a block is both free and used")
+        require(len(used) + len(self._free) == self.num_blocks, f"free {len(self._free)} + used {len(used)} != total {self.num_blocks}")
+        require(len(self._free) == len(set(self._free)), "a block is on the free list twice")
+        require(not idle or not self._tables, f"sequences {sorted(self._tables)} still hold blocks with no request left")
 
 
 class KVCache:
     """Per-layer K and V tensors, `[num_blocks * block_size, num_kv_heads, head_dim]` each.
 
-    Flat along the slot dimension so a token's K/V is addressed by one slot index:
-    `slot = block_table[pos // block_size] * block_size + pos % block_size`.
+    One row per token, so a token's K/V is addressed by one KV row:
+    `kv_row = block_table[pos // block_size] * block_size + pos % block_size`.
     """
 
     def __init__(

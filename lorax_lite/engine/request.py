@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import math
 import time
@@ -12,7 +11,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from lorax_lite.engine.detokenizer import IncrementalDetokenizer
+    from lorax_lite.engine.catalog import ResolvedAdapter
 
 
 class FinishReason(str, enum.Enum):
@@ -21,6 +20,14 @@ class FinishReason(str, enum.Enum):
     EOS = "eos"  # the model's end-of-sequence token
     ABORT = "abort"  # the client went away or asked to abort
     ERROR = "error"  # this request failed; `RequestOutput.error` says why
+
+
+class OutputKind(str, enum.Enum):
+    """Which outputs a request's stream carries (vLLM's RequestOutputKind)."""
+
+    CUMULATIVE = "cumulative"  # one per step, each with everything so far (token_ids, logprobs, text)
+    DELTA = "delta"  # one per step, each with only what is new since the previous output (what the server streams)
+    FINAL_ONLY = "final_only"  # one, when the request finishes, with everything (what LLM.generate collects)
 
 
 class RequestStatus(enum.Enum):
@@ -120,7 +127,12 @@ class RequestMetrics:
 
 @dataclass
 class RequestOutput:
-    """What a caller sees of a request: cumulative, so the last one carries everything."""
+    """What a caller sees of a request after a step.
+
+    `token_ids`, `logprobs` and `text` hold everything so far, except for a request made with
+    OutputKind.DELTA, where they hold only what is new since its previous output.
+    `num_generated_tokens` is always the total.
+    """
 
     request_id: str
     prompt: str | None
@@ -129,6 +141,7 @@ class RequestOutput:
     text: str
     finish_reason: str | None
     finished: bool
+    num_generated_tokens: int = 0
     adapter_id: str | None = None
     error: str | None = None
     metrics: RequestMetrics | None = None
@@ -150,14 +163,16 @@ class Request:
         prompt_token_ids: list[int],
         sampling_params: SamplingParams,
         prompt: str | None = None,
-        adapter_id: str | None = None,
+        adapter: ResolvedAdapter | None = None,
         arrival_time: float | None = None,
+        output_kind: OutputKind = OutputKind.CUMULATIVE,
     ) -> None:
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
-        self.adapter_id = adapter_id
+        self.adapter = adapter  # None: the base model
+        self.output_kind = output_kind
         self.output_token_ids: list[int] = []
         self.output_logprobs: list[float | None] = []  # log-probability of each output token as sampled
         self.num_computed_tokens = 0
@@ -165,13 +180,20 @@ class Request:
         self.finish_reason: FinishReason | None = None
         self.error: str | None = None
         self.exception: Exception | None = None
-        self.adapter_key = adapter_id  # what the adapter cache calls it: the id, or id@version from a registry
-        self.lora_slot: int | None = None  # the adapter slot it holds while running
+        self.lora_slot: int | None = None  # the LoRA slot it holds while running
         self.metrics = RequestMetrics(arrival_time=arrival_time or time.time())
         self.generator: torch.Generator | None = None  # set by the engine for sampled requests
-        self.detokenizer: IncrementalDetokenizer | None = None  # set by the engine
         self.num_preemptions = 0
         self.seed: int | None = sampling_params.seed  # the seed actually used (drawn when None)
+
+    @property
+    def adapter_id(self) -> str | None:
+        return self.adapter.adapter_id if self.adapter is not None else None
+
+    @property
+    def adapter_key(self) -> str | None:
+        """What the adapter cache calls this request's adapter version (see the glossary)."""
+        return self.adapter.adapter_key if self.adapter is not None else None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -214,27 +236,5 @@ class Request:
         self.error = error
         self.metrics.finished_time = time.time()
 
-    @property
-    def text(self) -> str:
-        """Text safe to show now: while running, a possible start of a stop string is held back."""
-        return self.detokenizer.stream_text(self.is_finished) if self.detokenizer is not None else ""
 
-    def to_output(self) -> RequestOutput:
-        return RequestOutput(
-            request_id=self.request_id,
-            prompt=self.prompt,
-            prompt_token_ids=self.prompt_token_ids,
-            token_ids=list(self.output_token_ids),
-            text=self.text,
-            finish_reason=self.finish_reason.value if self.finish_reason else None,
-            finished=self.is_finished,
-            adapter_id=self.adapter_id,
-            error=self.error,
-            metrics=dataclasses.replace(self.metrics),
-            exception=self.exception,
-            logprobs=list(self.output_logprobs),
-            seed=self.seed,
-        )
-
-
-__all__ = ["FinishReason", "Request", "RequestMetrics", "RequestOutput", "RequestStatus", "SamplingParams"]
+__all__ = ["FinishReason", "OutputKind", "Request", "RequestMetrics", "RequestOutput", "RequestStatus", "SamplingParams"]

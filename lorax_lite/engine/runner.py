@@ -14,33 +14,11 @@ from lorax_lite.engine.attention import (
     forward_context,
     register_attention,
 )
-from lorax_lite.engine.kv_cache import BlockManager, KVCache
+from lorax_lite.engine.kv_cache import BlockManager, KVCache, ModelShape
 from lorax_lite.engine.sampler import Sampler, SamplerOutput
 from lorax_lite.engine.scheduler import ScheduledBatch
-from lorax_lite.lora.layers import LoRASlots
+from lorax_lite.lora.layers import LoRALayers
 from lorax_lite.lora.ops import LoRAMapping, lora_context
-
-
-@dataclass
-class ModelShape:
-    """What the KV cache needs to know about the model."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    max_position_embeddings: int | None
-
-    @classmethod
-    def of(cls, model: PreTrainedModel) -> "ModelShape":
-        cfg = model.config.get_text_config()
-        num_heads = cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
-        return cls(
-            num_layers=cfg.num_hidden_layers,
-            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or num_heads,
-            head_dim=head_dim,
-            max_position_embeddings=getattr(cfg, "max_position_embeddings", None),
-        )
 
 
 @dataclass
@@ -57,9 +35,9 @@ class StepInputs:
 class ModelRunner:
     """Runs the HF model (its attention swapped for the paged one) over flattened batches."""
 
-    def __init__(self, model: PreTrainedModel, num_kv_blocks: int, block_size: int, lora_slots: LoRASlots | None = None) -> None:
+    def __init__(self, model: PreTrainedModel, num_kv_blocks: int, block_size: int, lora_layers: LoRALayers | None = None) -> None:
         self.model = model
-        self.lora_slots = lora_slots
+        self.lora_layers = lora_layers
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.block_size = block_size
@@ -74,7 +52,7 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, block_manager: BlockManager) -> SamplerOutput:
         """Sampled tokens in the order of `batch.sampling_requests`."""
-        ordered = self._group_by_slot(batch)
+        ordered = self._group_by_lora_slot(batch)
         inputs = self._prepare_inputs(ordered, block_manager)
         with forward_context(inputs.attention), lora_context(inputs.lora):
             out = self.model(
@@ -87,7 +65,7 @@ class ModelRunner:
         return sampled if ordered is batch else sampled.reordered(ordered.sampling_requests, batch.sampling_requests)
 
     @staticmethod
-    def _group_by_slot(batch: ScheduledBatch) -> ScheduledBatch:
+    def _group_by_lora_slot(batch: ScheduledBatch) -> ScheduledBatch:
         """The batch with adapter requests first, grouped by slot, and base-model requests last (see lora/ops.py)."""
         slots = [r.lora_slot for r in batch.requests]
         if all(s is None for s in slots):
@@ -96,10 +74,10 @@ class ModelRunner:
         return ScheduledBatch([batch.requests[i] for i in order], [batch.num_new_tokens[i] for i in order])
 
     def _prepare_lora(self, batch: ScheduledBatch) -> LoRAMapping | None:
-        if self.lora_slots is None or all(r.lora_slot is None for r in batch.requests):
+        if self.lora_layers is None or all(r.lora_slot is None for r in batch.requests):
             return None
         seq_slots = [r.lora_slot for r in batch.requests]
-        return LoRAMapping.build(seq_slots, batch.num_new_tokens, self.lora_slots.slot_ranks, self.device)
+        return LoRAMapping.build(seq_slots, batch.num_new_tokens, self.lora_layers.slot_ranks, self.device)
 
     def _prepare_inputs(self, batch: ScheduledBatch, block_manager: BlockManager) -> StepInputs:
         reqs, counts = batch.requests, batch.num_new_tokens
@@ -111,7 +89,7 @@ class ModelRunner:
         positions = context[seq_of_token] + torch.arange(len(token_ids)) - starts[seq_of_token]  # [T]
         block_tables = self._prepare_block_tables(reqs, block_manager)  # [S, max_blocks]
         bs = self.block_size
-        slot_mapping = block_tables[seq_of_token, positions // bs] * bs + positions % bs  # [T]
+        kv_rows = block_tables[seq_of_token, positions // bs] * bs + positions % bs  # [T]
         groups = [
             self._prepare_group(idx, starts, num_new, context, block_tables)
             for idx in (torch.nonzero(num_new == 1).flatten(), torch.nonzero(num_new > 1).flatten())
@@ -124,7 +102,7 @@ class ModelRunner:
             input_ids=torch.tensor([token_ids], device=dev),
             position_ids=positions.unsqueeze(0).to(dev),
             logits_indices=logits_indices.to(dev),
-            attention=AttentionMetadata(self.kv_cache, slot_mapping.to(dev), groups),
+            attention=AttentionMetadata(self.kv_cache, kv_rows.to(dev), groups),
             lora=self._prepare_lora(batch),
         )
 

@@ -14,6 +14,10 @@ no head-of-line blocking. Its disk load starts at once on the adapter manager's 
 When every slot is busy, the oldest request waiting for a slot gets one reserved (see
 `AdapterManager.reserve`), so a hot adapter cannot starve cold ones. A request whose adapter fails
 to load finishes with that error; nothing else is affected.
+
+The scheduler keeps the books only: tokens, budgets, blocks, slots, and the finish conditions it
+can see from token ids (eos, stop token ids, max_tokens, max_seq_len). Text and stop strings are
+the output stage's (`engine/output.py`), which finishes a request through `finish_request`.
 """
 
 from __future__ import annotations
@@ -60,20 +64,19 @@ class Scheduler:
         block_manager: BlockManager,
         max_num_seqs: int,
         max_num_batched_tokens: int,
-        max_model_len: int,
+        max_seq_len: int,
         eos_token_ids: set[int],
-        adapters: AdapterManager | None = None,
+        adapter_manager: AdapterManager | None = None,
     ) -> None:
-        capacity = block_manager.num_blocks * block_manager.block_size
-        if max_model_len > capacity:  # else a long request could preempt itself forever
-            raise ValueError(f"max_model_len {max_model_len} exceeds the KV cache capacity of {capacity} tokens")
+        """`max_seq_len` must fit in the KV cache alone (see `plan_kv_cache`), else a long request could
+        preempt itself forever."""
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_model_len = max_model_len
+        self.max_seq_len = max_seq_len
         self.eos_token_ids = set(eos_token_ids)
-        self.adapters = adapters
-        self.failed: list[Request] = []  # finished by the scheduler itself (adapter load failed); taken by the engine
+        self.adapter_manager = adapter_manager
+        self._failed: list[Request] = []  # finished by the scheduler itself, between steps; see take_failed
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last is the newest
         self.num_preemptions = 0
@@ -83,15 +86,27 @@ class Scheduler:
         self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Requests are waiting or running, or finished by the scheduler with outputs not yet taken."""
+        return bool(self.waiting or self.running or self._failed)
 
     def abort(self, request_id: str) -> Request | None:
         """Finish a request wherever it is, freeing its blocks. Unknown or finished ids: None."""
         for req in list(self.waiting) + self.running:
             if req.request_id == request_id:
-                self._finish(req, FinishReason.ABORT)
+                self.finish_request(req, FinishReason.ABORT)
                 return req
         return None
+
+    def fail_waiting(self, adapter_key: str, error: Exception) -> None:
+        """Finish the waiting requests for `adapter_key` with `error` (its adapter was removed)."""
+        for req in [r for r in self.waiting if r.adapter_key == adapter_key]:
+            self.finish_request(req, FinishReason.ERROR, error)
+            self._failed.append(req)
+
+    def take_failed(self) -> list[Request]:
+        """The requests the scheduler finished itself since the last call (adapter load failed or removed)."""
+        failed, self._failed = self._failed, []
+        return failed
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
@@ -155,7 +170,7 @@ class Scheduler:
             if budget == 0 or len(self.running) >= self.max_num_seqs:
                 break
             if not self._adapter_ready(req, ahead):
-                if blocked_on_slot is None and self.adapters.is_loaded(req.adapter_key):
+                if blocked_on_slot is None and self.adapter_manager.is_loaded(req.adapter_key):
                     blocked_on_slot = req.adapter_key
                 ahead.add(req.adapter_key)
                 continue  # no head-of-line blocking: later requests for ready adapters go ahead
@@ -164,22 +179,24 @@ class Scheduler:
                 break  # first come, first served for KV memory: nobody overtakes this request
             self._admit(batch, req, n)
             budget -= n
-        if self.adapters is not None:
-            self.adapters.reserve(blocked_on_slot, {r.adapter_key for r in self.waiting if r.adapter_key is not None})
+        if self.adapter_manager is not None:
+            waiting = {r.adapter_key for r in self.waiting if r.adapter_key is not None}
+            self.adapter_manager.reserve(blocked_on_slot, waiting)
 
     def _adapter_ready(self, req: Request, ahead: set[str]) -> bool:
         """Whether the request's adapter can take a slot now; if it is not in memory yet, start loading it."""
-        if req.adapter_key is None or self.adapters.can_acquire(req.adapter_key):
+        if req.adapter is None or self.adapter_manager.can_acquire(req.adapter.adapter_key):
             return True
-        if not self.adapters.is_loaded(req.adapter_key) and self.adapters.num_loading < self.adapters.max_loras:
-            self.adapters.prefetch(req.adapter_key, keep=ahead)
+        manager = self.adapter_manager
+        if not manager.is_loaded(req.adapter.adapter_key) and manager.num_loading < manager.max_loras:
+            manager.prefetch(req.adapter.source, keep=ahead)
         return False
 
     def _admit(self, batch: ScheduledBatch, req: Request, n: int) -> None:
         self.waiting.remove(req)
         self.block_manager.allocate(req.request_id, n)
         if req.adapter_key is not None:
-            req.lora_slot = self.adapters.acquire(req.adapter_key)
+            req.lora_slot = self.adapter_manager.acquire(req.adapter_key)
         req.status = RequestStatus.RUNNING
         if req.metrics.first_scheduled_time is None:
             req.metrics.first_scheduled_time = time.time()
@@ -189,21 +206,19 @@ class Scheduler:
 
     def _release_adapter(self, req: Request) -> None:
         if req.lora_slot is not None:
-            self.adapters.release_slot(req.lora_slot)
+            self.adapter_manager.release_slot(req.lora_slot)
             req.lora_slot = None
 
     def _fail_adapter_loads(self) -> None:
-        if self.adapters is None:
+        if self.adapter_manager is None:
             return
-        for adapter_key, error in self.adapters.poll():
-            for req in [r for r in self.waiting if r.adapter_key == adapter_key]:
-                self._finish(req, FinishReason.ERROR, error)
-                self.failed.append(req)
+        for adapter_key, error in self.adapter_manager.poll():
+            self.fail_waiting(adapter_key, error)
 
     @property
     def is_waiting_for_adapters(self) -> bool:
         """Nothing could be scheduled only because adapters are still loading from disk."""
-        return not self.running and self.adapters is not None and self.adapters.num_loading > 0
+        return not self.running and self.adapter_manager is not None and self.adapter_manager.num_loading > 0
 
     def postprocess(self, batch: ScheduledBatch, sampled: list[int], logprobs: list[float] | None = None) -> list[Request]:
         """Apply a step's results (one token, and its logprob, per sampling request); returns the requests
@@ -223,23 +238,22 @@ class Scheduler:
         req.output_logprobs.append(logprob)
         if req.metrics.first_token_time is None:
             req.metrics.first_token_time = time.time()
-        if req.detokenizer is not None:
-            req.detokenizer.append(token_id)
         reason = self._stop_reason(req, token_id)
         if reason is not None:
-            self._finish(req, reason)
+            self.finish_request(req, reason)
 
     def _stop_reason(self, req: Request, token_id: int) -> FinishReason | None:
         params = req.sampling_params
         if not params.ignore_eos and token_id in self.eos_token_ids:
             return FinishReason.EOS
-        if token_id in params.stop_token_ids or (req.detokenizer is not None and req.detokenizer.stopped):
+        if token_id in params.stop_token_ids:
             return FinishReason.STOP
-        if req.num_generated_tokens >= params.max_tokens or req.num_tokens >= self.max_model_len:
+        if req.num_generated_tokens >= params.max_tokens or req.num_tokens >= self.max_seq_len:
             return FinishReason.LENGTH
         return None
 
-    def _finish(self, req: Request, reason: FinishReason, error: str | Exception | None = None) -> None:
+    def finish_request(self, req: Request, reason: FinishReason, error: str | Exception | None = None) -> None:
+        """End a request wherever it is: its blocks and its adapter slot reference are freed now."""
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
@@ -252,4 +266,4 @@ class Scheduler:
         """Finish these requests with an error (e.g. their forward pass raised)."""
         for req in requests:
             if not req.is_finished:
-                self._finish(req, FinishReason.ERROR, error)
+                self.finish_request(req, FinishReason.ERROR, error)

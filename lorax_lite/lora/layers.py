@@ -1,6 +1,6 @@
-"""LoRALinear: a base linear layer plus pre-allocated per-slot LoRA buffers, and the model-wide slot set.
+"""LoRALinear: a base linear layer plus pre-allocated per-slot LoRA buffers; LoRALayers: all of them in one model.
 
-`LoRASlots.inject(model, ...)` wraps, once at start-up, every `nn.Linear` inside the decoder
+`LoRALayers.inject(model, ...)` wraps, once at start-up, every `nn.Linear` inside the decoder
 layers (for Llama-family models: q/k/v/o and gate/up/down projections). Which modules those are
 comes from the model itself, not a per-architecture list. After that the module tree never
 changes: putting an adapter into a slot is a tensor copy into the buffers.
@@ -102,8 +102,9 @@ def lora_targets(model_dir: str) -> dict[str, tuple[int, int]]:
     return {name: (m.in_features, m.out_features) for name, m in decoder_linears(model)}
 
 
-class LoRASlots:
-    """Every LoRALinear of one model, addressed by base-module name; loads and clears slots model-wide."""
+class LoRALayers:
+    """Every LoRALinear of one model, addressed by base-module name; copies an adapter into (or clears) one
+    slot across all of them, and knows each slot's rank."""
 
     def __init__(self, layers: dict[str, LoRALinear], max_loras: int, max_lora_rank: int) -> None:
         self.layers = layers
@@ -113,7 +114,7 @@ class LoRASlots:
         self._filled: list[set[str]] = [set() for _ in range(max_loras)]  # modules with non-zero weights per slot
 
     @classmethod
-    def inject(cls, model: nn.Module, max_loras: int, max_lora_rank: int) -> "LoRASlots":
+    def inject(cls, model: nn.Module, max_loras: int, max_lora_rank: int) -> "LoRALayers":
         """Wrap every nn.Linear inside the decoder layers in a LoRALinear (once, at start-up)."""
         param = next(model.parameters())
         backend = select_backend(param.device, param.dtype)

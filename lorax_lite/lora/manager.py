@@ -1,11 +1,14 @@
 """AdapterManager: the two-tier adapter cache (device slots, host memory) with reference counts and pins.
 
+Entries are keyed by adapter key: one version of one adapter (see the glossary in docs/architecture.md);
+the weights under a key never change.
+
 - Host tier: up to `max_cpu_loras` adapters' weights in CPU memory (pinned on CUDA), LRU. Every
   adapter in a device slot is also in the host tier, so leaving a slot never means a disk read.
 - Device tier: `max_loras` slots in the model's LoRALinear buffers. A request holds a reference to
   its adapter's slot while it runs; a slot with references is never given to another adapter.
-- Disk loads run on a loader thread (`lora/loader.py`): `prefetch` queues one, `poll` takes in
-  what has landed. The engine step never waits for disk.
+- Disk loads run on a loader thread (`lora/loader.py`): `prefetch(source)` queues one, `poll` takes
+  in what has landed. The engine step never waits for disk.
 - Pinned adapters stay in host memory (never evicted from it); in the device tier they are the
   last choice for eviction. At most `max_cpu_loras - max_loras - 1` adapters can be pinned, so a
   request for an unpinned adapter always finds room eventually.
@@ -21,12 +24,12 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Set as AbstractSet
 from dataclasses import dataclass
 
-from lorax_lite.lora.layers import LoRASlots
-from lorax_lite.lora.loader import AdapterLoader
-from lorax_lite.lora.naming import ADAPTER_ID_PATTERN, InvalidAdapterIdError, check_adapter_id  # noqa: F401 (re-exported)
+from lorax_lite.invariants import require
+from lorax_lite.lora.layers import LoRALayers
+from lorax_lite.lora.loader import AdapterLoader, AdapterSource
 from lorax_lite.lora.weights import LoRAWeights
 
 @dataclass
@@ -45,7 +48,7 @@ class AdapterCacheStats:
 
 @dataclass
 class _Slot:
-    adapter_id: str | None = None
+    adapter_key: str | None = None
     refcount: int = 0
     last_used: int = 0
 
@@ -53,7 +56,7 @@ class _Slot:
 @dataclass
 class _Reservation:
     slot: int
-    adapter_id: str  # the adapter the slot is kept for
+    adapter_key: str  # the adapter the slot is kept for
 
 
 class AdapterManager:
@@ -61,18 +64,18 @@ class AdapterManager:
 
     def __init__(
         self,
-        slots: LoRASlots,
+        lora_layers: LoRALayers,
         max_cpu_loras: int,
-        load_fn: Callable[[str], LoRAWeights],
+        read_fn: Callable[[AdapterSource], LoRAWeights],
         pin_memory: bool = False,
     ) -> None:
-        if max_cpu_loras < slots.max_loras:
-            raise ValueError(f"max_cpu_loras ({max_cpu_loras}) must be >= max_loras ({slots.max_loras})")
-        self.lora_slots = slots
-        self.max_loras = slots.max_loras
+        if max_cpu_loras < lora_layers.max_loras:
+            raise ValueError(f"max_cpu_loras ({max_cpu_loras}) must be >= max_loras ({lora_layers.max_loras})")
+        self.lora_layers = lora_layers
+        self.max_loras = lora_layers.max_loras
         self.max_cpu_loras = max_cpu_loras
         self.stats = AdapterCacheStats()
-        self._load_fn = load_fn
+        self._read_fn = read_fn
         self._pin_memory = pin_memory
         self._host: OrderedDict[str, LoRAWeights] = OrderedDict()  # least recently used first
         self._slots = [_Slot() for _ in range(self.max_loras)]
@@ -83,67 +86,67 @@ class AdapterManager:
         self._doomed: set[str] = set()  # removed while in use: dropped when its last reference goes
         self._reservation: _Reservation | None = None
         self._tick = 0
-        self._loader = AdapterLoader(lambda key: self._load_fn(key), pin_memory)
+        self._loader = AdapterLoader(lambda source: self._read_fn(source), pin_memory)  # looked up per read: tests wrap it
 
     # ---- host tier ---------------------------------------------------------------------------
 
-    def is_loaded(self, adapter_id: str) -> bool:
-        return adapter_id in self._host
+    def is_loaded(self, adapter_key: str) -> bool:
+        return adapter_key in self._host
 
-    def is_loading(self, adapter_id: str) -> bool:
-        return adapter_id in self._loading
+    def is_loading(self, adapter_key: str) -> bool:
+        return adapter_key in self._loading
 
     @property
     def num_loading(self) -> int:
         return len(self._loading)
 
-    def prefetch(self, adapter_id: str, keep: set[str] = frozenset()) -> bool:
-        """Start loading an adapter from disk unless it is in host memory or on its way; False if no room yet.
-
-        Making room never evicts an adapter in `keep` (those of requests ahead in the queue).
+    def prefetch(self, source: AdapterSource, keep: AbstractSet[str] = frozenset()) -> bool:
+        """Start loading `source.adapter_key` from disk unless it is in host memory or on its way; False if
+        no room yet. Making room never evicts an adapter in `keep` (those of requests ahead in the queue).
         """
-        if adapter_id in self._loading:
-            self._discard_on_landing.discard(adapter_id)  # removed while loading, wanted again: keep it
+        adapter_key = source.adapter_key
+        if adapter_key in self._loading:
+            self._discard_on_landing.discard(adapter_key)  # removed while loading, wanted again: keep it
             return True
-        if adapter_id in self._host:
+        if adapter_key in self._host:
             return True
         if not self._make_host_room(keep):
             return False
-        self._loading.add(adapter_id)
+        self._loading.add(adapter_key)
         self.stats.misses += 1
-        self._loader.submit(adapter_id)
+        self._loader.submit(source)
         return True
 
-    def put(self, adapter_id: str, weights: LoRAWeights) -> bool:
+    def put(self, adapter_key: str, weights: LoRAWeights) -> bool:
         """Insert weights loaded elsewhere (e.g. validated by add_adapter); False if there is no room."""
-        if adapter_id in self._host:  # already there (weights of one id never change: a new version is a new id)
-            self._host.move_to_end(adapter_id)
+        if adapter_key in self._host:  # already there (weights of one id never change: a new version is a new id)
+            self._host.move_to_end(adapter_key)
             return True
-        if adapter_id in self._loading or not self._make_host_room():
+        if adapter_key in self._loading or not self._make_host_room():
             return False
-        self._host[adapter_id] = self._maybe_pin(weights)
+        self._host[adapter_key] = self._maybe_pin(weights)
         return True
 
     def poll(self) -> list[tuple[str, Exception]]:
         """Take in finished disk loads; returns the adapters that failed to load, with their errors."""
         failures = []
-        for adapter_id, result, seconds in self._loader.collect():
-            self._loading.discard(adapter_id)
+        for adapter_key, result, seconds in self._loader.collect():
+            self._loading.discard(adapter_key)
             self.stats.load_seconds += seconds
-            if adapter_id in self._discard_on_landing:
-                self._discard_on_landing.discard(adapter_id)
+            if adapter_key in self._discard_on_landing:
+                self._discard_on_landing.discard(adapter_key)
             elif isinstance(result, Exception):
                 self.stats.load_failures += 1
-                failures.append((adapter_id, result))
+                failures.append((adapter_key, result))
             else:
-                self._host[adapter_id] = result
+                self._host[adapter_key] = result
         return failures
 
     def wait(self, timeout: float) -> None:
         """Block until a disk load lands (or `timeout` seconds pass)."""
         self._loader.wait(timeout)
 
-    def _make_host_room(self, keep: set[str] = frozenset()) -> bool:
+    def _make_host_room(self, keep: AbstractSet[str] = frozenset()) -> bool:
         if len(self._host) + len(self._loading) < self.max_cpu_loras:
             return True
         victim = self._host_victim(keep)
@@ -153,66 +156,66 @@ class AdapterManager:
         self.stats.host_evictions += 1
         return True
 
-    def _host_victim(self, keep: set[str]) -> str | None:
+    def _host_victim(self, keep: AbstractSet[str]) -> str | None:
         """LRU adapter that is not pinned, not in use, not kept for a reservation or in `keep`; idle-slot ones last."""
         candidates = [a for a in self._host if a not in keep and self._is_host_evictable(a)]
         not_in_slot = [a for a in candidates if a not in self._slot_of]
         return (not_in_slot or candidates or [None])[0]
 
-    def _is_host_evictable(self, adapter_id: str) -> bool:
-        if adapter_id in self._pinned:
+    def _is_host_evictable(self, adapter_key: str) -> bool:
+        if adapter_key in self._pinned:
             return False
-        if self._reservation is not None and self._reservation.adapter_id == adapter_id:
+        if self._reservation is not None and self._reservation.adapter_key == adapter_key:
             return False
-        slot = self._slot_of.get(adapter_id)
+        slot = self._slot_of.get(adapter_key)
         return slot is None or self._slots[slot].refcount == 0
 
-    def _drop(self, adapter_id: str) -> None:
-        slot = self._slot_of.pop(adapter_id, None)
+    def _drop(self, adapter_key: str) -> None:
+        slot = self._slot_of.pop(adapter_key, None)
         if slot is not None:
             self._slots[slot] = _Slot(last_used=self._slots[slot].last_used)
-            self.lora_slots.clear(slot)
-        self._host.pop(adapter_id, None)
+            self.lora_layers.clear(slot)
+        self._host.pop(adapter_key, None)
 
     def _maybe_pin(self, weights: LoRAWeights) -> LoRAWeights:
         return weights.pin_memory() if self._pin_memory else weights
 
     # ---- device tier -------------------------------------------------------------------------
 
-    def slot_of(self, adapter_id: str) -> int | None:
-        return self._slot_of.get(adapter_id)
+    def slot_of(self, adapter_key: str) -> int | None:
+        return self._slot_of.get(adapter_key)
 
-    def can_acquire(self, adapter_id: str) -> bool:
+    def can_acquire(self, adapter_key: str) -> bool:
         """Whether `acquire` would succeed now (loaded, and its slot or a free/idle one is usable)."""
-        if adapter_id not in self._host:
+        if adapter_key not in self._host:
             return False
-        slot = self._slot_of.get(adapter_id)
+        slot = self._slot_of.get(adapter_key)
         if slot is not None:
-            return not self._is_reserved_away(slot, adapter_id)
-        return self._free_slot(adapter_id) is not None
+            return not self._is_reserved_away(slot, adapter_key)
+        return self._free_slot(adapter_key) is not None
 
-    def acquire(self, adapter_id: str) -> int:
+    def acquire(self, adapter_key: str) -> int:
         """Take a reference to the adapter's slot, copying it in from host memory if needed."""
-        if not self.can_acquire(adapter_id):
-            raise RuntimeError(f"adapter {adapter_id!r} cannot be acquired now; ask can_acquire first")
-        slot = self._slot_of.get(adapter_id)
+        if not self.can_acquire(adapter_key):
+            raise RuntimeError(f"adapter {adapter_key!r} cannot be acquired now; ask can_acquire first")
+        slot = self._slot_of.get(adapter_key)
         if slot is None:
-            slot = self._load_into_slot(adapter_id, self._free_slot(adapter_id))
+            slot = self._load_into_slot(adapter_key, self._free_slot(adapter_key))
         else:
             self.stats.slot_hits += 1
-        if self._reservation is not None and self._reservation.adapter_id == adapter_id:
+        if self._reservation is not None and self._reservation.adapter_key == adapter_key:
             self._reservation = None
         state = self._slots[slot]
         state.refcount += 1
         state.last_used = self._next_tick()
-        self._host.move_to_end(adapter_id)
+        self._host.move_to_end(adapter_key)
         return slot
 
-    def release(self, adapter_id: str) -> None:
-        """Drop one reference taken by `acquire(adapter_id)`."""
-        slot = self._slot_of.get(adapter_id)
+    def release(self, adapter_key: str) -> None:
+        """Drop one reference taken by `acquire(adapter_key)`."""
+        slot = self._slot_of.get(adapter_key)
         if slot is None:
-            raise RuntimeError(f"release of adapter {adapter_id!r} without a matching acquire")
+            raise RuntimeError(f"release of adapter {adapter_key!r} without a matching acquire")
         self.release_slot(slot)
 
     def release_slot(self, slot: int) -> None:
@@ -222,35 +225,35 @@ class AdapterManager:
             raise RuntimeError(f"release of slot {slot} without a matching acquire")
         state.refcount -= 1
         state.last_used = self._next_tick()
-        if state.refcount == 0 and state.adapter_id in self._doomed:
-            self._doomed.discard(state.adapter_id)
-            self._drop(state.adapter_id)
+        if state.refcount == 0 and state.adapter_key in self._doomed:
+            self._doomed.discard(state.adapter_key)
+            self._drop(state.adapter_key)
 
-    def _free_slot(self, adapter_id: str) -> int | None:
+    def _free_slot(self, adapter_key: str) -> int | None:
         """An empty slot, else the least recently used idle one (unpinned first), never a reserved one."""
-        usable = [i for i, s in enumerate(self._slots) if s.refcount == 0 and not self._is_reserved_away(i, adapter_id)]
-        empty = [i for i in usable if self._slots[i].adapter_id is None]
+        usable = [i for i, s in enumerate(self._slots) if s.refcount == 0 and not self._is_reserved_away(i, adapter_key)]
+        empty = [i for i in usable if self._slots[i].adapter_key is None]
         if empty:
             return empty[0]
         if not usable:
             return None
-        return min(usable, key=lambda i: (self._slots[i].adapter_id in self._pinned, self._slots[i].last_used))
+        return min(usable, key=lambda i: (self._slots[i].adapter_key in self._pinned, self._slots[i].last_used))
 
-    def _is_reserved_away(self, slot: int, adapter_id: str) -> bool:
+    def _is_reserved_away(self, slot: int, adapter_key: str) -> bool:
         r = self._reservation
-        return r is not None and r.slot == slot and r.adapter_id != adapter_id
+        return r is not None and r.slot == slot and r.adapter_key != adapter_key
 
-    def _load_into_slot(self, adapter_id: str, slot: int) -> int:
-        old = self._slots[slot].adapter_id
+    def _load_into_slot(self, adapter_key: str, slot: int) -> int:
+        old = self._slots[slot].adapter_key
         if old is not None:
             del self._slot_of[old]
             self.stats.evictions += 1
         start = time.perf_counter()
-        self.lora_slots.load(slot, self._host[adapter_id])
+        self.lora_layers.load(slot, self._host[adapter_key])
         self.stats.slot_load_seconds += time.perf_counter() - start
         self.stats.host_hits += 1
-        self._slots[slot] = _Slot(adapter_id=adapter_id)
-        self._slot_of[adapter_id] = slot
+        self._slots[slot] = _Slot(adapter_key=adapter_key)
+        self._slot_of[adapter_key] = slot
         return slot
 
     def _next_tick(self) -> int:
@@ -259,95 +262,98 @@ class AdapterManager:
 
     # ---- fairness, pins, removal ------------------------------------------------------------
 
-    def reserve(self, adapter_id: str | None, waiting: set[str]) -> None:
-        """Keep a busy slot for `adapter_id` (loaded, waiting for a slot); None or a satisfied wait clears it.
+    def reserve(self, adapter_key: str | None, waiting: set[str]) -> None:
+        """Keep a busy slot for `adapter_key` (loaded, waiting for a slot); None or a satisfied wait clears it.
 
         The current reservation stays while its adapter is still in `waiting` (adapters of waiting
         requests), so a slot being drained is not switched before it is handed over.
         """
         r = self._reservation
-        if r is not None and r.adapter_id in waiting and r.adapter_id in self._host and r.adapter_id not in self._slot_of:
+        if r is not None and r.adapter_key in waiting and r.adapter_key in self._host and r.adapter_key not in self._slot_of:
             return
         self._reservation = None
-        if adapter_id is None or adapter_id not in self._host or self.can_acquire(adapter_id):
+        if adapter_key is None or adapter_key not in self._host or self.can_acquire(adapter_key):
             return
-        busy = [i for i, s in enumerate(self._slots) if s.adapter_id is not None]
+        busy = [i for i, s in enumerate(self._slots) if s.adapter_key is not None]
         slot = min(busy, key=lambda i: (self._slots[i].refcount, self._slots[i].last_used))
-        self._reservation = _Reservation(slot, adapter_id)
+        self._reservation = _Reservation(slot, adapter_key)
 
     @property
     def reservation(self) -> tuple[int, str] | None:
         r = self._reservation
-        return None if r is None else (r.slot, r.adapter_id)
+        return None if r is None else (r.slot, r.adapter_key)
 
-    def pin(self, adapter_id: str) -> None:
-        """Keep the adapter in host memory for good (loading it now if needed)."""
+    def pin(self, source: AdapterSource) -> None:
+        """Keep `source.adapter_key` in host memory for good (loading it now if needed)."""
+        adapter_key = source.adapter_key
         limit = self.max_cpu_loras - self.max_loras - 1
-        if adapter_id not in self._pinned and len(self._pinned) >= limit:
+        if adapter_key not in self._pinned and len(self._pinned) >= limit:
             raise ValueError(
-                f"cannot pin {adapter_id!r}: at most {max(limit, 0)} adapters can be pinned "
+                f"cannot pin {adapter_key!r}: at most {max(limit, 0)} adapters can be pinned "
                 f"(max_cpu_loras - max_loras - 1); raise max_cpu_loras"
             )
-        self._pinned.add(adapter_id)
-        self.prefetch(adapter_id)
+        self._pinned.add(adapter_key)
+        self.prefetch(source)
 
-    def unpin(self, adapter_id: str) -> None:
-        self._pinned.discard(adapter_id)
+    def unpin(self, adapter_key: str) -> None:
+        self._pinned.discard(adapter_key)
 
-    def is_pinned(self, adapter_id: str) -> bool:
-        return adapter_id in self._pinned
+    def is_pinned(self, adapter_key: str) -> bool:
+        return adapter_key in self._pinned
 
-    def remove(self, adapter_id: str) -> None:
+    def remove(self, adapter_key: str) -> None:
         """Forget an adapter: dropped now if unused, else when its last running request releases it."""
-        self._pinned.discard(adapter_id)
-        if adapter_id in self._loading:
-            self._discard_on_landing.add(adapter_id)
-        if self._reservation is not None and self._reservation.adapter_id == adapter_id:
+        self._pinned.discard(adapter_key)
+        if adapter_key in self._loading:
+            self._discard_on_landing.add(adapter_key)
+        if self._reservation is not None and self._reservation.adapter_key == adapter_key:
             self._reservation = None
-        slot = self._slot_of.get(adapter_id)
+        slot = self._slot_of.get(adapter_key)
         if slot is not None and self._slots[slot].refcount > 0:
-            self._retire(adapter_id, slot)
+            self._detach(adapter_key, slot)
         else:
-            self._drop(adapter_id)
+            self._drop(adapter_key)
 
-    def _retire(self, adapter_id: str, slot: int) -> None:
+    def _detach(self, adapter_key: str, slot: int) -> None:
         """Keep a removed adapter's weights for its running requests under a private key (not a valid
-        adapter id), so the id is free at once: re-adding it serves the new weights to new requests."""
+        adapter id), so the key is free at once: re-adding it serves the new weights to new requests."""
         self._tick += 1
-        key = f"~removed~{self._tick}~{adapter_id}"
-        self._host[key] = self._host.pop(adapter_id)
-        del self._slot_of[adapter_id]
+        key = f"~removed~{self._tick}~{adapter_key}"
+        self._host[key] = self._host.pop(adapter_key)
+        del self._slot_of[adapter_key]
         self._slot_of[key] = slot
-        self._slots[slot].adapter_id = key
+        self._slots[slot].adapter_key = key
         self._doomed.add(key)
 
     # ---- introspection -----------------------------------------------------------------------
 
     @property
-    def slot_adapters(self) -> list[str | None]:
-        return [s.adapter_id for s in self._slots]
+    def slot_keys(self) -> list[str | None]:
+        return [s.adapter_key for s in self._slots]
 
     @property
-    def host_adapters(self) -> list[str]:
+    def host_keys(self) -> list[str]:
         """Adapters in host memory, least recently used first."""
         return list(self._host)
 
-    def refcount(self, adapter_id: str) -> int:
-        slot = self._slot_of.get(adapter_id)
+    def refcount(self, adapter_key: str) -> int:
+        slot = self._slot_of.get(adapter_key)
         return 0 if slot is None else self._slots[slot].refcount
 
-    def check_invariants(self) -> None:
-        """Raise AssertionError if the bookkeeping is inconsistent."""
-        assert len(self._host) + len(self._loading) <= self.max_cpu_loras, "host tier over capacity"
-        assert not (set(self._host) & self._loading), "an adapter is both loaded and loading"
-        for adapter_id, slot in self._slot_of.items():
-            assert self._slots[slot].adapter_id == adapter_id, f"slot {slot} does not hold {adapter_id}"
-            assert adapter_id in self._host, f"{adapter_id} is in a slot but not in host memory"
+    def check_invariants(self, idle: bool = False) -> None:
+        """Raise InvariantError if the bookkeeping is inconsistent; `idle`: no request holds a slot either."""
+        require(len(self._host) + len(self._loading) <= self.max_cpu_loras, "host tier over capacity")
+        require(not (set(self._host) & self._loading), "an adapter is both loaded and loading")
+        for adapter_key, slot in self._slot_of.items():
+            require(self._slots[slot].adapter_key == adapter_key, f"slot {slot} does not hold {adapter_key}")
+            require(adapter_key in self._host, f"{adapter_key} is in a slot but not in host memory")
         for i, s in enumerate(self._slots):
-            assert s.refcount >= 0, f"slot {i} has a negative refcount"
-            assert s.adapter_id is not None or s.refcount == 0, f"empty slot {i} has references"
-            assert s.adapter_id is None or self._slot_of.get(s.adapter_id) == i, f"slot {i} owner mismatch"
-            assert self.lora_slots.slot_ranks[i] == (0 if s.adapter_id is None else self._host[s.adapter_id].rank), f"slot {i} rank"
-        assert self._pinned.isdisjoint(self._doomed), "an adapter is both pinned and removed"
+            require(s.refcount >= 0, f"slot {i} has a negative refcount")
+            require(not idle or s.refcount == 0, f"slot {i} still has {s.refcount} references with no request left")
+            require(s.adapter_key is not None or s.refcount == 0, f"empty slot {i} has references")
+            require(s.adapter_key is None or self._slot_of.get(s.adapter_key) == i, f"slot {i} owner mismatch")
+            rank = 0 if s.adapter_key is None else self._host[s.adapter_key].rank
+            require(self.lora_layers.slot_ranks[i] == rank, f"slot {i} has rank {self.lora_layers.slot_ranks[i]}, not {rank}")
+        require(self._pinned.isdisjoint(self._doomed), "an adapter is both pinned and removed")
         r = self._reservation
-        assert r is None or (r.adapter_id in self._host and r.adapter_id not in self._slot_of), "stale reservation"
+        require(r is None or (r.adapter_key in self._host and r.adapter_key not in self._slot_of), "stale reservation")

@@ -10,8 +10,6 @@ readers ignore and the next `add` for that id removes.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import shutil
@@ -20,13 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from lorax_lite.lora.checksum import canonical_config, compute_version
 from lorax_lite.lora.errors import CorruptWeightsError
-from lorax_lite.lora.naming import check_adapter_id
-from lorax_lite.lora.naming import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from lorax_lite.lora.naming import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, check_adapter_id
 
 DEFAULT_STORE = "data/store"
 VERSION_PATTERN = re.compile(r"[0-9a-f]{64}")
-_HASH_DOMAIN = b"lorax-lite adapter v1\0"
 _TEMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
 _STALE_AFTER_S = 3600.0  # a temp dir this old is stale even if its owner cannot be checked
@@ -36,43 +33,6 @@ _CHUNK = 1 << 20
 def default_store_root() -> str:
     """`$LORAX_STORE`, else `data/store`."""
     return os.environ.get("LORAX_STORE", DEFAULT_STORE)
-
-
-def canonical_config(src_dir: str | os.PathLike) -> bytes:
-    """The adapter's config as canonical JSON bytes (sorted keys, no spaces); ValueError if not a JSON object."""
-    config = json.loads((Path(src_dir) / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
-    if not isinstance(config, dict):
-        raise ValueError(f"{ADAPTER_CONFIG_NAME} in {src_dir} is not a JSON object")
-    return json.dumps(config, sort_keys=True, separators=(",", ":")).encode("utf-8")
-
-
-def compute_version(src_dir: str | os.PathLike) -> str:
-    """sha256 hex over the canonical config and the weights file of the adapter at `src_dir`.
-
-    Each part is hashed as (name length, name, data length, data), lengths as 8-byte big-endian
-    integers, config first: no two different adapters hash the same input. The config's
-    formatting (key order, whitespace) does not change the version. Raises OSError when a file
-    is unreadable and ValueError when the config is not a JSON object.
-    """
-    digest = hashlib.sha256(_HASH_DOMAIN)
-    config = canonical_config(src_dir)
-    _hash_part(digest, ADAPTER_CONFIG_NAME, len(config), [config])
-    with open(Path(src_dir) / ADAPTER_WEIGHTS_NAME, "rb") as file:
-        size = os.fstat(file.fileno()).st_size
-        read = _hash_part(digest, ADAPTER_WEIGHTS_NAME, size, iter(lambda: file.read(_CHUNK), b""))
-    if read != size:
-        raise OSError(f"{ADAPTER_WEIGHTS_NAME} in {src_dir} changed size while it was read")
-    return digest.hexdigest()
-
-
-def _hash_part(digest: "hashlib._Hash", name: str, size: int, chunks) -> int:
-    encoded = name.encode("utf-8")
-    digest.update(len(encoded).to_bytes(8, "big") + encoded + size.to_bytes(8, "big"))
-    read = 0
-    for chunk in chunks:
-        digest.update(chunk)
-        read += len(chunk)
-    return read
 
 
 class AdapterStore:

@@ -46,21 +46,20 @@ async def health(request: Request) -> JSONResponse:
 
 
 async def info(request: Request) -> dict:
-    """The served model, the engine's configuration and where adapters are cached."""
+    """The served model, the engine's configuration and where adapters are cached (by adapter key)."""
     state: ServerState = request.app.state.server
-    engine = state.llm.engine
-    config = dataclasses.asdict(engine.config)
+    config = dataclasses.asdict(state.llm.config)
     config.pop("model")  # a filesystem path; the model is named by served_model_name
-    adapters = engine.adapters
+    adapters = state.llm.snapshot().adapters
     return {
         "model_id": state.served_model_name,
-        "max_model_len": engine.max_model_len,
+        "max_model_len": state.llm.max_seq_len,  # the effective value, as vLLM reports it
         "engine_config": config,
         "limits": dataclasses.asdict(state.limits),
         "adapters": {
-            "added": engine.adapter_ids,
-            "slots": [] if adapters is None else adapters.slot_adapters,
-            "host": [] if adapters is None else adapters.host_adapters,
+            "added": [] if adapters is None else adapters.added_ids,
+            "slots": [] if adapters is None else adapters.slot_keys,
+            "host": [] if adapters is None else adapters.host_keys,
         },
     }
 

@@ -2,6 +2,8 @@
 
 Starting one admits it against the queue limit (429), submits it and waits for its first output, so
 validation and adapter errors (404 unknown adapter, 400 refused adapter) still become a status code.
+The engine streams DELTA outputs (only what is new); the call keeps the text and the totals, so a
+response costs time linear in its length.
 Closing it aborts an unfinished request (its KV blocks and adapter reference are freed at once) and
 counts it in the metrics. A client that disconnects cancels whichever of these awaits is running.
 """
@@ -15,6 +17,7 @@ from typing import TypeVar
 import anyio
 from fastapi import Request
 
+from lorax_lite.engine.async_llm import OutputKind, ResolvedAdapter
 from lorax_lite.engine.request import RequestOutput, SamplingParams
 from lorax_lite.server.errors import ServerError, as_server_error
 from lorax_lite.server.state import ServerState
@@ -28,20 +31,29 @@ class ClientDisconnected(Exception):
 
 
 class EngineCall:
-    """A started request: `first` is its first output; iterate `outputs()` for the rest."""
+    """A started request: `first` is its first output; iterate `outputs()` for the rest (each carries only
+    what is new); `text` is everything generated so far."""
 
-    def __init__(self, state: ServerState, adapter_id: str | None, outputs: AsyncIterator[RequestOutput], first: RequestOutput) -> None:
+    def __init__(
+        self, state: ServerState, adapter: ResolvedAdapter | None, outputs: AsyncIterator[RequestOutput], first: RequestOutput
+    ) -> None:
         self.state = state
-        self.adapter_id = adapter_id
+        self.adapter = adapter
         self._outputs = outputs
         self.first = first
         self.last = first
+        self._text_parts: list[str] = []
         self._closed = False
 
     @property
     def adapter_name(self) -> str:
         """What responses and metrics call the adapter: its id, or the base model's name."""
-        return self.adapter_id or self.state.served_model_name
+        return self.adapter.adapter_id if self.adapter is not None else self.state.served_model_name
+
+    @property
+    def text(self) -> str:
+        """The text of every output iterated so far."""
+        return "".join(self._text_parts)
 
     @classmethod
     async def start(
@@ -49,15 +61,17 @@ class EngineCall:
         state: ServerState,
         prompt_ids: list[int],
         params: SamplingParams,
-        adapter_id: str | None,
+        adapter: ResolvedAdapter | None,
         prompt_text: str | None,
         max_tokens_name: str = "max_new_tokens",
     ) -> EngineCall:
         """Submit and wait for the first output; raises ServerError with the right status."""
-        check_length(len(prompt_ids), params.max_tokens, state.llm.engine.max_model_len, max_tokens_name)
+        check_length(len(prompt_ids), params.max_tokens, state.llm.max_seq_len, max_tokens_name)
+        adapter_id = adapter.adapter_id if adapter is not None else None
         state.admit()
         try:
-            outputs = state.llm.generate(prompt_ids, params, adapter_id=adapter_id, prompt_text=prompt_text)
+            outputs = state.llm.generate(prompt_ids, params, adapter=adapter, prompt_text=prompt_text,
+                                         output_kind=OutputKind.DELTA)
             try:
                 first = await next_output(outputs)
             except BaseException:
@@ -67,7 +81,7 @@ class EngineCall:
             raise as_server_error(exc, adapter_id) from exc
         finally:
             state.release()
-        call = cls(state, adapter_id, outputs, first)
+        call = cls(state, adapter, outputs, first)
         try:
             raise_if_failed(first)
         except ServerError:
@@ -81,6 +95,7 @@ class EngineCall:
         while True:
             raise_if_failed(out)
             self.last = out
+            self._text_parts.append(out.text)
             yield out
             if out.finished:
                 return
@@ -101,7 +116,7 @@ class EngineCall:
         if not out.finished or out.metrics is None:
             return headers
         m = out.metrics
-        headers["x-generated-tokens"] = str(len(out.token_ids))
+        headers["x-generated-tokens"] = str(out.num_generated_tokens)
         headers["x-queue-time"] = _ms(m.queue_time)
         headers["x-time-to-first-token"] = _ms(m.time_to_first_token)
         if m.first_scheduled_time is not None and m.finished_time is not None:
@@ -172,13 +187,13 @@ def raise_if_failed(out: RequestOutput) -> None:
         raise ServerError(500, "the request was aborted before it finished", "incomplete_generation")
 
 
-def check_length(num_prompt_tokens: int, max_new_tokens: int, max_model_len: int, name: str) -> None:
+def check_length(num_prompt_tokens: int, max_new_tokens: int, max_seq_len: int, name: str) -> None:
     """A 422 (400 on OpenAI routes) when the answer could not fit in the model's context."""
-    if num_prompt_tokens + max_new_tokens > max_model_len:
+    if num_prompt_tokens + max_new_tokens > max_seq_len:
         raise ServerError(
             422,
             f"the prompt ({num_prompt_tokens} tokens) + {name} ({max_new_tokens}) must be <= "
-            f"{max_model_len} (max_model_len); lower {name} or shorten the prompt",
+            f"{max_seq_len} (max_model_len); lower {name} or shorten the prompt",
             "validation", param=name,
         )
 

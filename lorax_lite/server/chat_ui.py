@@ -10,7 +10,6 @@ import json
 from importlib import resources
 
 from fastapi import APIRouter, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse
 
 from lorax_lite.server.state import ServerState
@@ -28,8 +27,8 @@ def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
 async def assistants(request: Request) -> HTMLResponse:
     """Every registered adapter (and the base model) as a card linking to its chat page."""
     state: ServerState = request.app.state.server
-    adapters = await run_in_threadpool(state.adapters)
-    cards = [_card(a, r.description or "", r.owner or "") if r else _card(a, "added by path", "") for a, r in adapters]
+    cards = [_card(a.adapter_id, a.record.description, a.record.owner) if a.record else _card(a.adapter_id, "added by path", "")
+             for a in await state.list_adapters()]
     cards.append(_card(state.served_model_name, "the base model, without an adapter", ""))
     body = ('<h1>Assistants</h1><p class="lead">One assistant per business unit, all served by one base model.</p>'
             f'<ul class="cards">{"".join(cards)}</ul>')
@@ -46,12 +45,12 @@ def _card(adapter_id: str, description: str, owner: str) -> str:
 async def chat_page(adapter_id: str, request: Request) -> HTMLResponse:
     """The chat page for one assistant; an invalid or unknown id is a 404 page that links back."""
     state: ServerState = request.app.state.server
-    known, record = (True, None) if state.is_base_model(adapter_id) else await run_in_threadpool(state.find_adapter, adapter_id)
-    if not known:
+    adapter = None if state.is_base_model(adapter_id) else await state.find_adapter(adapter_id)
+    if adapter is None and not state.is_base_model(adapter_id):
         body = (f'<h1>No assistant called {html.escape(adapter_id)}</h1>'
                 '<p>It is not registered on this server. <a href="/chat">See the assistants</a>.</p>')
         return _page("Unknown assistant", body, status=404)
-    config = {"model": adapter_id, "description": record.description if record else ""}
+    config = {"model": adapter_id, "description": adapter.record.description if adapter and adapter.record else ""}
     body = STATIC.joinpath("chat.html").read_text().replace("{{name}}", html.escape(adapter_id)).replace(
         "{{config}}", html.escape(json.dumps(config), quote=True))
     return _page(f"{adapter_id} assistant", body)

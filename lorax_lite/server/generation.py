@@ -1,10 +1,13 @@
 """One native-API generation: the LoRAX body turned into an engine request (an EngineCall), then the
-engine's cumulative outputs turned into LoRAX tokens, details, stream events and response headers."""
+engine's outputs (each with only the new tokens and text) turned into LoRAX tokens, details, stream
+events and response headers."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+
+from fastapi.concurrency import run_in_threadpool
 
 from lorax_lite.engine.request import RequestOutput
 from lorax_lite.server.calls import EngineCall
@@ -32,17 +35,18 @@ class Generation:
     special_ids: frozenset[int]
     decode: Callable[[list[int]], str]
     tokens: list[Token] = field(default_factory=list)
-    text: str = ""
 
     @classmethod
     async def start(cls, state: ServerState, body: GenerateRequest, adapter_id: str | None) -> Generation:
+        """Check the parameters, resolve the adapter and tokenize (each once, in worker threads), and submit."""
         try:
             params = body.parameters.to_sampling_params()
         except Exception as exc:
             raise as_server_error(exc) from exc
+        adapter = await state.resolve_adapter(adapter_id)
         tokenizer = state.llm.tokenizer
-        prompt_ids = tokenizer(body.inputs).input_ids
-        call = await EngineCall.start(state, prompt_ids, params, adapter_id, body.inputs)
+        prompt_ids = (await run_in_threadpool(tokenizer, body.inputs)).input_ids
+        call = await EngineCall.start(state, prompt_ids, params, adapter, body.inputs)
         return cls(body, call, frozenset(tokenizer.all_special_ids), tokenizer.decode)
 
     async def stream_events(self) -> AsyncIterator[dict]:
@@ -58,14 +62,11 @@ class Generation:
             await self.call.close()
 
     def advance(self, out: RequestOutput) -> list[Token]:
-        """Turn the tokens new in `out` into LoRAX tokens; new text goes on the last new token."""
-        if not out.text.startswith(self.text):
-            raise RuntimeError(f"engine text is not cumulative: {self.text!r} -> {out.text!r}")
-        delta, self.text = out.text[len(self.text) :], out.text
-        new_ids = out.token_ids[len(self.tokens) :]
+        """Turn the tokens new in `out` into LoRAX tokens; the new text goes on the last of them."""
+        last = len(out.token_ids) - 1
         new = [
-            Token(id=tid, text=delta if i == len(new_ids) - 1 else "", logprob=lp, special=tid in self.special_ids)
-            for i, (tid, lp) in enumerate(zip(new_ids, out.logprobs[len(self.tokens) :]))
+            Token(id=tid, text=out.text if i == last else "", logprob=lp, special=tid in self.special_ids)
+            for i, (tid, lp) in enumerate(zip(out.token_ids, out.logprobs, strict=True))
         ]
         self.tokens.extend(new)
         return new
@@ -76,24 +77,25 @@ class Generation:
             new = [self.tokens[-1].model_copy(update={"text": ""})] if self.tokens else []
         events = [StreamResponse(token=t) for t in new]
         if out.finished and events:
-            events[-1].generated_text = self.generated_text(out)
+            events[-1].generated_text = self.generated_text()
             events[-1].details = StreamDetails(**self._details_fields(out))
         return [e.model_dump() for e in events]
 
-    def generated_text(self, out: RequestOutput) -> str:
-        return self.body.inputs + out.text if self.body.parameters.return_full_text else out.text
+    def generated_text(self) -> str:
+        text = self.call.text
+        return self.body.inputs + text if self.body.parameters.return_full_text else text
 
     def response(self, out: RequestOutput) -> GenerateResponse:
         details = None
         if self.body.parameters.details:
             details = Details(**self._details_fields(out), prefill=self._prefill(out), tokens=self.tokens)
-        return GenerateResponse(generated_text=self.generated_text(out), details=details)
+        return GenerateResponse(generated_text=self.generated_text(), details=details)
 
     def _details_fields(self, out: RequestOutput) -> dict:
         return {
             "finish_reason": FINISH_REASONS[out.finish_reason],
             "prompt_tokens": len(out.prompt_token_ids),
-            "generated_tokens": len(out.token_ids),
+            "generated_tokens": out.num_generated_tokens,
             "seed": out.seed,
         }
 

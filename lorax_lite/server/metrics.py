@@ -1,5 +1,5 @@
 """Prometheus metrics for GET /metrics: per-request figures observed by the HTTP layer, and the
-engine's own state (queues, KV blocks, batch sizes, adapter cache) read at scrape time.
+engine's own state (queues, KV blocks, batch sizes, adapter cache) from its latest snapshot at scrape time.
 
 Each app has its own CollectorRegistry, so several apps can live in one process (tests). Label
 values are bounded: `adapter` is the base model's name or an id the engine accepted, never raw input.
@@ -7,13 +7,13 @@ values are bounded: `adapter` is the base model's name or an id the engine accep
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from lorax_lite.engine.engine import BATCH_SIZE_BUCKETS, LLMEngine
 from lorax_lite.engine.request import RequestOutput
+from lorax_lite.engine.async_llm import BATCH_SIZE_BUCKETS, EngineSnapshot
 
 PREFIX = "lorax"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -26,7 +26,7 @@ FINISHED = {"length": "finished", "eos": "finished", "stop": "finished", "abort"
 class ServerMetrics:
     """The app's metrics; `observe_finished` is called once per request that reached the engine."""
 
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, snapshot: Callable[[], EngineSnapshot]) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(f"{PREFIX}_requests", "Requests that reached the engine, by adapter and outcome "
                                 "(finished, aborted: the client left, error).", ["adapter", "outcome"], registry=self.registry)
@@ -40,7 +40,7 @@ class ServerMetrics:
                                        buckets=TOKEN_BUCKETS, registry=self.registry)
         self.generated_tokens = Histogram(f"{PREFIX}_request_generated_tokens", "Generated tokens per request.", ["adapter"],
                                           buckets=TOKEN_BUCKETS, registry=self.registry)
-        self.registry.register(EngineCollector(engine))
+        self.registry.register(EngineCollector(snapshot))
 
     def _latency(self, name: str, documentation: str) -> Histogram:
         return Histogram(f"{PREFIX}_{name}", documentation, ["adapter"], buckets=LATENCY_BUCKETS, registry=self.registry)
@@ -52,7 +52,7 @@ class ServerMetrics:
         """Count a request that left the engine (finished, failed or aborted) and its timings."""
         self.requests.labels(adapter, FINISHED.get(out.finish_reason or "abort", "aborted")).inc()
         self.prompt_tokens.labels(adapter).observe(len(out.prompt_token_ids))
-        self.generated_tokens.labels(adapter).observe(len(out.token_ids))
+        self.generated_tokens.labels(adapter).observe(out.num_generated_tokens)
         m = out.metrics
         if m is None:
             return
@@ -62,42 +62,43 @@ class ServerMetrics:
             self.ttft.labels(adapter).observe(m.time_to_first_token)
         if m.finished_time is not None:
             self.e2e.labels(adapter).observe(m.finished_time - m.arrival_time)
-            if m.first_token_time is not None and len(out.token_ids) > 1:
-                self.tpot.labels(adapter).observe((m.finished_time - m.first_token_time) / (len(out.token_ids) - 1))
+            if m.first_token_time is not None and out.num_generated_tokens > 1:
+                per_token = (m.finished_time - m.first_token_time) / (out.num_generated_tokens - 1)
+                self.tpot.labels(adapter).observe(per_token)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class EngineCollector:
-    """Reads the engine's counters when scraped (plain ints and floats written by the engine thread)."""
+    """Reports the engine's latest snapshot when scraped."""
 
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
+    def __init__(self, snapshot: Callable[[], EngineSnapshot]) -> None:
+        self.snapshot = snapshot
 
     def collect(self) -> Iterator:
-        engine = self.engine
-        scheduler, blocks, stats = engine.scheduler, engine.block_manager, engine.stats
-        yield _gauge("num_requests_waiting", "Requests waiting to be scheduled.", len(scheduler.waiting))
-        yield _gauge("num_requests_running", "Requests in the running batch.", len(scheduler.running))
-        yield _gauge("kv_blocks_used", "KV cache blocks in use.", blocks.num_used_blocks)
-        yield _gauge("kv_blocks_total", "KV cache blocks.", blocks.num_blocks)
-        yield _counter("preemptions", "Requests preempted (KV cache full) and recomputed later.", scheduler.num_preemptions)
+        snap = self.snapshot()
+        stats = snap.stats
+        yield _gauge("num_requests_waiting", "Requests waiting to be scheduled.", snap.num_waiting)
+        yield _gauge("num_requests_running", "Requests in the running batch.", snap.num_running)
+        yield _gauge("kv_blocks_used", "KV cache blocks in use.", snap.num_kv_blocks_used)
+        yield _gauge("kv_blocks_total", "KV cache blocks.", snap.num_kv_blocks)
+        yield _counter("preemptions", "Requests preempted (KV cache full) and recomputed later.", snap.num_preemptions)
         yield _counter("engine_steps", "Forward passes.", stats.steps)
         yield _counter("batched_tokens", "Tokens run through the model.", stats.batched_tokens)
         cumulative, buckets = 0, []
-        for bound, count in zip(BATCH_SIZE_BUCKETS, list(stats.batch_size_buckets)):
+        for bound, count in zip(BATCH_SIZE_BUCKETS, stats.batch_size_buckets, strict=True):
             cumulative += count
             buckets.append((str(bound), cumulative))
         buckets.append(("+Inf", stats.steps))
         yield HistogramMetricFamily(f"{PREFIX}_batch_size", "Sequences per forward pass.", buckets=buckets,
                                     sum_value=stats.batch_size_sum)
-        adapters = engine.adapters
+        adapters = snap.adapters
         if adapters is None:
             return
         cache = adapters.stats
-        yield _gauge("adapters_in_slots", "Adapters in device slots.", sum(a is not None for a in adapters.slot_adapters))
-        yield _gauge("adapters_in_host", "Adapters cached in host memory.", len(adapters.host_adapters))
+        yield _gauge("adapters_in_slots", "Adapters in device slots.", sum(k is not None for k in adapters.slot_keys))
+        yield _gauge("adapters_in_host", "Adapters cached in host memory.", len(adapters.host_keys))
         yield _counter("adapter_slot_hits", "Requests whose adapter was already in a device slot.", cache.slot_hits)
         yield _counter("adapter_host_hits", "Adapters copied from host memory into a slot.", cache.host_hits)
         yield _counter("adapter_misses", "Adapters loaded from disk.", cache.misses)

@@ -13,9 +13,8 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from lorax_lite.lora.naming import check_adapter_id
 from lorax_lite.server.calls import CLIENT_CLOSED_REQUEST, ClientDisconnected, run_to_end_or_abort, unless_disconnected
-from lorax_lite.server.errors import ServerError, as_server_error
+from lorax_lite.server.errors import ServerError
 from lorax_lite.server.generation import Generation
 from lorax_lite.server.schemas import GenerateRequest
 from lorax_lite.server.state import ServerState
@@ -41,27 +40,20 @@ async def compat_generate(body: GenerateRequest, request: Request) -> Response:
     return await _respond(body, request, stream=body.stream, as_list=True)
 
 
-def resolve_adapter_id(request: Request, body: GenerateRequest) -> str | None:
-    """The adapter asked for, from headers and parameters; conflicting values are a 400."""
+def requested_adapter_id(request: Request, body: GenerateRequest) -> str | None:
+    """The adapter asked for, from headers and parameters (None: none given); conflicting values are a 400."""
     given = {name: request.headers.get(name) for name in ADAPTER_HEADERS}
     given["parameters.adapter_id"] = body.parameters.adapter_id
     given = {name: value for name, value in given.items() if value}
     if len(set(given.values())) > 1:
         listed = ", ".join(f"{name}={value!r}" for name, value in given.items())
         raise ServerError(400, f"conflicting adapter ids ({listed}); give one, or the same in each place", "validation")
-    adapter_id = next(iter(given.values()), None)
-    state: ServerState = request.app.state.server
-    if state.is_base_model(adapter_id):
-        return None
-    try:
-        return check_adapter_id(adapter_id)
-    except ValueError as exc:
-        raise as_server_error(exc) from exc
+    return next(iter(given.values()), None)
 
 
 async def _respond(body: GenerateRequest, request: Request, stream: bool, as_list: bool) -> Response:
     state: ServerState = request.app.state.server
-    adapter_id = resolve_adapter_id(request, body)
+    adapter_id = requested_adapter_id(request, body)
     try:
         gen = await unless_disconnected(Generation.start(state, body, adapter_id), request)
     except ClientDisconnected:

@@ -19,9 +19,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 
+from lorax_lite.engine.async_llm import ResolvedAdapter
 from lorax_lite.engine.request import RequestOutput
 from lorax_lite.llm import render_chat
-from lorax_lite.lora.naming import check_adapter_id
 from lorax_lite.server.calls import CLIENT_CLOSED_REQUEST, ClientDisconnected, EngineCall, run_to_end_or_abort, unless_disconnected
 from lorax_lite.server.errors import ServerError, as_server_error
 from lorax_lite.server.openai_schemas import (
@@ -47,61 +47,54 @@ async def list_models(request: Request) -> ModelList:
     state: ServerState = request.app.state.server
     base = state.served_model_name
     cards = [ModelCard(id=base, created=STARTED, owned_by="lorax-lite")]
-    for adapter_id, record in await run_in_threadpool(state.adapters):
+    for adapter in await state.list_adapters():
+        record = adapter.record
         created, owner = (int(record.created_at), record.owner) if record else (STARTED, None)
-        cards.append(ModelCard(id=adapter_id, created=created, owned_by=owner or "lorax-lite", parent=base))
+        cards.append(ModelCard(id=adapter.adapter_id, created=created, owned_by=owner or "lorax-lite", parent=base))
     return ModelList(data=cards)
 
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     state: ServerState = request.app.state.server
-    adapter_id = _adapter_for(state, body)
+    adapter = await state.resolve_adapter(body.model, field="model")
     messages = [m.as_template_message() for m in body.messages]
-    if adapter_id is not None and not any(m["role"] == "system" for m in messages):
-        record = await run_in_threadpool(state.adapter_record, adapter_id)
-        if record is not None and record.system_prompt:
-            messages.insert(0, {"role": "system", "content": record.system_prompt})
+    if adapter is not None and adapter.system_prompt and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": adapter.system_prompt})
     try:
-        text, prompt_ids = render_chat(state.llm.tokenizer, messages)
+        text, prompt_ids = await run_in_threadpool(render_chat, state.llm.tokenizer, messages)
     except (ValueError, TemplateError) as exc:
         raise ServerError(400, f"messages: the chat template refused them: {exc}", "validation", param="messages") from exc
     max_tokens = body.requested_max_tokens or _room_left(state, len(prompt_ids))
-    return await _respond(state, request, body, prompt_ids, text, adapter_id, max_tokens, ChatFormat(body.model, body.include_usage))
+    fmt = ChatFormat(body.model, body.include_usage)
+    return await _respond(state, request, body, prompt_ids, text, adapter, max_tokens, fmt)
 
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request) -> Response:
     state: ServerState = request.app.state.server
-    adapter_id = _adapter_for(state, body)
     try:
         prompt = body.prompt_value()
     except ValueError as exc:
         raise as_server_error(exc) from exc
+    adapter = await state.resolve_adapter(body.model, field="model")
+    tokenizer = state.llm.tokenizer
     if isinstance(prompt, str):
-        text, prompt_ids = prompt, state.llm.tokenizer(prompt).input_ids
+        text, prompt_ids = prompt, (await run_in_threadpool(tokenizer, prompt)).input_ids
     else:
         text, prompt_ids = None, prompt
-    echo = "" if not body.echo else text if text is not None else state.llm.tokenizer.decode(prompt_ids)
+    echo = "" if not body.echo else text if text is not None else await run_in_threadpool(tokenizer.decode, prompt_ids)
     max_tokens = body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
-    return await _respond(state, request, body, prompt_ids, text, adapter_id, max_tokens, CompletionFormat(body.model, body.include_usage, echo))
-
-
-def _adapter_for(state: ServerState, body: SamplingFields) -> str | None:
-    if state.is_base_model(body.model):
-        return None
-    try:
-        return check_adapter_id(body.model)
-    except ValueError as exc:
-        raise ServerError(400, f"model: {exc}", "validation", param="model") from exc
+    fmt = CompletionFormat(body.model, body.include_usage, echo)
+    return await _respond(state, request, body, prompt_ids, text, adapter, max_tokens, fmt)
 
 
 def _room_left(state: ServerState, num_prompt_tokens: int) -> int:
     """Without max_tokens a chat answer may fill the context; a prompt that fills it alone is a 400."""
-    room = state.llm.engine.max_model_len - num_prompt_tokens
+    room = state.llm.max_seq_len - num_prompt_tokens
     if room < 1:
         raise ServerError(400, f"messages: the prompt ({num_prompt_tokens} tokens) leaves no room to answer within "
-                          f"{state.llm.engine.max_model_len} tokens (max_model_len)", "validation", param="messages")
+                          f"{state.llm.max_seq_len} tokens (max_model_len)", "validation", param="messages")
     return room
 
 
@@ -111,7 +104,7 @@ async def _respond(
     body: SamplingFields,
     prompt_ids: list[int],
     prompt_text: str | None,
-    adapter_id: str | None,
+    adapter: ResolvedAdapter | None,
     max_tokens: int,
     fmt: ChatFormat | CompletionFormat,
 ) -> Response:
@@ -120,7 +113,7 @@ async def _respond(
         params = body.sampling_params(max_tokens)
     except ValueError as exc:
         raise as_server_error(exc) from exc
-    start = EngineCall.start(state, prompt_ids, params, adapter_id, prompt_text, max_tokens_name="max_tokens")
+    start = EngineCall.start(state, prompt_ids, params, adapter, prompt_text, max_tokens_name="max_tokens")
     try:
         call = await unless_disconnected(start, request)
         if body.stream:
@@ -128,19 +121,17 @@ async def _respond(
         out = await run_to_end_or_abort(call, request)
     except ClientDisconnected:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    return JSONResponse(fmt.response(out), headers=call.headers())
+    return JSONResponse(fmt.response(out, call.text), headers=call.headers())
 
 
 async def _sse(call: EngineCall, fmt: ChatFormat | CompletionFormat) -> AsyncIterator[str]:
     """Chunks of new text, a last chunk with the finish reason, the usage chunk if asked, [DONE]."""
-    text = ""
     try:
         for chunk in fmt.opening_chunks():
             yield _event(chunk)
-        async for out in call.outputs():
-            delta, text = out.text[len(text):], out.text
-            if delta or out.finished:
-                yield _event(fmt.chunk(delta, FINISH_REASONS.get(out.finish_reason) if out.finished else None))
+        async for out in call.outputs():  # each output carries only its new text
+            if out.text or out.finished:
+                yield _event(fmt.chunk(out.text, FINISH_REASONS.get(out.finish_reason) if out.finished else None))
         if fmt.include_usage:
             yield _event(fmt.usage_chunk(_usage(call.last)))
     except Exception as exc:
@@ -155,7 +146,7 @@ def _event(payload: dict) -> str:
 
 
 def _usage(out: RequestOutput) -> Usage:
-    prompt, completion = len(out.prompt_token_ids), len(out.token_ids)
+    prompt, completion = len(out.prompt_token_ids), out.num_generated_tokens
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
@@ -188,8 +179,8 @@ class _Format(ABC):
         """A stream chunk carrying new text (and the finish reason on the last)."""
 
     @abstractmethod
-    def response(self, out: RequestOutput) -> dict:
-        """The non-streaming response for a finished request."""
+    def response(self, out: RequestOutput, text: str) -> dict:
+        """The non-streaming response for a finished request (`out`, its last output) that generated `text`."""
 
 
 class ChatFormat(_Format):
@@ -205,8 +196,8 @@ class ChatFormat(_Format):
     def _choice_chunk(self, delta: dict, finish_reason: str | None) -> dict:
         return self.envelope(self.object_name, [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}])
 
-    def response(self, out: RequestOutput) -> dict:
-        message = {"role": "assistant", "content": out.text}
+    def response(self, out: RequestOutput, text: str) -> dict:
+        message = {"role": "assistant", "content": text}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": FINISH_REASONS[out.finish_reason]}
         return {**self.envelope("chat.completion", [choice]), "usage": _usage(out).model_dump()}
 
@@ -225,6 +216,6 @@ class CompletionFormat(_Format):
     def chunk(self, delta: str, finish_reason: str | None) -> dict:
         return self.envelope(self.object_name, [{"index": 0, "text": delta, "logprobs": None, "finish_reason": finish_reason}])
 
-    def response(self, out: RequestOutput) -> dict:
-        choice = {"index": 0, "text": self.echo + out.text, "logprobs": None, "finish_reason": FINISH_REASONS[out.finish_reason]}
+    def response(self, out: RequestOutput, text: str) -> dict:
+        choice = {"index": 0, "text": self.echo + text, "logprobs": None, "finish_reason": FINISH_REASONS[out.finish_reason]}
         return {**self.envelope(self.object_name, [choice]), "usage": _usage(out).model_dump()}

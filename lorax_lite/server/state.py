@@ -1,14 +1,19 @@
 """What every route shares: the engine, the served model's name, the limits, the metrics, and the
-queue admission count (all touched from the event loop thread only)."""
+queue admission count (all touched from the event loop thread only).
+
+The server reads the engine only through AsyncLLM's typed reads; adapter lookups (which may read the
+registry) run in a worker thread, once per request.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lorax_lite.engine.async_llm import AsyncLLM
-from lorax_lite.lora.naming import check_adapter_id
-from lorax_lite.registry.base import AdapterRecord
-from lorax_lite.server.errors import ServerError
+from fastapi.concurrency import run_in_threadpool
+
+from lorax_lite.engine.async_llm import AsyncLLM, ResolvedAdapter
+from lorax_lite.lora.naming import InvalidAdapterIdError
+from lorax_lite.server.errors import ServerError, as_server_error
 from lorax_lite.server.metrics import ServerMetrics
 
 RETRY_AFTER_SECONDS = 1
@@ -35,7 +40,7 @@ class ServerState:
         self.llm = llm
         self.served_model_name = served_model_name
         self.limits = limits
-        self.metrics = ServerMetrics(llm.engine)
+        self.metrics = ServerMetrics(llm.snapshot)
         self.num_queued = 0  # requests submitted to the engine that have no output yet
 
     def admit(self) -> None:
@@ -54,32 +59,25 @@ class ServerState:
     def is_base_model(self, model: str | None) -> bool:
         return model is None or model == self.served_model_name
 
-    def adapter_record(self, adapter_id: str) -> AdapterRecord | None:
-        """The registry's record of an adapter (None when it was added by path or there is no registry)."""
-        catalog = self.llm.engine.catalog
-        if catalog is None or catalog.registry is None:
+    async def resolve_adapter(self, adapter_id: str | None, field: str = "adapter_id") -> ResolvedAdapter | None:
+        """The version a request for `adapter_id` gets (None: the base model), looked up once, in a worker
+        thread; an unknown or invalid id is a ServerError (404 / 400 naming the request's `field`)."""
+        if self.is_base_model(adapter_id):
             return None
-        return catalog.registry.get(adapter_id)
-
-    def adapter_records(self) -> list[AdapterRecord]:
-        catalog = self.llm.engine.catalog
-        if catalog is None or catalog.registry is None:
-            return []
-        return catalog.registry.list()
-
-    def adapters(self) -> list[tuple[str, AdapterRecord | None]]:
-        """Every adapter a request can name, with its registry record: those added by path first (no
-        record; they shadow a registered id of the same name, as in the engine), then the registered ones."""
-        added = self.llm.engine.adapter_ids
-        return [(a, None) for a in added] + [(r.adapter_id, r) for r in self.adapter_records() if r.adapter_id not in added]
-
-    def find_adapter(self, adapter_id: str) -> tuple[bool, AdapterRecord | None]:
-        """(whether a request can name `adapter_id`, its registry record); invalid ids are unknown."""
         try:
-            check_adapter_id(adapter_id)
-        except ValueError:
-            return False, None
-        if adapter_id in self.llm.engine.adapter_ids:
-            return True, None
-        record = self.adapter_record(adapter_id)
-        return record is not None, record
+            return await run_in_threadpool(self.llm.resolve_adapter, adapter_id)
+        except InvalidAdapterIdError as exc:
+            raise ServerError(400, f"{field}: {exc}", "validation", param="model") from exc
+        except Exception as exc:
+            raise as_server_error(exc, adapter_id) from exc
+
+    async def find_adapter(self, adapter_id: str) -> ResolvedAdapter | None:
+        """Like `resolve_adapter` for a page: None when the id is invalid or unknown (or LoRA is off)."""
+        try:
+            return await run_in_threadpool(self.llm.resolve_adapter, adapter_id)
+        except ValueError:  # InvalidAdapterIdError, AdapterNotFoundError, LoRA off
+            return None
+
+    async def list_adapters(self) -> list[ResolvedAdapter]:
+        """Every adapter a request can name (added by path first, then registered), read in a worker thread."""
+        return await run_in_threadpool(self.llm.list_adapters)

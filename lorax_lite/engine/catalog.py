@@ -1,0 +1,162 @@
+"""AdapterCatalog: which adapters a request can name, and which version (adapter key) each request gets.
+
+Two sources: adapters added by path (`LLM.add_adapter`; adapter key = the id) and, when the engine
+has one, a registry (`registry/`), whose current version of an id is looked up for every new
+request (adapter key = `id@version`). So an id registered while serving is usable by the next
+request; a removed id is unknown to new requests; a new version serves new requests while running
+ones keep the version they were resolved to, and the old version leaves the cache once unused.
+
+A request resolves its adapter once (`resolve`, in any thread: it reads the registry) into a
+ResolvedAdapter that carries everything the engine needs later: the adapter key, where its files
+are (with the version to verify), and the registry record (owner, system prompt, pin flag). The
+engine thread then `admit`s it and reports when its request is `finished`; the catalog keeps the
+adapter cache (AdapterManager) in step: superseded versions leave it, the pin flag is followed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import Counter
+from dataclasses import dataclass
+
+from lorax_lite.lora.errors import AdapterNotFoundError
+from lorax_lite.lora.loader import AdapterSource
+from lorax_lite.lora.manager import AdapterManager
+from lorax_lite.lora.naming import check_adapter_id
+from lorax_lite.registry.base import AdapterRecord, Registry
+from lorax_lite.registry.store import AdapterStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    """One request's adapter: the id it named, the version it gets (`source`), and its registry record
+    (None for an adapter added by path)."""
+
+    adapter_id: str
+    source: AdapterSource
+    record: AdapterRecord | None = None
+
+    @property
+    def adapter_key(self) -> str:
+        return self.source.adapter_key
+
+    @property
+    def system_prompt(self) -> str:
+        return self.record.system_prompt if self.record is not None else ""
+
+
+class AdapterCatalog:
+    """Adapter ids -> resolved versions; keeps the adapter cache in step with the registry.
+
+    `add_path`, `remove_path`, `resolve` and `list_adapters` are safe from any thread; `admit` and
+    `finished` (which change the cache) run in the engine thread.
+    """
+
+    def __init__(self, manager: AdapterManager, registry: Registry | None = None, store: AdapterStore | None = None) -> None:
+        self.manager = manager
+        self.registry = registry
+        self.store = store  # when given, registry versions are read from this store, whatever path the record names
+        self._lock = threading.Lock()  # guards _paths
+        self._paths: dict[str, str] = {}  # added by path: id -> directory
+        self._current: dict[str, ResolvedAdapter] = {}  # registry id -> the version last admitted
+        self._live: Counter[str] = Counter()  # adapter key -> requests in the engine (waiting or running) using it
+
+    # ---- adapters added by path (any thread) --------------------------------------------------
+
+    def add_path(self, adapter_id: str, path: str | os.PathLike) -> ResolvedAdapter:
+        """Make `adapter_id` name the adapter directory `path` (the cache is untouched)."""
+        check_adapter_id(adapter_id)
+        with self._lock:
+            if adapter_id in self._paths:
+                raise ValueError(f"adapter {adapter_id!r} is already added; remove it first to replace it")
+            self._paths[adapter_id] = os.fspath(path)
+        return self._added(adapter_id, os.fspath(path))
+
+    def remove_path(self, adapter_id: str) -> str:
+        """Forget an adapter added by path; returns its adapter key. AdapterNotFoundError if not added."""
+        with self._lock:
+            if self._paths.pop(adapter_id, None) is None:
+                raise AdapterNotFoundError(f"unknown adapter {adapter_id!r}")
+        return adapter_id
+
+    @property
+    def added_ids(self) -> list[str]:
+        with self._lock:
+            return sorted(self._paths)
+
+    # ---- lookups (any thread; may read the registry) ------------------------------------------
+
+    def resolve(self, adapter_id: str) -> ResolvedAdapter:
+        """The version a new request for `adapter_id` gets; AdapterNotFoundError if the id is unknown.
+
+        An added id shadows a registered one of the same name."""
+        check_adapter_id(adapter_id)
+        with self._lock:
+            path = self._paths.get(adapter_id)
+        if path is not None:
+            return self._added(adapter_id, path)
+        record = self.registry.get(adapter_id) if self.registry is not None else None
+        if record is None:
+            where = "add it first" if self.registry is None else f"not added and not in the registry {self.registry.url}"
+            added = ", ".join(self.added_ids) or "none"
+            raise AdapterNotFoundError(f"unknown adapter {adapter_id!r}; {where} (added: {added})")
+        return self._registered(record)
+
+    def list_adapters(self) -> list[ResolvedAdapter]:
+        """Every adapter a request can name: those added by path first, then the registered ones they do not shadow."""
+        with self._lock:
+            added = [self._added(adapter_id, path) for adapter_id, path in sorted(self._paths.items())]
+        records = self.registry.list() if self.registry is not None else []
+        shadowed = {a.adapter_id for a in added}
+        return added + [self._registered(r) for r in records if r.adapter_id not in shadowed]
+
+    @staticmethod
+    def _added(adapter_id: str, path: str) -> ResolvedAdapter:
+        return ResolvedAdapter(adapter_id, AdapterSource(adapter_key=adapter_id, adapter_id=adapter_id, path=path))
+
+    def _registered(self, record: AdapterRecord) -> ResolvedAdapter:
+        path = record.store_path if self.store is None else os.fspath(self.store.path(record.adapter_id, record.version))
+        key = f"{record.adapter_id}@{record.version}"
+        return ResolvedAdapter(record.adapter_id, AdapterSource(key, record.adapter_id, path, record.version), record)
+
+    # ---- the engine thread --------------------------------------------------------------------
+
+    def admit(self, adapter: ResolvedAdapter) -> None:
+        """A request for `adapter` enters the engine. A newer registry version supersedes the previous one,
+        which leaves the cache once no request in the engine uses it; the pin flag is followed."""
+        self._live[adapter.adapter_key] += 1
+        if adapter.record is None:
+            return
+        previous = self._current.get(adapter.adapter_id)
+        self._current[adapter.adapter_id] = adapter
+        if previous is not None and previous.adapter_key != adapter.adapter_key:
+            self._drop_if_unused(previous.adapter_key)
+        if adapter.record.pinned != self.manager.is_pinned(adapter.adapter_key):
+            self._follow_pin(adapter, adapter.record.pinned)
+
+    def finished(self, adapter: ResolvedAdapter) -> None:
+        """A request admitted with `adapter` left the engine."""
+        key = adapter.adapter_key
+        self._live[key] -= 1
+        if self._live[key] == 0:
+            del self._live[key]
+            if adapter.record is not None:
+                self._drop_if_unused(key)
+
+    def _drop_if_unused(self, adapter_key: str) -> None:
+        """Remove a registry version from the cache unless a request uses it or it is its id's current one."""
+        if not self._live.get(adapter_key) and all(c.adapter_key != adapter_key for c in self._current.values()):
+            self.manager.remove(adapter_key)
+
+    def _follow_pin(self, adapter: ResolvedAdapter, pinned: bool) -> None:
+        if not pinned:
+            self.manager.unpin(adapter.adapter_key)
+            return
+        try:
+            self.manager.pin(adapter.source)
+        except ValueError as exc:  # too many pins for this cache: serve it unpinned
+            logger.warning("%s", exc)
