@@ -17,10 +17,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated, Optional
 
 import typer
 
+from lorax_lite.cli.common import fail, one_line
 from lorax_lite.config import default_model
 from lorax_lite.lora.errors import AdapterError
 from lorax_lite.lora.naming import check_adapter_id
@@ -126,7 +127,7 @@ def remove_command(adapter_id: AdapterId, registry_url: RegistryUrl = None, stor
     """Forget an adapter and delete all its versions from the store."""
     with _errors(), _registry(registry_url, check_id=adapter_id) as registry:
         if not registry.remove(adapter_id):
-            _fail(_unknown(adapter_id, registry))
+            fail(_unknown(adapter_id, registry))
         AdapterStore(store_dir).remove(adapter_id)  # after the registry: no current version ever lacks its files
     typer.echo(f"removed {adapter_id}")
 
@@ -159,7 +160,7 @@ def verify_command(
     for result_id, version, ok in results:
         typer.echo(f"{'ok' if ok else 'MISMATCH':<9}{result_id}@{version[:12]}")
     if bad := [f"{i}@{v[:12]}" for i, v, ok in results if not ok]:
-        _fail(f"{len(bad)} version(s) do not match their checksum (corrupt store): {', '.join(bad)}; "
+        fail(f"{len(bad)} version(s) do not match their checksum (corrupt store): {', '.join(bad)}; "
               "register them again", code=1)
     if not results:
         typer.echo("no adapters registered")
@@ -168,21 +169,15 @@ def verify_command(
 # ---- helpers ---------------------------------------------------------------------------------
 
 
-def _fail(message: str, code: int = 2) -> NoReturn:
-    from lorax_lite.cli import fail  # here, not at the top: cli.py imports this module
-
-    fail(message, code)
-
-
 @contextmanager
 def _errors() -> Iterator[None]:
     """Bad input exits 2, a store that cannot be written exits 1; one line on stderr either way."""
     try:
         yield
     except (AdapterError, BaseModelError) as exc:
-        _fail(_one_line(exc))
+        fail(one_line(exc))
     except OSError as exc:
-        _fail(f"store: {_one_line(exc)}", code=1)
+        fail(f"store: {one_line(exc)}", code=1)
 
 
 @contextmanager
@@ -199,13 +194,13 @@ def _registry(url: str | None, check_id: str | None = None) -> Iterator[Registry
     try:
         registry = open_registry(url)
     except RegistryError as exc:
-        _fail(_naming(exc, url), code=1)
+        fail(_naming(exc, url), code=1)
     except ValueError as exc:
-        _fail(_one_line(exc))
+        fail(one_line(exc))
     try:
         yield registry
     except RegistryError as exc:
-        _fail(_naming(exc, url), code=1)
+        fail(_naming(exc, url), code=1)
     finally:
         registry.close()
 
@@ -221,7 +216,7 @@ def _echo_registered(record: AdapterRecord, created: bool) -> None:
 def _unit_dirs(adapters_dir: Path) -> list[Path]:
     """`adapters_dir/<unit>/` with an adapter_config.json, in name order; units not trained yet are named and skipped."""
     if not adapters_dir.is_dir():
-        _fail(f"--adapters-dir {adapters_dir}: not a directory")
+        fail(f"--adapters-dir {adapters_dir}: not a directory")
     dirs = sorted(d for d in adapters_dir.iterdir() if d.is_dir())
     for d in dirs:
         if not (d / "adapter_config.json").is_file():
@@ -237,25 +232,25 @@ def _unit_card(unit_dir: Path) -> dict[str, str | None]:
     try:
         card = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        _fail(f"{path}: not a readable JSON file ({_one_line(exc)})")
+        fail(f"{path}: not a readable JSON file ({one_line(exc)})")
     if not isinstance(card, dict):
-        _fail(f"{path}: expected a JSON object with {', '.join(UNIT_CARD_KEYS)}, got {type(card).__name__}")
+        fail(f"{path}: expected a JSON object with {', '.join(UNIT_CARD_KEYS)}, got {type(card).__name__}")
     if bad := [key for key in UNIT_CARD_KEYS if not isinstance(card.get(key, ""), str)]:
-        _fail(f"{path}: {', '.join(bad)} must be a string")
+        fail(f"{path}: {', '.join(bad)} must be a string")
     return {key: card.get(key) for key in UNIT_CARD_KEYS}
 
 
 def _get(registry: Registry, adapter_id: str) -> AdapterRecord:
     record = registry.get(adapter_id)
     if record is None:
-        _fail(_unknown(adapter_id, registry))
+        fail(_unknown(adapter_id, registry))
     return record
 
 
 def _set_pinned(adapter_id: str, pinned: bool, registry_url: str | None) -> None:
     with _errors(), _registry(registry_url, check_id=adapter_id) as registry:
         if not registry.set_pinned(adapter_id, pinned):
-            _fail(_unknown(adapter_id, registry))
+            fail(_unknown(adapter_id, registry))
 
 
 def _unknown(adapter_id: str, registry: Registry) -> str:
@@ -263,12 +258,8 @@ def _unknown(adapter_id: str, registry: Registry) -> str:
 
 
 def _naming(exc: Exception, url: str) -> str:
-    message = _one_line(exc)
+    message = one_line(exc)
     return message if url in message else f"registry {url}: {message}"
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _table(records: list[AdapterRecord]) -> str:
