@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -38,10 +38,12 @@ adapters_app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
-AdapterId = Annotated[str, typer.Argument(help="Adapter id: 1-64 letters, digits, '.', '_' or '-'.", show_default=False)]
-RegistryUrl = Annotated[Optional[str], typer.Option(
+AdapterId = Annotated[str, typer.Argument(
+    help="Adapter id: 1-64 letters, digits, '.', '_' or '-'.", show_default=False)]
+RegistryUrl = Annotated[str | None, typer.Option(
     "--registry", help="Registry URL: sqlite:///path.db or redis://host:port/db (default: $LORAX_REGISTRY, else sqlite:///data/registry.db).")]
-StoreDir = Annotated[Optional[str], typer.Option("--store", help="Store directory (default: $LORAX_STORE, else data/store).")]
+StoreDir = Annotated[str | None, typer.Option(
+    "--store", help="Store directory (default: $LORAX_STORE, else data/store).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 UNIT_CARD_KEYS = ("owner", "description", "system_prompt")  # what a unit's lorax.json gives its registration
 
@@ -49,16 +51,18 @@ UNIT_CARD_KEYS = ("owner", "description", "system_prompt")  # what a unit's lora
 @adapters_app.command("register")
 def register_command(
     adapter_id: AdapterId,
-    path: Annotated[str, typer.Argument(help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors).")],
-    owner: Annotated[Optional[str], typer.Option(
+    path: Annotated[str, typer.Argument(
+        help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors).")],
+    owner: Annotated[str | None, typer.Option(
         "--owner", help="Business unit that owns the adapter (default: the current version's).")] = None,
-    description: Annotated[Optional[str], typer.Option(
+    description: Annotated[str | None, typer.Option(
         "--description", help="What the adapter is for (default: the current version's).")] = None,
-    system_prompt: Annotated[Optional[str], typer.Option(
+    system_prompt: Annotated[str | None, typer.Option(
         "--system-prompt", help="System prompt the chatbots use with it (default: the current version's).")] = None,
     pin: Annotated[bool, typer.Option("--pin", help="Keep it in the engines' host memory.")] = False,
-    model: Annotated[Optional[str], typer.Option(
-        "--model", help="Base model directory to check shapes against (default: $LORAX_MODEL, else the fetched model).")] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model",
+        help="Base model directory to check shapes against (default: $LORAX_MODEL, else the fetched model).")] = None,
     registry_url: RegistryUrl = None,
     store_dir: StoreDir = None,
 ) -> None:
@@ -66,16 +70,19 @@ def register_command(
     with _errors():
         adapter = admin.validate(adapter_id, path, model or default_model())  # before any registry or store access
         with _registry(registry_url) as registry:
-            record, created = admin.commit(registry, AdapterStore(store_dir), adapter, owner, description, system_prompt, pin)
+            store = AdapterStore(store_dir)
+            record, created = admin.commit(registry, store, adapter, owner, description, system_prompt, pin)
     _echo_registered(record, created)
 
 
 @adapters_app.command("register-units")
 def register_units_command(
     adapters_dir: Annotated[str, typer.Option(
-        "--adapters-dir", help="Directory of units: <unit>/adapter_config.json, and optionally <unit>/lorax.json.")] = "adapters",
-    model: Annotated[Optional[str], typer.Option(
-        "--model", help="Base model directory to check shapes against (default: $LORAX_MODEL, else the fetched model).")] = None,
+        "--adapters-dir",
+        help="Directory of units: <unit>/adapter_config.json, and optionally <unit>/lorax.json.")] = "adapters",
+    model: Annotated[str | None, typer.Option(
+        "--model",
+        help="Base model directory to check shapes against (default: $LORAX_MODEL, else the fetched model).")] = None,
     registry_url: RegistryUrl = None,
     store_dir: StoreDir = None,
 ) -> None:
@@ -91,7 +98,8 @@ def register_units_command(
             with _registry(registry_url) as registry:
                 store = AdapterStore(store_dir)
                 for adapter, card in units:
-                    _echo_registered(*admin.commit(registry, store, adapter, **card))
+                    _echo_registered(*admin.commit(registry, store, adapter, card["owner"], card["description"],
+                                                   card["system_prompt"]))
     if not units:
         typer.echo(f"no adapters under {adapters_dir} (no <unit>/adapter_config.json): nothing registered")
 
@@ -114,8 +122,9 @@ def show_command(adapter_id: AdapterId, as_json: AsJson = False, registry_url: R
     """Show an adapter's current record and all its versions."""
     with _errors(), _registry(registry_url, check_id=adapter_id) as registry:
         record = _get(registry, adapter_id)
+        # mypy: in registry/base.py the method Registry.list shadows the builtin in versions()'s annotation
         versions = [{"version": v.version, "created_at": v.created_at, "current": v.version == record.version}
-                    for v in registry.versions(adapter_id)]
+                    for v in registry.versions(adapter_id)]  # type: ignore[attr-defined]
     if as_json:
         typer.echo(json.dumps({**record.to_dict(), "versions": versions}, indent=2))
     else:
@@ -148,7 +157,8 @@ def unpin_command(adapter_id: AdapterId, registry_url: RegistryUrl = None) -> No
 
 @adapters_app.command("verify")
 def verify_command(
-    adapter_id: Annotated[Optional[str], typer.Argument(help="Only this adapter (default: all).", show_default=False)] = None,
+    adapter_id: Annotated[str | None, typer.Argument(
+        help="Only this adapter (default: all).", show_default=False)] = None,
     registry_url: RegistryUrl = None,
     store_dir: StoreDir = None,
 ) -> None:
@@ -214,7 +224,7 @@ def _echo_registered(record: AdapterRecord, created: bool) -> None:
 
 
 def _unit_dirs(adapters_dir: Path) -> list[Path]:
-    """`adapters_dir/<unit>/` with an adapter_config.json, in name order; units not trained yet are named and skipped."""
+    """`adapters_dir/<unit>/` with an adapter_config.json, in name order; untrained units are named and skipped."""
     if not adapters_dir.is_dir():
         fail(f"--adapters-dir {adapters_dir}: not a directory")
     dirs = sorted(d for d in adapters_dir.iterdir() if d.is_dir())
@@ -267,7 +277,7 @@ def _table(records: list[AdapterRecord]) -> str:
     rows = [header] + [(r.adapter_id, r.version[:12], r.owner or "-", str(r.rank), "yes" if r.pinned else "no",
                         _size(r.size_bytes), _time(r.created_at)) for r in records]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
 def _details(record: AdapterRecord, versions: list[dict]) -> str:
@@ -275,12 +285,15 @@ def _details(record: AdapterRecord, versions: list[dict]) -> str:
         ("adapter_id", record.adapter_id), ("version", record.version), ("owner", record.owner),
         ("description", record.description), ("system_prompt", record.system_prompt),
         ("base_model", record.base_model), ("rank", record.rank), ("alpha", record.alpha),
-        ("target_modules", ", ".join(record.target_modules)), ("size", f"{_size(record.size_bytes)} ({record.size_bytes} bytes)"),
-        ("pinned", "yes" if record.pinned else "no"), ("created", _time(record.created_at)), ("store_path", record.store_path),
+        ("target_modules", ", ".join(record.target_modules)),
+        ("size", f"{_size(record.size_bytes)} ({record.size_bytes} bytes)"),
+        ("pinned", "yes" if record.pinned else "no"), ("created", _time(record.created_at)),
+        ("store_path", record.store_path),
     ]
     lines = [f"{name + ':':<16}{value}" for name, value in fields]
     lines.append("versions (oldest first):")
-    lines += [f"  {v['version'][:12]}  {_time(v['created_at'])}{'  (current)' if v['current'] else ''}" for v in versions]
+    lines += [f"  {v['version'][:12]}  {_time(v['created_at'])}{'  (current)' if v['current'] else ''}"
+              for v in versions]
     return "\n".join(lines)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -23,7 +23,8 @@ EXIT_COMMANDS = {"/exit", "/quit"}
 
 
 def chat_command(
-    adapter: Optional[str] = typer.Option(None, "--adapter", help="The business unit's adapter id (default: the base model)."),
+    adapter: str | None = typer.Option(
+        None, "--adapter", help="The business unit's adapter id (default: the base model)."),
     url: str = typer.Option("http://127.0.0.1:8080", "--url", help="The lorax-lite server."),
     max_tokens: int = typer.Option(256, "--max-tokens", help="Most tokens in one answer."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 is greedy."),
@@ -63,7 +64,8 @@ def open_chat(url: str, adapter: str | None, timeout: float = 120.0) -> Client:
         models = client.models()
     except ServerUnavailableError as exc:
         client.close()
-        raise ChatError(f"{exc}\n  is the server running? start it with `make serve` (or `lorax-lite serve`)", code=1) from exc
+        hint = "is the server running? start it with `make serve` (or `lorax-lite serve`)"
+        raise ChatError(f"{exc}\n  {hint}", code=1) from exc
     except LoraxLiteError as exc:
         client.close()
         raise ChatError(f"{url} does not look like a lorax-lite server: {exc}", code=1) from exc
