@@ -1,14 +1,20 @@
-"""Configuration dataclasses. Each checks itself and says what to change when a value is wrong."""
+"""Configuration dataclasses. Each checks itself and says what to change when a value is wrong.
+
+Each field's help text is in its metadata (`field(..., metadata={"help": ...})`): `lorax-lite serve`
+builds its options from the fields (name, default, type and help), so they are written once, here.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+import re
+from dataclasses import dataclass, field, fields
 
 DEFAULT_MODEL_DIR = "models/SmolLM2-135M-Instruct"
 
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
-_DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # all but "auto" are torch's names
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def default_model() -> str:
@@ -16,7 +22,19 @@ def default_model() -> str:
     return os.environ.get("LORAX_MODEL", DEFAULT_MODEL_DIR)
 
 
-@dataclass
+def check_dtype(dtype: str) -> None:
+    """Raise ValueError unless `dtype` is one of DTYPES."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def check_device(device: str) -> None:
+    """Raise ValueError unless `device` is auto, cpu, cuda or cuda:N (whether it exists is for the loader to say)."""
+    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs to know; names follow vLLM's where they exist.
 
@@ -27,47 +45,51 @@ class EngineConfig:
     capped so that one sequence of that length fits in the KV cache.
     """
 
-    model: str = ""
-    dtype: str = "auto"
-    device: str = "auto"
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    kv_cache_memory_gb: float = 1.0
-    max_model_len: int | None = None
-    max_loras: int = 8
-    max_lora_rank: int = 16
-    max_cpu_loras: int = 64
+    model: str = field(default_factory=default_model, metadata={
+        "help": "Model directory, .gguf file or hub id (default: $LORAX_MODEL, else the fetched model)."})
+    dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N."})
+    max_num_seqs: int = field(default=64, metadata={"help": "Most sequences in one step."})
+    max_num_batched_tokens: int = field(default=512, metadata={"help": "Most tokens in one step."})
+    block_size: int = field(default=16, metadata={"help": "Tokens per KV-cache block."})
+    num_kv_blocks: int | None = field(default=None, metadata={
+        "help": "Size of the paged KV cache in blocks (default: as many as fit in its memory)."})
+    kv_cache_memory_gb: float = field(default=1.0, metadata={"help": "Memory for the paged KV cache."})
+    max_model_len: int | None = field(default=None, metadata={
+        "help": "Longest prompt + output (default: the model's)."})
+    max_loras: int = field(default=8, metadata={"help": "Adapters in device slots at once."})
+    max_lora_rank: int = field(default=16, metadata={"help": "Largest adapter rank accepted."})
+    max_cpu_loras: int = field(default=64, metadata={"help": "Adapters cached in host memory."})
 
     def __post_init__(self) -> None:
         if not self.model:
-            self.model = default_model()
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
-        if self.device not in _DEVICES and not self.device.startswith("cuda:"):
-            raise ValueError(f"device must be one of {', '.join(_DEVICES)} or 'cuda:N', got {self.device!r}")
+            raise ValueError("model must name a model directory, .gguf file or hub id (leave it out for the default)")
+        check_dtype(self.dtype)
+        check_device(self.device)
         _check_positive(self, "max_num_seqs", "max_num_batched_tokens", "block_size")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise ValueError(f"num_kv_blocks must be >= 1 (or None to size it from kv_cache_memory_gb), got {self.num_kv_blocks}")
+            raise ValueError(f"num_kv_blocks must be >= 1 (or unset to size it from kv_cache_memory_gb), "
+                             f"got {self.num_kv_blocks}")
         if not self.kv_cache_memory_gb > 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
         _check_positive(self, "max_lora_rank", "max_cpu_loras")
         if not isinstance(self.max_loras, int) or isinstance(self.max_loras, bool) or self.max_loras < 0:
             raise ValueError(f"max_loras must be an integer >= 0 (0 turns LoRA off), got {self.max_loras!r}")
         if self.max_cpu_loras < self.max_loras:
-            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras}): every adapter in a slot is also cached in host memory")
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras}): "
+                             "every adapter in a slot is also cached in host memory")
         if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"max_model_len must be >= 2 (or None for the model's context length), got {self.max_model_len}")
+            raise ValueError(f"max_model_len must be >= 2 (or unset for the model's context length), "
+                             f"got {self.max_model_len}")
 
     @classmethod
-    def from_kwargs(cls, model: str | None = None, **kwargs: object) -> "EngineConfig":
-        """Build from keyword arguments, naming any argument that is not an engine setting."""
+    def from_kwargs(cls, model: str | None = None, **kwargs: object) -> EngineConfig:
+        """Build from keyword arguments, naming any that is not an engine setting; no `model` means the default one."""
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - names)
         if unknown:
             raise ValueError(f"unknown engine setting(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-        return cls(model=model or "", **kwargs)  # type: ignore[arg-type]
+        return cls(model=model or default_model(), **kwargs)  # type: ignore[arg-type]
 
 
 def _check_positive(config: object, *names: str) -> None:

@@ -6,7 +6,6 @@ GGUF weights are dequantized at load and the result is rebuilt as a plain model 
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -20,40 +19,44 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lorax_lite.config import DEFAULT_MODEL_DIR
+from lorax_lite.config import DEFAULT_MODEL_DIR, check_device, check_dtype
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^\w[\w.-]*(/[\w.-]+)?$")  # "gpt2", "org/name"
 
 
 def resolve_device(device: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; "cpu"; "cuda" / "cuda:N" only when CUDA is available."""
+    """"auto" -> cuda when available, else cpu; "cpu"; "cuda" / "cuda:N" only when CUDA (and device N) exists.
+
+    The name itself is checked by `config.check_device`, here too since scripts pass plain strings.
+    """
+    check_device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         return torch.device("cpu")
-    if device == "cuda" or re.fullmatch(r"cuda:\d+", device):
-        return _check_cuda(torch.device(device))
-    raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    return _check_cuda(torch.device(device))
 
 
 def _check_cuda(device: torch.device) -> torch.device:
     if not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available; use --device cpu (or auto)")
     if device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"device {str(device)!r} does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise ValueError(f"device {str(device)!r} does not exist; "
+                         f"this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """"auto" -> float32 on CPU, bfloat16 on CUDA when supported else float16; or the named dtype."""
+    """"auto" -> float32 on CPU, bfloat16 on CUDA when supported else float16; or the named dtype.
+
+    The name itself is checked by `config.check_dtype`, here too since scripts pass plain strings.
+    """
+    check_dtype(dtype)
     if dtype == "auto":
         if device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}, got {dtype!r}")
-    return _DTYPES[dtype]
+    return getattr(torch, dtype)  # config.DTYPES other than "auto" are torch's names
 
 
 def load_model_and_tokenizer(
@@ -73,7 +76,8 @@ def load_model_and_tokenizer(
         raise FileNotFoundError(_missing_path_message(model))
     else:
         hf_model, tokenizer = _load_from_hub(model, torch_dtype)
-    return hf_model.to(torch_device).eval(), tokenizer
+    # transformers wraps .to() in a decorator that mypy sees unbound
+    return hf_model.to(torch_device).eval(), tokenizer  # type: ignore[arg-type]
 
 
 def _looks_like_local_path(model: str) -> bool:
@@ -86,13 +90,15 @@ def _looks_like_local_path(model: str) -> bool:
 def _missing_path_message(model: str) -> str:
     if Path(model) == Path(DEFAULT_MODEL_DIR):
         return f"model directory {model!r} does not exist; run `lorax-lite fetch-model` to create it"
-    return f"model path {model!r} does not exist; check the path (or run `lorax-lite fetch-model` for the default model)"
+    return (f"model path {model!r} does not exist; check the path "
+            "(or run `lorax-lite fetch-model` for the default model)")
 
 
 def _load_local(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if path.is_file():
         if path.suffix != ".gguf":
-            raise FileNotFoundError(f"{str(path)!r} is a file but not a .gguf file; give a model directory or a .gguf file")
+            raise FileNotFoundError(f"{str(path)!r} is a file but not a .gguf file; "
+                                    "give a model directory or a .gguf file")
         return load_gguf(path, dtype)
     if (path / "config.json").is_file():
         hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -100,7 +106,8 @@ def _load_local(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTra
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
         return load_gguf(ggufs[0], dtype)
-    raise FileNotFoundError(f"{str(path)!r} holds no config.json (and not exactly one .gguf file); is it a model directory?")
+    raise FileNotFoundError(f"{str(path)!r} holds no config.json (and not exactly one .gguf file); "
+                            "is it a model directory?")
 
 
 def _load_from_hub(model: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

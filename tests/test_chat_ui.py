@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from lora_helpers import AdapterSpec, make_peft_adapter
 from lorax_lite import AsyncLLM
-from lorax_lite.cli_chat import ChatError, open_chat, run_chat
+from lorax_lite.cli.chat import ChatError, open_chat, run_chat
 from lorax_lite.client import Client
 from lorax_lite.registry import admin
 from lorax_lite.registry.sqlite import SQLiteRegistry

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import typer
 from typer.testing import CliRunner
 
 from lorax_lite.cli import app
+from lorax_lite.config import EngineConfig
 
 runner = CliRunner()
 
@@ -31,3 +35,14 @@ def test_bad_input_exits_2_with_a_message(tiny_llama_dir):
         result = runner.invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
         assert message in result.stderr, (args, result.stderr)
+
+
+def test_dtype_and_device_come_from_the_engine_config(tiny_llama_dir):
+    result = runner.invoke(app, ["generate", "hi", "--model", str(tiny_llama_dir), "--device", "cuda:x"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: --device must be one of"), result.stderr
+    options = {param.name: param for param in typer.main.get_command(app).commands["generate"].params}
+    for name in ("dtype", "device"):
+        field = next(f for f in dataclasses.fields(EngineConfig) if f.name == name)
+        assert options[name].opts == [f"--{name}"]
+        assert (options[name].default, options[name].help) == (field.default, field.metadata["help"])

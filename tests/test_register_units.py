@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from lora_helpers import AdapterSpec, make_peft_adapter
 from lorax_lite.cli import app
-from lorax_lite.cli_adapters import _unit_card
+from lorax_lite.cli.adapters import _unit_card
 from lorax_lite.registry.sqlite import SQLiteRegistry
 
 runner = CliRunner()

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 import subprocess
 import sys
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
+from lorax_lite.cli import app
+from lorax_lite.config import EngineConfig
+from lorax_lite.server.state import ServerLimits
 from server_helpers import free_port, serve
+
+# serve's options built from the configs' fields: every EngineConfig field but model (that is --model), every ServerLimits one
+CONFIG_FIELDS = [f for f in dataclasses.fields(EngineConfig) if f.name != "model"] + list(dataclasses.fields(ServerLimits))
 
 
 @pytest.fixture
@@ -57,3 +66,47 @@ def test_a_full_queue_answers_429_with_retry_after_and_the_server_stays_healthy(
         assert refused.headers["retry-after"] == "1" and refused.json()["error_type"] == "overloaded"
         assert httpx.get(f"{base}/health").status_code == 200
         assert httpx.post(f"{base}/generate", json=body, timeout=120).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def serve_help() -> str:
+    env = {**os.environ, "TERMINAL_WIDTH": "400", "COLUMNS": "400"}  # one option per line
+    result = subprocess.run([sys.executable, "-m", "lorax_lite.cli", "serve", "--help"], capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.parametrize("field", CONFIG_FIELDS, ids=lambda f: f.name)
+def test_serve_help_lists_each_config_field_with_its_default_and_help(serve_help: str, field: dataclasses.Field) -> None:
+    option = "--" + field.name.replace("_", "-")
+    lines = [line for line in serve_help.splitlines() if option in line.split()]
+    assert len(lines) == 1, f"{option} not in serve --help:\n{serve_help}"
+    assert field.metadata["help"] in lines[0]
+    if field.default is None:  # no default shown; the help says what happens
+        assert "[default:" not in lines[0]
+    else:
+        assert f"[default: {field.default}]" in lines[0]
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--max-loras", "-1"], "--max-loras"),
+    (["--max-cpu-loras", "4"], "--max-cpu-loras"),  # fewer than --max-loras (8)
+    (["--block-size", "0"], "--block-size"),
+    (["--num-kv-blocks", "0"], "--num-kv-blocks"),
+    (["--kv-cache-memory-gb", "0"], "--kv-cache-memory-gb"),
+    (["--max-model-len", "1"], "--max-model-len"),
+    (["--device", "cuda:x"], "--device"),
+    (["--dtype", "fp16"], "--dtype"),
+    (["--max-queued-requests", "0"], "--max-queued-requests"),
+    (["--max-body-bytes", "10"], "--max-body-bytes"),
+])
+def test_a_bad_config_option_exits_2_naming_it_before_anything_is_opened(tmp_path, args: list[str], option: str) -> None:
+    """The model path does not exist: an error about it, or a registry file, would mean the config came too late."""
+    registry = tmp_path / "registry.db"
+    result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "missing"), "--registry", f"sqlite:///{registry}",
+                                      "--port", str(free_port()), *args])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: {option} ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "_" not in result.stderr.split(" got ")[0], result.stderr  # options, not field names
+    assert not registry.exists()

@@ -7,7 +7,7 @@ registry) run in a worker thread, once per request.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi.concurrency import run_in_threadpool
 
@@ -23,8 +23,8 @@ RETRY_AFTER_SECONDS = 1
 class ServerLimits:
     """Refusals that protect the server: 429 past `max_queued_requests`, 413 past `max_body_bytes`."""
 
-    max_queued_requests: int = 256
-    max_body_bytes: int = 1 << 20
+    max_queued_requests: int = field(default=256, metadata={"help": "Requests waiting for the engine before new ones get a 429."})
+    max_body_bytes: int = field(default=1 << 20, metadata={"help": "Largest request body; larger ones get a 413."})
 
     def __post_init__(self) -> None:
         if self.max_queued_requests < 1:

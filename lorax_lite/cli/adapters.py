@@ -17,10 +17,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated
 
 import typer
 
+from lorax_lite.cli.common import fail, one_line
 from lorax_lite.config import default_model
 from lorax_lite.lora.errors import AdapterError
 from lorax_lite.lora.naming import check_adapter_id
@@ -37,10 +38,12 @@ adapters_app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
-AdapterId = Annotated[str, typer.Argument(help="Adapter id: 1-64 letters, digits, '.', '_' or '-'.", show_default=False)]
-RegistryUrl = Annotated[Optional[str], typer.Option(
+AdapterId = Annotated[str, typer.Argument(
+    help="Adapter id: 1-64 letters, digits, '.', '_' or '-'.", show_default=False)]
+RegistryUrl = Annotated[str | None, typer.Option(
     "--registry", help="Registry URL: sqlite:///path.db or redis://host:port/db (default: $LORAX_REGISTRY, else sqlite:///data/registry.db).")]
-StoreDir = Annotated[Optional[str], typer.Option("--store", help="Store directory (default: $LORAX_STORE, else data/store).")]
+StoreDir = Annotated[str | None, typer.Option(
+    "--store", help="Store directory (default: $LORAX_STORE, else data/store).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 UNIT_CARD_KEYS = ("owner", "description", "system_prompt")  # what a unit's lorax.json gives its registration
 
@@ -48,16 +51,18 @@ UNIT_CARD_KEYS = ("owner", "description", "system_prompt")  # what a unit's lora
 @adapters_app.command("register")
 def register_command(
     adapter_id: AdapterId,
-    path: Annotated[str, typer.Argument(help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors).")],
-    owner: Annotated[Optional[str], typer.Option(
+    path: Annotated[str, typer.Argument(
+        help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors).")],
+    owner: Annotated[str | None, typer.Option(
         "--owner", help="Business unit that owns the adapter (default: the current version's).")] = None,
-    description: Annotated[Optional[str], typer.Option(
+    description: Annotated[str | None, typer.Option(
         "--description", help="What the adapter is for (default: the current version's).")] = None,
-    system_prompt: Annotated[Optional[str], typer.Option(
+    system_prompt: Annotated[str | None, typer.Option(
         "--system-prompt", help="System prompt the chatbots use with it (default: the current version's).")] = None,
     pin: Annotated[bool, typer.Option("--pin", help="Keep it in the engines' host memory.")] = False,
-    model: Annotated[Optional[str], typer.Option(
-        "--model", help="Base model directory to check shapes against (default: $LORAX_MODEL, else the fetched model).")] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model",
+        help="Base model directory to check shapes against (default: $LORAX_MODEL, else the fetched model).")] = None,
     registry_url: RegistryUrl = None,
     store_dir: StoreDir = None,
 ) -> None:
@@ -65,16 +70,19 @@ def register_command(
     with _errors():
         adapter = admin.validate(adapter_id, path, model or default_model())  # before any registry or store access
         with _registry(registry_url) as registry:
-            record, created = admin.commit(registry, AdapterStore(store_dir), adapter, owner, description, system_prompt, pin)
+            store = AdapterStore(store_dir)
+            record, created = admin.commit(registry, store, adapter, owner, description, system_prompt, pin)
     _echo_registered(record, created)
 
 
 @adapters_app.command("register-units")
 def register_units_command(
     adapters_dir: Annotated[str, typer.Option(
-        "--adapters-dir", help="Directory of units: <unit>/adapter_config.json, and optionally <unit>/lorax.json.")] = "adapters",
-    model: Annotated[Optional[str], typer.Option(
-        "--model", help="Base model directory to check shapes against (default: $LORAX_MODEL, else the fetched model).")] = None,
+        "--adapters-dir",
+        help="Directory of units: <unit>/adapter_config.json, and optionally <unit>/lorax.json.")] = "adapters",
+    model: Annotated[str | None, typer.Option(
+        "--model",
+        help="Base model directory to check shapes against (default: $LORAX_MODEL, else the fetched model).")] = None,
     registry_url: RegistryUrl = None,
     store_dir: StoreDir = None,
 ) -> None:
@@ -90,7 +98,8 @@ def register_units_command(
             with _registry(registry_url) as registry:
                 store = AdapterStore(store_dir)
                 for adapter, card in units:
-                    _echo_registered(*admin.commit(registry, store, adapter, **card))
+                    _echo_registered(*admin.commit(registry, store, adapter, card["owner"], card["description"],
+                                                   card["system_prompt"]))
     if not units:
         typer.echo(f"no adapters under {adapters_dir} (no <unit>/adapter_config.json): nothing registered")
 
@@ -113,8 +122,9 @@ def show_command(adapter_id: AdapterId, as_json: AsJson = False, registry_url: R
     """Show an adapter's current record and all its versions."""
     with _errors(), _registry(registry_url, check_id=adapter_id) as registry:
         record = _get(registry, adapter_id)
+        # mypy: in registry/base.py the method Registry.list shadows the builtin in versions()'s annotation
         versions = [{"version": v.version, "created_at": v.created_at, "current": v.version == record.version}
-                    for v in registry.versions(adapter_id)]
+                    for v in registry.versions(adapter_id)]  # type: ignore[attr-defined]
     if as_json:
         typer.echo(json.dumps({**record.to_dict(), "versions": versions}, indent=2))
     else:
@@ -126,7 +136,7 @@ def remove_command(adapter_id: AdapterId, registry_url: RegistryUrl = None, stor
     """Forget an adapter and delete all its versions from the store."""
     with _errors(), _registry(registry_url, check_id=adapter_id) as registry:
         if not registry.remove(adapter_id):
-            _fail(_unknown(adapter_id, registry))
+            fail(_unknown(adapter_id, registry))
         AdapterStore(store_dir).remove(adapter_id)  # after the registry: no current version ever lacks its files
     typer.echo(f"removed {adapter_id}")
 
@@ -147,7 +157,8 @@ def unpin_command(adapter_id: AdapterId, registry_url: RegistryUrl = None) -> No
 
 @adapters_app.command("verify")
 def verify_command(
-    adapter_id: Annotated[Optional[str], typer.Argument(help="Only this adapter (default: all).", show_default=False)] = None,
+    adapter_id: Annotated[str | None, typer.Argument(
+        help="Only this adapter (default: all).", show_default=False)] = None,
     registry_url: RegistryUrl = None,
     store_dir: StoreDir = None,
 ) -> None:
@@ -159,7 +170,7 @@ def verify_command(
     for result_id, version, ok in results:
         typer.echo(f"{'ok' if ok else 'MISMATCH':<9}{result_id}@{version[:12]}")
     if bad := [f"{i}@{v[:12]}" for i, v, ok in results if not ok]:
-        _fail(f"{len(bad)} version(s) do not match their checksum (corrupt store): {', '.join(bad)}; "
+        fail(f"{len(bad)} version(s) do not match their checksum (corrupt store): {', '.join(bad)}; "
               "register them again", code=1)
     if not results:
         typer.echo("no adapters registered")
@@ -168,21 +179,15 @@ def verify_command(
 # ---- helpers ---------------------------------------------------------------------------------
 
 
-def _fail(message: str, code: int = 2) -> NoReturn:
-    from lorax_lite.cli import fail  # here, not at the top: cli.py imports this module
-
-    fail(message, code)
-
-
 @contextmanager
 def _errors() -> Iterator[None]:
     """Bad input exits 2, a store that cannot be written exits 1; one line on stderr either way."""
     try:
         yield
     except (AdapterError, BaseModelError) as exc:
-        _fail(_one_line(exc))
+        fail(one_line(exc))
     except OSError as exc:
-        _fail(f"store: {_one_line(exc)}", code=1)
+        fail(f"store: {one_line(exc)}", code=1)
 
 
 @contextmanager
@@ -199,13 +204,13 @@ def _registry(url: str | None, check_id: str | None = None) -> Iterator[Registry
     try:
         registry = open_registry(url)
     except RegistryError as exc:
-        _fail(_naming(exc, url), code=1)
+        fail(_naming(exc, url), code=1)
     except ValueError as exc:
-        _fail(_one_line(exc))
+        fail(one_line(exc))
     try:
         yield registry
     except RegistryError as exc:
-        _fail(_naming(exc, url), code=1)
+        fail(_naming(exc, url), code=1)
     finally:
         registry.close()
 
@@ -219,9 +224,9 @@ def _echo_registered(record: AdapterRecord, created: bool) -> None:
 
 
 def _unit_dirs(adapters_dir: Path) -> list[Path]:
-    """`adapters_dir/<unit>/` with an adapter_config.json, in name order; units not trained yet are named and skipped."""
+    """`adapters_dir/<unit>/` with an adapter_config.json, in name order; untrained units are named and skipped."""
     if not adapters_dir.is_dir():
-        _fail(f"--adapters-dir {adapters_dir}: not a directory")
+        fail(f"--adapters-dir {adapters_dir}: not a directory")
     dirs = sorted(d for d in adapters_dir.iterdir() if d.is_dir())
     for d in dirs:
         if not (d / "adapter_config.json").is_file():
@@ -237,25 +242,25 @@ def _unit_card(unit_dir: Path) -> dict[str, str | None]:
     try:
         card = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        _fail(f"{path}: not a readable JSON file ({_one_line(exc)})")
+        fail(f"{path}: not a readable JSON file ({one_line(exc)})")
     if not isinstance(card, dict):
-        _fail(f"{path}: expected a JSON object with {', '.join(UNIT_CARD_KEYS)}, got {type(card).__name__}")
+        fail(f"{path}: expected a JSON object with {', '.join(UNIT_CARD_KEYS)}, got {type(card).__name__}")
     if bad := [key for key in UNIT_CARD_KEYS if not isinstance(card.get(key, ""), str)]:
-        _fail(f"{path}: {', '.join(bad)} must be a string")
+        fail(f"{path}: {', '.join(bad)} must be a string")
     return {key: card.get(key) for key in UNIT_CARD_KEYS}
 
 
 def _get(registry: Registry, adapter_id: str) -> AdapterRecord:
     record = registry.get(adapter_id)
     if record is None:
-        _fail(_unknown(adapter_id, registry))
+        fail(_unknown(adapter_id, registry))
     return record
 
 
 def _set_pinned(adapter_id: str, pinned: bool, registry_url: str | None) -> None:
     with _errors(), _registry(registry_url, check_id=adapter_id) as registry:
         if not registry.set_pinned(adapter_id, pinned):
-            _fail(_unknown(adapter_id, registry))
+            fail(_unknown(adapter_id, registry))
 
 
 def _unknown(adapter_id: str, registry: Registry) -> str:
@@ -263,12 +268,8 @@ def _unknown(adapter_id: str, registry: Registry) -> str:
 
 
 def _naming(exc: Exception, url: str) -> str:
-    message = _one_line(exc)
+    message = one_line(exc)
     return message if url in message else f"registry {url}: {message}"
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _table(records: list[AdapterRecord]) -> str:
@@ -276,7 +277,7 @@ def _table(records: list[AdapterRecord]) -> str:
     rows = [header] + [(r.adapter_id, r.version[:12], r.owner or "-", str(r.rank), "yes" if r.pinned else "no",
                         _size(r.size_bytes), _time(r.created_at)) for r in records]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
 def _details(record: AdapterRecord, versions: list[dict]) -> str:
@@ -284,12 +285,15 @@ def _details(record: AdapterRecord, versions: list[dict]) -> str:
         ("adapter_id", record.adapter_id), ("version", record.version), ("owner", record.owner),
         ("description", record.description), ("system_prompt", record.system_prompt),
         ("base_model", record.base_model), ("rank", record.rank), ("alpha", record.alpha),
-        ("target_modules", ", ".join(record.target_modules)), ("size", f"{_size(record.size_bytes)} ({record.size_bytes} bytes)"),
-        ("pinned", "yes" if record.pinned else "no"), ("created", _time(record.created_at)), ("store_path", record.store_path),
+        ("target_modules", ", ".join(record.target_modules)),
+        ("size", f"{_size(record.size_bytes)} ({record.size_bytes} bytes)"),
+        ("pinned", "yes" if record.pinned else "no"), ("created", _time(record.created_at)),
+        ("store_path", record.store_path),
     ]
     lines = [f"{name + ':':<16}{value}" for name, value in fields]
     lines.append("versions (oldest first):")
-    lines += [f"  {v['version'][:12]}  {_time(v['created_at'])}{'  (current)' if v['current'] else ''}" for v in versions]
+    lines += [f"  {v['version'][:12]}  {_time(v['created_at'])}{'  (current)' if v['current'] else ''}"
+              for v in versions]
     return "\n".join(lines)
 
 

@@ -2,17 +2,49 @@
 
 Answers stream as they are generated; the conversation is kept until `/reset`; `/exit` (or Ctrl-D)
 leaves. The server adds the adapter's registered system prompt. Only `lorax_lite.client` is
-imported (no torch), so it starts at once.
+imported (no torch), and only when a chat starts, so every command starts at once.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
-from lorax_lite.client import Client, LoraxLiteError, ServerUnavailableError, UnknownAdapterError
+import typer
+
+from lorax_lite.cli.common import fail
+
+if TYPE_CHECKING:
+    from lorax_lite.client import Client
 
 HELP = "Type a question. /reset starts a new conversation, /exit leaves."
 EXIT_COMMANDS = {"/exit", "/quit"}
+
+
+def chat_command(
+    adapter: str | None = typer.Option(
+        None, "--adapter", help="The business unit's adapter id (default: the base model)."),
+    url: str = typer.Option("http://127.0.0.1:8080", "--url", help="The lorax-lite server."),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="Most tokens in one answer."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 is greedy."),
+) -> None:
+    """Chat with a business unit's assistant on a running server (streaming; /reset, /exit)."""
+    if max_tokens < 1:
+        fail(f"--max-tokens must be >= 1, got {max_tokens}")
+    if not 0 <= temperature <= 2:
+        fail(f"--temperature must be in 0..2, got {temperature}")
+    try:
+        client = open_chat(url, adapter)
+    except ChatError as error:
+        fail(str(error), code=error.code)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    with client:
+        run_chat(client, adapter, input, write, max_tokens=max_tokens, temperature=temperature)
 
 
 class ChatError(Exception):
@@ -25,12 +57,15 @@ class ChatError(Exception):
 
 def open_chat(url: str, adapter: str | None, timeout: float = 120.0) -> Client:
     """A client for the server at `url`, after checking that it answers and knows `adapter`."""
+    from lorax_lite.client import Client, LoraxLiteError, ServerUnavailableError
+
     client = Client(url, timeout=timeout)
     try:
         models = client.models()
     except ServerUnavailableError as exc:
         client.close()
-        raise ChatError(f"{exc}\n  is the server running? start it with `make serve` (or `lorax-lite serve`)", code=1) from exc
+        hint = "is the server running? start it with `make serve` (or `lorax-lite serve`)"
+        raise ChatError(f"{exc}\n  {hint}", code=1) from exc
     except LoraxLiteError as exc:
         client.close()
         raise ChatError(f"{url} does not look like a lorax-lite server: {exc}", code=1) from exc
@@ -46,6 +81,8 @@ def run_chat(
     max_tokens: int = 256, temperature: float = 0.0,
 ) -> None:
     """The loop: read a line, stream the answer, keep the history; errors are shown and the turn dropped."""
+    from lorax_lite.client import LoraxLiteError, UnknownAdapterError
+
     history: list[dict[str, str]] = []
     name = adapter or "base model"
     write(f"Chatting with {name} at {client.base_url}. {HELP}\n")

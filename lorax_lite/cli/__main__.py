@@ -1,0 +1,5 @@
+"""`python -m lorax_lite.cli`."""
+
+from lorax_lite.cli import main
+
+main()
