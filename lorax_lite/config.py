@@ -1,4 +1,5 @@
-"""Configuration dataclasses. Each checks itself and says what to change when a value is wrong.
+"""Configuration dataclasses: the engine's (EngineConfig) and the server's (ServerLimits). Each checks itself
+and says what to change when a value is wrong. No torch import here, so the command line starts fast.
 
 Each field's help text is in its metadata (`field(..., metadata={"help": ...})`): `lorax-lite serve`
 builds its options from the fields (name, default, type and help), so they are written once, here.
@@ -90,6 +91,22 @@ class EngineConfig:
         if unknown:
             raise ValueError(f"unknown engine setting(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
         return cls(model=model or default_model(), **kwargs)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Refusals that protect the server: 429 past `max_queued_requests`, 413 past `max_body_bytes`."""
+
+    max_queued_requests: int = field(default=256, metadata={
+        "help": "Requests waiting for the engine before new ones get a 429."})
+    max_body_bytes: int = field(default=1 << 20, metadata={"help": "Largest request body; larger ones get a 413."})
+
+    def __post_init__(self) -> None:
+        if self.max_queued_requests < 1:
+            raise ValueError(f"max_queued_requests must be >= 1, got {self.max_queued_requests}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+
 
 
 def _check_positive(config: object, *names: str) -> None:

@@ -13,8 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lorax_lite.cli import app
-from lorax_lite.config import EngineConfig
-from lorax_lite.server.state import ServerLimits
+from lorax_lite.config import EngineConfig, ServerLimits
 from server_helpers import free_port, serve
 
 # serve's options built from the configs' fields: every EngineConfig field but model (that is --model), every ServerLimits one

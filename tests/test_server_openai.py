@@ -19,7 +19,7 @@ from lorax_lite.registry.sqlite import SQLiteRegistry
 from lorax_lite.registry.store import AdapterStore
 from lorax_lite.server import create_app
 from server_helpers import call
-from lorax_lite.server.state import ServerLimits
+from lorax_lite.config import ServerLimits
 
 MODEL_NAME = "tiny-llama"
 ENGINE = dict(dtype="float32", device="cpu", max_num_batched_tokens=64, max_model_len=128)

@@ -1,7 +1,7 @@
 """`lorax-lite serve`: the base model and every registered adapter over HTTP.
 
-Its engine options are EngineConfig's fields and its limits are ServerLimits' (see options.py).
-Importing this module imports the server and torch, so the package builds `serve` only when it is used.
+Its engine options are EngineConfig's fields and its limits are ServerLimits' (see options.py). The
+server and torch are imported when the command runs, so other commands start without them.
 """
 
 from __future__ import annotations
@@ -11,22 +11,14 @@ from dataclasses import asdict, fields
 from typing import Any
 
 import typer
-import uvicorn
 
 from lorax_lite.cli.common import fail
 from lorax_lite.cli.options import build, config_options, with_options
-from lorax_lite.config import EngineConfig, default_model
-from lorax_lite.engine.async_llm import AsyncLLM
-from lorax_lite.registry.base import RegistryError
-from lorax_lite.registry.factory import default_registry_url, open_registry
-from lorax_lite.server.app import create_app
-from lorax_lite.server.state import ServerLimits
+from lorax_lite.config import EngineConfig, ServerLimits, default_model
 
 ENGINE_SETTINGS = [f.name for f in fields(EngineConfig) if f.name != "model"]  # serve takes the model as --model
-serve_app = typer.Typer(add_completion=False)  # one command; the package adds it to `lorax-lite` when it is used
 
 
-@serve_app.command("serve")
 @with_options(*config_options(EngineConfig, ENGINE_SETTINGS), *config_options(ServerLimits))
 def serve_command(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
@@ -42,6 +34,13 @@ def serve_command(
     **settings: Any,
 ) -> None:
     """Serve the base model and every registered adapter over HTTP (LoRAX-native and OpenAI-compatible APIs)."""
+    import uvicorn
+
+    from lorax_lite.engine.async_llm import AsyncLLM
+    from lorax_lite.registry.base import RegistryError
+    from lorax_lite.registry.factory import default_registry_url, open_registry
+    from lorax_lite.server.app import create_app
+
     if not 0 < port < 65536:
         fail(f"--port must be in 1..65535, got {port}")
     if store is not None and not os.path.isdir(store):

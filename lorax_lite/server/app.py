@@ -11,13 +11,14 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lorax_lite.config import ServerLimits
 from lorax_lite.engine.async_llm import AsyncLLM
 from lorax_lite.server.chat_ui import STATIC
 from lorax_lite.server.chat_ui import router as chat_router
 from lorax_lite.server.errors import OPENAI_PATH_PREFIX, ServerError, install_error_handlers
 from lorax_lite.server.native import router as native_router
 from lorax_lite.server.openai import router as openai_router
-from lorax_lite.server.state import ServerLimits, ServerState
+from lorax_lite.server.state import ServerState
 
 
 def create_app(llm: AsyncLLM, served_model_name: str, limits: ServerLimits | None = None) -> FastAPI:

@@ -7,30 +7,15 @@ registry) run in a worker thread, once per request.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from fastapi.concurrency import run_in_threadpool
 
+from lorax_lite.config import ServerLimits
 from lorax_lite.engine.async_llm import AsyncLLM, ResolvedAdapter
 from lorax_lite.lora.naming import InvalidAdapterIdError
 from lorax_lite.server.errors import ServerError, as_server_error
 from lorax_lite.server.metrics import ServerMetrics
 
 RETRY_AFTER_SECONDS = 1
-
-
-@dataclass(frozen=True)
-class ServerLimits:
-    """Refusals that protect the server: 429 past `max_queued_requests`, 413 past `max_body_bytes`."""
-
-    max_queued_requests: int = field(default=256, metadata={"help": "Requests waiting for the engine before new ones get a 429."})
-    max_body_bytes: int = field(default=1 << 20, metadata={"help": "Largest request body; larger ones get a 413."})
-
-    def __post_init__(self) -> None:
-        if self.max_queued_requests < 1:
-            raise ValueError(f"max_queued_requests must be >= 1, got {self.max_queued_requests}")
-        if self.max_body_bytes < 1024:
-            raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
 
 
 class ServerState:
