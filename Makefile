@@ -1,7 +1,8 @@
 # lorax-lite: the README's commands.
 #   make install   .venv/ with the package and its dev dependencies (idempotent)
 #   make serve     install, fetch the default model, register adapters/*, serve on 127.0.0.1:8080
-#   make test      install, fetch the default model, make the client venv, run the whole test suite
+#   make lint      ruff, mypy and the import layering contract on lorax_lite/ (configured in pyproject.toml)
+#   make test      install, lint, fetch the default model, make the client venv, run the whole test suite
 #   make bench     install, fetch the default model, run the benchmarks -> docs/benchmarks.md (+ .json)
 #
 # Debian's chromium (apt) is the browser of tests/test_browser_chat.py; playwright never downloads one.
@@ -15,7 +16,7 @@ CLIENTS_VENV ?= .venv-clients
 TORCH  ?= torch==2.13.0
 MODEL_DIR ?= models/SmolLM2-135M-Instruct
 
-.PHONY: install clients test bench serve fetch-model clean
+.PHONY: install clients lint test bench serve fetch-model clean
 
 install: $(VENV)/.installed
 
@@ -39,7 +40,13 @@ $(CLIENTS_VENV)/.installed: tests/clients/requirements.txt
 	$(CLIENTS_VENV)/bin/python -m pip install --quiet -r tests/clients/requirements.txt
 	touch $@
 
-test: fetch-model clients
+# The gate that runs before the tests: findings fail `make test`.
+lint: install
+	$(VENV)/bin/ruff check lorax_lite
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+test: lint fetch-model clients
 	LORAX_REQUIRE_DEFAULT_MODEL=1 LORAX_REQUIRE_REDIS=1 LORAX_REQUIRE_BROWSER=1 LORAX_CLIENTS_PYTHON=$(CLIENTS_VENV)/bin/python \
 	  LORAX_MODEL=$(MODEL_DIR) $(PY) -m pytest -q tests
 

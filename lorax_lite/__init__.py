@@ -29,5 +29,5 @@ def __getattr__(name: str) -> object:
     return getattr(importlib.import_module(_EXPORTS[name]), name)
 
 
-__all__ = list(_EXPORTS)
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "RequestOutput", "FinishReason", "OutputKind"]
 __version__ = "0.1.0"

@@ -28,7 +28,9 @@ class LoraxLiteError(Exception):
     """A request failed: `status` is the HTTP status (None for a failure mid-stream or without an
     answer), `error_type` the server's error type, `param` the field to blame when the server names one."""
 
-    def __init__(self, message: str, status: int | None = None, error_type: str | None = None, param: str | None = None) -> None:
+    def __init__(
+        self, message: str, status: int | None = None, error_type: str | None = None, param: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
@@ -62,7 +64,8 @@ class ServerUnavailableError(LoraxLiteError):
 _BY_STATUS = {404: UnknownAdapterError, 400: InvalidRequestError, 413: InvalidRequestError, 422: InvalidRequestError,
               429: OverloadedError, 503: ServerUnavailableError}
 _BY_ERROR_TYPE = {"not_found": UnknownAdapterError, "validation": InvalidRequestError, "adapter": InvalidRequestError,
-                  "payload_too_large": InvalidRequestError, "overloaded": OverloadedError, "unavailable": ServerUnavailableError}
+                  "payload_too_large": InvalidRequestError, "overloaded": OverloadedError,
+                  "unavailable": ServerUnavailableError}
 
 
 @dataclass(frozen=True)
@@ -146,7 +149,8 @@ class Client:
 
     def chat(
         self, messages: list[Message], adapter_id: str | None = None, max_tokens: int | None = None,
-        temperature: float | None = None, top_p: float | None = None, seed: int | None = None, stop: list[str] | None = None,
+        temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
+        stop: list[str] | None = None,
     ) -> ChatResult:
         """Answer a conversation ([{"role", "content"}, ...]) through /v1/chat/completions (OpenAI defaults:
         temperature 1; pass temperature=0 for greedy)."""
@@ -155,7 +159,8 @@ class Client:
 
     def chat_stream(
         self, messages: list[Message], adapter_id: str | None = None, max_tokens: int | None = None,
-        temperature: float | None = None, top_p: float | None = None, seed: int | None = None, stop: list[str] | None = None,
+        temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
+        stop: list[str] | None = None,
     ) -> Iterator[str]:
         """Like `chat`, yielding the answer's text as it is generated."""
         body = _chat_body(self._model(adapter_id), messages, max_tokens, temperature, top_p, seed, stop, stream=True)
@@ -189,7 +194,9 @@ class Client:
         return _json_or_raise(response)
 
     def _post_stream(self, path: str, body: dict, adapter_id: str | None = None) -> Iterator[dict]:
-        with _transport_errors(self.base_url), self._http.stream("POST", path, json=body, headers=_adapter_header(adapter_id)) as response:
+        with _transport_errors(self.base_url), self._http.stream(
+            "POST", path, json=body, headers=_adapter_header(adapter_id)
+        ) as response:
             if response.is_error:
                 response.read()
                 raise _response_error(response)
@@ -208,7 +215,9 @@ class AsyncClient:
         self.base_url = base_url.rstrip("/")
         # No pool limit: generate_many's semaphore bounds the connections, and a pool wait would time out.
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=32)
-        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, headers=headers, transport=transport, limits=limits)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, timeout=timeout, headers=headers, transport=transport, limits=limits
+        )
         self._base_model: str | None = None
 
     async def __aenter__(self) -> AsyncClient:
@@ -224,7 +233,9 @@ class AsyncClient:
         """Generate for `prompt` with the adapter (None: the base model); `params` are LoRAX's parameters."""
         return _generate_result(await self._post("/generate", _generate_body(prompt, params), adapter_id))
 
-    async def generate_stream(self, prompt: str, adapter_id: str | None = None, **params: Any) -> AsyncIterator[StreamItem]:
+    async def generate_stream(
+        self, prompt: str, adapter_id: str | None = None, **params: Any
+    ) -> AsyncIterator[StreamItem]:
         """Like `generate`, one StreamItem per token as it is generated."""
         async for event in self._post_stream("/generate_stream", _generate_body(prompt, params), adapter_id):
             yield _stream_item(event)
@@ -248,7 +259,7 @@ class AsyncClient:
             async with semaphore:
                 return await self.generate(prompt, adapter, **params)
 
-        tasks = [asyncio.ensure_future(generate_one(p, a)) for p, a in zip(prompts, adapter_ids)]
+        tasks = [asyncio.ensure_future(generate_one(p, a)) for p, a in zip(prompts, adapter_ids, strict=True)]
         try:
             return await asyncio.gather(*tasks, return_exceptions=return_exceptions)
         finally:
@@ -257,7 +268,8 @@ class AsyncClient:
 
     async def chat(
         self, messages: list[Message], adapter_id: str | None = None, max_tokens: int | None = None,
-        temperature: float | None = None, top_p: float | None = None, seed: int | None = None, stop: list[str] | None = None,
+        temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
+        stop: list[str] | None = None,
     ) -> ChatResult:
         """Answer a conversation through /v1/chat/completions (OpenAI defaults: temperature 1)."""
         body = _chat_body(await self._model(adapter_id), messages, max_tokens, temperature, top_p, seed, stop)
@@ -265,10 +277,13 @@ class AsyncClient:
 
     async def chat_stream(
         self, messages: list[Message], adapter_id: str | None = None, max_tokens: int | None = None,
-        temperature: float | None = None, top_p: float | None = None, seed: int | None = None, stop: list[str] | None = None,
+        temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
+        stop: list[str] | None = None,
     ) -> AsyncIterator[str]:
         """Like `chat`, yielding the answer's text as it is generated."""
-        body = _chat_body(await self._model(adapter_id), messages, max_tokens, temperature, top_p, seed, stop, stream=True)
+        body = _chat_body(
+            await self._model(adapter_id), messages, max_tokens, temperature, top_p, seed, stop, stream=True
+        )
         async for event in self._post_stream("/v1/chat/completions", body):
             if delta := _chat_delta(event):
                 yield delta
@@ -324,7 +339,9 @@ def _chat_body(
     seed: int | None, stop: list[str] | None, stream: bool = False,
 ) -> dict:
     options = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed, "stop": stop}
-    body = {"model": model, "messages": messages, **{name: value for name, value in options.items() if value is not None}}
+    body = {
+        "model": model, "messages": messages, **{name: value for name, value in options.items() if value is not None}
+    }
     return {**body, "stream": True} if stream else body
 
 
@@ -332,7 +349,9 @@ def _per_prompt(adapter_id: str | None | Sequence[str | None], num_prompts: int)
     if adapter_id is None or isinstance(adapter_id, str):
         return [adapter_id] * num_prompts
     if len(adapter_id) != num_prompts:
-        raise ValueError(f"adapter_id: got {len(adapter_id)} adapter ids for {num_prompts} prompts; give one, or one per prompt")
+        raise ValueError(
+            f"adapter_id: got {len(adapter_id)} adapter ids for {num_prompts} prompts; give one, or one per prompt"
+        )
     return list(adapter_id)
 
 
@@ -397,12 +416,15 @@ def _error(body: Any, status: int | None, retry_after: float | None = None) -> L
     """The exception for an error body: native `{"error", "error_type"}` or OpenAI's `{"error": {...}}`."""
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict):  # OpenAI's body: the server's error type is in `code`
-        message, error_type, param = error.get("message", ""), error.get("code") or error.get("type"), error.get("param")
+        message, error_type, param = (
+            error.get("message", ""), error.get("code") or error.get("type"), error.get("param")
+        )
     elif error is not None:
         message, error_type, param = str(error), body.get("error_type"), None
     else:  # not a lorax-lite body (a proxy's page, FastAPI's own 404, ...)
         message, error_type, param = str(body.get("detail", body) if isinstance(body, dict) else body), None, None
-    cls = _BY_STATUS.get(status) or _BY_ERROR_TYPE.get(error_type, LoraxLiteError)
+    by_status = _BY_STATUS.get(status) if status is not None else None
+    cls = by_status or (_BY_ERROR_TYPE.get(error_type) if error_type else None) or LoraxLiteError
     if cls is UnknownAdapterError and error_type != "not_found":  # a route, not an adapter, is missing: a wrong URL
         cls = LoraxLiteError
     prefix = f"HTTP {status}: " if status else ""
@@ -419,6 +441,10 @@ def _transport_errors(base_url: str) -> Iterator[None]:
     except httpx.ConnectError as exc:
         raise ServerUnavailableError(f"cannot reach the lorax-lite server at {base_url}: {exc}") from exc
     except httpx.TimeoutException as exc:
-        raise ServerUnavailableError(f"the lorax-lite server at {base_url} did not answer in time ({type(exc).__name__}): {exc}") from exc
+        raise ServerUnavailableError(
+            f"the lorax-lite server at {base_url} did not answer in time ({type(exc).__name__}): {exc}"
+        ) from exc
     except httpx.TransportError as exc:
-        raise ServerUnavailableError(f"lost the connection to the lorax-lite server at {base_url} ({type(exc).__name__}): {exc}") from exc
+        raise ServerUnavailableError(
+            f"lost the connection to the lorax-lite server at {base_url} ({type(exc).__name__}): {exc}"
+        ) from exc

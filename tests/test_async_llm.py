@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-
-from engine_helpers import wait_until_idle
+import threading
 
 import pytest
+from engine_helpers import wait_until_idle
 
 from lorax_lite import AsyncLLM, SamplingParams
 
@@ -139,3 +139,39 @@ def test_shutdown_stops_the_loop(tiny_llama_dir):
     assert not llm.is_running
     with pytest.raises(EngineDeadError):
         asyncio.run(collect(llm, "Hello", greedy(2)))
+
+
+def test_an_unknown_message_to_the_engine_thread_raises(allm):
+    """Messages are typed: a kind the engine does not know is a bug, never a silent abort."""
+    with pytest.raises(TypeError, match="unknown engine message"):
+        allm._apply(("abort", "some-request"), [])
+
+
+def test_generate_resolves_and_tokenizes_off_the_event_loop(allm, monkeypatch):
+    """A text prompt (tokenizer) and an adapter id (registry) are handled in a worker thread."""
+    threads = []
+    make_request = allm.engine.make_request
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return make_request(*args, **kwargs)
+
+    monkeypatch.setattr(allm.engine, "make_request", recording)
+
+    async def main():
+        outs = await collect(allm, "Hello there", greedy(2))
+        return threading.current_thread(), outs
+
+    loop_thread, outs = asyncio.run(main())
+    assert outs[-1].finished and threads and all(t is not loop_thread for t in threads)
+
+
+def test_the_snapshot_is_a_copy_published_by_the_engine_thread(allm):
+    before = allm.snapshot()
+    steps_before, buckets_before = before.stats.steps, list(before.stats.batch_size_buckets)
+    asyncio.run(collect(allm, "Hello there", greedy(3)))
+    wait_until_idle(allm)
+    after = allm.snapshot()
+    assert after.stats.steps >= steps_before + 3 and sum(after.stats.batch_size_buckets) >= sum(buckets_before) + 3
+    assert (before.stats.steps, before.stats.batch_size_buckets) == (steps_before, buckets_before)  # not a live view
+    assert after.num_kv_blocks == allm.engine.block_manager.num_blocks and after.num_kv_blocks_used == 0

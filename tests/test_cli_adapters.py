@@ -43,8 +43,8 @@ if slow_fsync:
     os.fsync = lambda fd: (time.sleep(slow_fsync), real_fsync(fd))[1]
 if slow_register:
     from lorax_lite.registry.sqlite import SQLiteRegistry
-    real_register = SQLiteRegistry.register
-    SQLiteRegistry.register = lambda self, record: (time.sleep(slow_register), real_register(self, record))[1]
+    real_add_version = SQLiteRegistry.add_version
+    SQLiteRegistry.add_version = lambda self, record: (time.sleep(slow_register), real_add_version(self, record))[1]
 from lorax_lite.cli import main
 main()
 """
@@ -88,7 +88,7 @@ class Deployment:
         records = []
         if self.db.exists():
             registry = SQLiteRegistry(self.db)
-            records = [(r.to_dict(), [v.to_dict() for v in registry.versions(r.adapter_id)]) for r in registry.list()]
+            records = [(r.to_dict(), [v.to_dict() for v in registry.versions(r.adapter_id)]) for r in registry.list_current()]
             registry.close()
         files = {str(p.relative_to(self.store)): p.read_bytes() for p in self.store.rglob("*") if p.is_file()} \
             if self.store.exists() else {}

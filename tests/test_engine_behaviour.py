@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lorax_lite import LLM, SamplingParams
+from lorax_lite.invariants import InvariantError
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +177,16 @@ def test_max_model_len_defaults_and_caps(tiny_llama_dir):
     assert llm.engine.max_seq_len == 32  # capped by the cache (the model allows 512)
     out = llm.generate([[5] * 30], greedy(10))[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 2
+
+
+def test_with_debug_invariants_a_leak_is_caught_when_the_engine_goes_idle(tiny_llama_dir, monkeypatch):
+    monkeypatch.setenv("LORAX_DEBUG_INVARIANTS", "1")
+    llm = LLM(str(tiny_llama_dir), device="cpu")
+    assert llm.generate("Hello", greedy(2))[0].finished  # a clean engine passes its idle check
+    llm.engine.block_manager.allocate("leaked", 4)  # blocks no request owns
+    with pytest.raises(InvariantError, match="still hold blocks"):
+        llm.generate("Hello", greedy(2))
+    monkeypatch.setenv("LORAX_DEBUG_INVARIANTS", "0")
+    unchecked = LLM(str(tiny_llama_dir), device="cpu")
+    unchecked.engine.block_manager.allocate("leaked", 4)
+    assert unchecked.generate("Hello", greedy(2))[0].finished  # off by default: no cost in production

@@ -49,7 +49,7 @@ def records(tmp_path: Path) -> dict[str, dict]:
         return {}
     registry = SQLiteRegistry(tmp_path / "registry.db")
     try:
-        return {r.adapter_id: r.to_dict() for r in registry.list()}
+        return {r.adapter_id: r.to_dict() for r in registry.list_current()}
     finally:
         registry.close()
 

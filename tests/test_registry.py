@@ -45,18 +45,18 @@ def test_a_record_round_trips_every_field(registry: Registry) -> None:
         owner="pricing-team", description="Prices — in €, with ünïcode", system_prompt="You set prices.\nBe brief.",
         pinned=True, extra={"dataset": "pricing.jsonl", "loss": [0.5, 0.25], "epochs": 3},
     )
-    assert registry.register(record) is True
+    assert registry.add_version(record) is True
     assert registry.get("pricing") == record
     assert registry.get_version("pricing", "v1") == record
     assert registry.versions("pricing") == [record]
-    assert registry.list() == [record]
+    assert registry.list_current() == [record]
 
 
 def test_unknown_ids_are_none_false_or_empty(registry: Registry) -> None:
     assert registry.get("nope") is None
     assert registry.get_version("nope", "v1") is None
     assert registry.versions("nope") == []
-    assert registry.list() == []
+    assert registry.list_current() == []
     assert registry.remove("nope") is False
     assert registry.set_pinned("nope", True) is False
     assert registry.get("nope") is None  # set_pinned did not create it
@@ -64,15 +64,15 @@ def test_unknown_ids_are_none_false_or_empty(registry: Registry) -> None:
 
 def test_registering_the_current_version_again_is_a_no_op(registry: Registry) -> None:
     first = make_record(description="first")
-    assert registry.register(first) is True
-    assert registry.register(make_record(description="changed")) is False
+    assert registry.add_version(first) is True
+    assert registry.add_version(make_record(description="changed")) is False
     assert registry.get("pricing") == first
     assert registry.versions("pricing") == [first]
 
 
 def test_a_new_version_becomes_current_and_old_ones_stay(registry: Registry) -> None:
     v1, v2 = make_record(version="v1"), make_record(version="v2", rank=4)
-    assert registry.register(v1) and registry.register(v2)
+    assert registry.add_version(v1) and registry.add_version(v2)
     assert registry.get("pricing") == v2
     assert registry.get_version("pricing", "v1") == v1
     assert registry.get_version("pricing", "v3") is None
@@ -81,59 +81,59 @@ def test_a_new_version_becomes_current_and_old_ones_stay(registry: Registry) -> 
 
 def test_registering_an_older_version_again_makes_it_current(registry: Registry) -> None:
     v1, v2 = make_record(version="v1"), make_record(version="v2")
-    registry.register(v1)
-    registry.register(v2)
-    assert registry.register(make_record(version="v1", description="again")) is True
+    registry.add_version(v1)
+    registry.add_version(v2)
+    assert registry.add_version(make_record(version="v1", description="again")) is True
     assert registry.get("pricing") == v1  # versions are immutable: the first record of v1 stays
     assert [r.version for r in registry.versions("pricing")] == ["v1", "v2"]  # oldest first, no duplicate
 
 
 def test_a_new_id_takes_the_records_pinned_flag(registry: Registry) -> None:
-    registry.register(make_record("a", pinned=True))
-    registry.register(make_record("b", pinned=False))
-    assert [r.pinned for r in registry.list()] == [True, False]
+    registry.add_version(make_record("a", pinned=True))
+    registry.add_version(make_record("b", pinned=False))
+    assert [r.pinned for r in registry.list_current()] == [True, False]
 
 
 def test_the_pinned_flag_belongs_to_the_id_and_is_kept_across_versions(registry: Registry) -> None:
-    registry.register(make_record(version="v1"))
+    registry.add_version(make_record(version="v1"))
     assert registry.set_pinned("pricing", True) is True
-    registry.register(make_record(version="v2", pinned=False))
+    registry.add_version(make_record(version="v2", pinned=False))
     assert registry.get("pricing").pinned is True
     assert registry.get_version("pricing", "v1").pinned is True
     assert [r.pinned for r in registry.versions("pricing")] == [True, True]
-    assert registry.list()[0].pinned is True
+    assert registry.list_current()[0].pinned is True
     assert registry.set_pinned("pricing", False) is True
-    registry.register(make_record(version="v3", pinned=True))
+    registry.add_version(make_record(version="v3", pinned=True))
     assert registry.get("pricing").pinned is False
 
 
 def test_remove_forgets_the_adapter_and_all_its_versions(registry: Registry) -> None:
-    registry.register(make_record("other"))
-    registry.register(make_record(version="v1", pinned=True))
-    registry.register(make_record(version="v2"))
+    registry.add_version(make_record("other"))
+    registry.add_version(make_record(version="v1", pinned=True))
+    registry.add_version(make_record(version="v2"))
     assert registry.remove("pricing") is True
     assert registry.get("pricing") is None
     assert registry.get_version("pricing", "v1") is None
     assert registry.versions("pricing") == []
-    assert [r.adapter_id for r in registry.list()] == ["other"]
+    assert [r.adapter_id for r in registry.list_current()] == ["other"]
     assert registry.remove("pricing") is False
     # registered again, it starts afresh: one version, its own pinned flag
-    assert registry.register(make_record(version="v2")) is True
+    assert registry.add_version(make_record(version="v2")) is True
     assert [(r.version, r.pinned) for r in registry.versions("pricing")] == [("v2", False)]
 
 
 def test_list_gives_current_versions_sorted_by_id(registry: Registry) -> None:
     for adapter_id in ["supply_chain", "B-team", "a.1", "a-1", "pricing", "a"]:
-        registry.register(make_record(adapter_id, version="v1"))
-    registry.register(make_record("pricing", version="v2"))
-    listed = registry.list()
+        registry.add_version(make_record(adapter_id, version="v1"))
+    registry.add_version(make_record("pricing", version="v2"))
+    listed = registry.list_current()
     assert [r.adapter_id for r in listed] == ["B-team", "a", "a-1", "a.1", "pricing", "supply_chain"]
     assert {r.adapter_id: r.version for r in listed}["pricing"] == "v2"
 
 
 def test_close_is_idempotent(registry_url: str) -> None:
     registry = open_registry(registry_url)
-    registry.register(make_record())
+    registry.add_version(make_record())
     registry.close()
     registry.close()
     reopened = open_registry(registry_url)
@@ -144,15 +144,15 @@ def test_close_is_idempotent(registry_url: str) -> None:
 def test_several_threads_share_one_registry(registry: Registry) -> None:
     def register_many(thread: int) -> None:
         for i in range(10):
-            registry.register(make_record(f"t{thread}-{i}"))
-            registry.register(make_record("shared", version=f"t{thread}-{i}"))
+            registry.add_version(make_record(f"t{thread}-{i}"))
+            registry.add_version(make_record("shared", version=f"t{thread}-{i}"))
 
     threads = [threading.Thread(target=register_many, args=(t,)) for t in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert len(registry.list()) == 41
+    assert len(registry.list_current()) == 41
     assert len(registry.versions("shared")) == 40
 
 
@@ -167,9 +167,9 @@ def _register_at_once(url: str, worker: int, barrier, results) -> None:
     registry = open_registry(url)
     barrier.wait(timeout=60)
     for i in range(NUM_ADAPTERS_EACH):
-        registry.register(make_record(f"unit-{worker}-{i}"))
-    new_version = registry.register(make_record("shared", version=f"w{worker}"))
-    first_of_same = registry.register(make_record("same", version="identical"))
+        registry.add_version(make_record(f"unit-{worker}-{i}"))
+    new_version = registry.add_version(make_record("shared", version=f"w{worker}"))
+    first_of_same = registry.add_version(make_record("same", version="identical"))
     registry.close()
     results.put((worker, new_version, first_of_same))
 
@@ -189,7 +189,7 @@ def test_processes_registering_at_the_same_moment_lose_nothing(registry: Registr
 
     assert [new_version for _, new_version, _ in outcomes] == [True] * NUM_PROCESSES
     assert sum(first for _, _, first in outcomes) == 1  # exactly one writer added "identical"
-    ids = [r.adapter_id for r in registry.list()]
+    ids = [r.adapter_id for r in registry.list_current()]
     expected_units = {f"unit-{w}-{i}" for w in range(NUM_PROCESSES) for i in range(NUM_ADAPTERS_EACH)}
     assert sorted(ids) == ids and set(ids) == expected_units | {"shared", "same"} and len(ids) == len(set(ids))
     shared_versions = [r.version for r in registry.versions("shared")]
@@ -201,7 +201,7 @@ def test_processes_registering_at_the_same_moment_lose_nothing(registry: Registr
 def _open_new_file_at_once(path: Path, worker: int, barrier) -> None:
     barrier.wait(timeout=60)
     registry = SQLiteRegistry(path)  # every process creates the schema and turns on WAL at once
-    registry.register(make_record(f"unit-{worker}"))
+    registry.add_version(make_record(f"unit-{worker}"))
     registry.close()
 
 
@@ -214,7 +214,7 @@ def test_processes_creating_a_new_sqlite_file_at_once_lose_nothing(tmp_path: Pat
     for process in workers:
         process.join(timeout=60)
     assert [process.exitcode for process in workers] == [0] * NUM_PROCESSES
-    assert [r.adapter_id for r in SQLiteRegistry(path).list()] == [f"unit-{w}" for w in range(NUM_PROCESSES)]
+    assert [r.adapter_id for r in SQLiteRegistry(path).list_current()] == [f"unit-{w}" for w in range(NUM_PROCESSES)]
 
 
 # -- Redis specifics ---------------------------------------------------------------------------
@@ -222,11 +222,11 @@ def test_processes_creating_a_new_sqlite_file_at_once_lose_nothing(tmp_path: Pat
 
 def test_two_prefixes_on_one_redis_do_not_see_each_other(redis_url: str) -> None:
     blue, green = RedisRegistry(redis_url, prefix="blue-" + uuid.uuid4().hex), RedisRegistry(redis_url, prefix="green-" + uuid.uuid4().hex)
-    blue.register(make_record("pricing", version="blue"))
-    green.register(make_record("pricing", version="green"))
-    green.register(make_record("supply_chain"))
+    blue.add_version(make_record("pricing", version="blue"))
+    green.add_version(make_record("pricing", version="green"))
+    green.add_version(make_record("supply_chain"))
     assert [r.version for r in blue.versions("pricing")] == ["blue"]
-    assert [r.adapter_id for r in blue.list()] == ["pricing"]
+    assert [r.adapter_id for r in blue.list_current()] == ["pricing"]
     assert green.remove("pricing") and blue.get("pricing").version == "blue"
     blue.close()
     green.close()
@@ -235,8 +235,8 @@ def test_two_prefixes_on_one_redis_do_not_see_each_other(redis_url: str) -> None
 def test_every_redis_key_is_under_the_prefix(redis_url: str) -> None:
     prefix = "keys-" + uuid.uuid4().hex
     registry = RedisRegistry(redis_url, prefix=prefix)
-    registry.register(make_record(version="v1"))
-    registry.register(make_record(version="v2"))
+    registry.add_version(make_record(version="v1"))
+    registry.add_version(make_record(version="v2"))
     registry.set_pinned("pricing", True)
     keys = registry._client.keys(f"{prefix}*")
     assert keys and all(key.startswith(f"{prefix}:") for key in keys)
@@ -272,7 +272,7 @@ def test_a_redis_that_never_answers_fails_fast_naming_the_url() -> None:
 
 def test_sqlite_creates_parent_directories_and_uses_wal(tmp_path: Path) -> None:
     registry = SQLiteRegistry(tmp_path / "a" / "b" / "registry.db")
-    registry.register(make_record())
+    registry.add_version(make_record())
     assert (tmp_path / "a" / "b" / "registry.db").is_file()
     assert registry._connection().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     registry.close()

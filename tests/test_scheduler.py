@@ -17,7 +17,8 @@ def make_request(rid, prompt_len, max_tokens=8, **params):
 def run_step(sched, token=7):
     """Schedule, pretend the model sampled `token` for every sampling request, apply."""
     batch = sched.schedule()
-    sched.postprocess(batch, [token] * len(batch.sampling_requests))
+    n = len(batch.sampling_requests)
+    sched.postprocess(batch, [token] * n, [-1.0] * n)
     sched.block_manager.check_invariants()
     return batch
 
@@ -73,7 +74,7 @@ def test_stop_conditions():
         sched.add(r)
     batch = sched.schedule()
     tokens = {"eos": 0, "stop": 7, "len": 5, "ignore": 0}
-    sched.postprocess(batch, [tokens[r.request_id] for r in batch.requests])
+    sched.postprocess(batch, [tokens[r.request_id] for r in batch.requests], [-1.0] * len(batch.requests))
     assert eos.finish_reason is FinishReason.EOS
     assert stop_tok.finish_reason is FinishReason.STOP and stop_tok.output_token_ids == [7]
     assert length.finish_reason is FinishReason.LENGTH

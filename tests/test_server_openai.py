@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from pathlib import Path
 
 import httpx
@@ -18,8 +19,8 @@ from lorax_lite.registry import admin
 from lorax_lite.registry.sqlite import SQLiteRegistry
 from lorax_lite.registry.store import AdapterStore
 from lorax_lite.server import create_app
-from server_helpers import call
 from lorax_lite.config import ServerLimits
+from server_helpers import call
 
 MODEL_NAME = "tiny-llama"
 ENGINE = dict(dtype="float32", device="cpu", max_num_batched_tokens=64, max_model_len=128)
@@ -294,3 +295,39 @@ def test_an_id_both_added_and_registered_is_listed_once(app, llm, adapters):
     finally:
         llm.remove_adapter("pricing")
     assert ids.count("pricing") == 1
+
+
+class CountingRegistry:
+    """Wraps a registry: records the thread of every `get` (the lookup of one adapter id)."""
+
+    def __init__(self, registry) -> None:
+        self.registry = registry
+        self.get_threads: list[threading.Thread] = []
+
+    def __getattr__(self, name):
+        return getattr(self.registry, name)
+
+    def get(self, adapter_id):
+        self.get_threads.append(threading.current_thread())
+        return self.registry.get(adapter_id)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_chat_request_reads_the_registry_once_and_never_on_the_event_loop(app, llm, offline, monkeypatch, stream):
+    counting = CountingRegistry(llm.engine.catalog.registry)
+    monkeypatch.setattr(llm.engine.catalog, "registry", counting)
+    loop_threads = []
+
+    async def send():
+        loop_threads.append(threading.current_thread())
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.post("/v1/chat/completions", json=chat_body("pricing", max_tokens=6, stream=stream))
+
+    resp = asyncio.run(send())
+    assert resp.status_code == 200
+    assert len(counting.get_threads) == 1 and counting.get_threads[0] is not loop_threads[0]
+    if not stream:  # and the record it read gave the system prompt
+        expected = offline.chat([{"role": "system", "content": SYSTEM_PROMPT}, *QUESTION],
+                                SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), adapter_id="pricing")[0].text
+        assert resp.json()["choices"][0]["message"]["content"] == expected

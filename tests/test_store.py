@@ -246,7 +246,7 @@ def test_pin_on_register_and_on_a_no_op(registry, store, sources, tiny_llama_dir
 
 def test_a_refused_adapter_writes_nothing(registry, store, sources, tiny_llama_dir, tmp_path: Path) -> None:
     admin.register(registry, store, "pricing", sources["v1"], tiny_llama_dir)
-    before = (registry.list(), tree(store.root))
+    before = (registry.list_current(), tree(store.root))
     bad = Path(shutil.copytree(sources["v2"], tmp_path / "dora"))
     rewrite_config(bad, use_dora=True)
     with pytest.raises(UnsupportedAdapterError, match="DoRA"):
@@ -258,7 +258,7 @@ def test_a_refused_adapter_writes_nothing(registry, store, sources, tiny_llama_d
         admin.register(registry, store, "pricing", sources["v2"], tmp_path / "no-model")
     with pytest.raises(InvalidAdapterIdError):
         admin.register(registry, store, "../pricing", sources["v2"], tiny_llama_dir)
-    assert (registry.list(), tree(store.root)) == before
+    assert (registry.list_current(), tree(store.root)) == before
 
 
 def test_a_crash_between_store_and_registry_leaves_the_old_version_current(registry, store, sources, tiny_llama_dir,
@@ -268,7 +268,7 @@ def test_a_crash_between_store_and_registry_leaves_the_old_version_current(regis
     def crash(record) -> bool:
         raise KeyboardInterrupt  # the process dies after the store write, before the registry commit
 
-    monkeypatch.setattr(registry, "register", crash)
+    monkeypatch.setattr(registry, "add_version", crash)
     with pytest.raises(KeyboardInterrupt):
         admin.register(registry, store, "pricing", sources["v2"], tiny_llama_dir)
     monkeypatch.undo()

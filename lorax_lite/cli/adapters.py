@@ -108,7 +108,7 @@ def register_units_command(
 def list_command(as_json: AsJson = False, registry_url: RegistryUrl = None) -> None:
     """List the current version of every adapter."""
     with _errors(), _registry(registry_url) as registry:
-        records = registry.list()
+        records = registry.list_current()
     if as_json:
         typer.echo(json.dumps([r.to_dict() for r in records], indent=2))
     elif not records:
@@ -122,9 +122,8 @@ def show_command(adapter_id: AdapterId, as_json: AsJson = False, registry_url: R
     """Show an adapter's current record and all its versions."""
     with _errors(), _registry(registry_url, check_id=adapter_id) as registry:
         record = _get(registry, adapter_id)
-        # mypy: in registry/base.py the method Registry.list shadows the builtin in versions()'s annotation
         versions = [{"version": v.version, "created_at": v.created_at, "current": v.version == record.version}
-                    for v in registry.versions(adapter_id)]  # type: ignore[attr-defined]
+                    for v in registry.versions(adapter_id)]
     if as_json:
         typer.echo(json.dumps({**record.to_dict(), "versions": versions}, indent=2))
     else:

@@ -16,7 +16,7 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -108,7 +108,8 @@ class AsyncLLM:
 
     @property
     def max_seq_len(self) -> int:
-        """The longest prompt + output served: `max_model_len` when given, else the model's context, capped by the KV cache."""
+        """The longest prompt + output served: `max_model_len` when given, else the model's context, capped by
+        the KV cache."""
         return self.engine.max_seq_len
 
     @property
@@ -121,7 +122,8 @@ class AsyncLLM:
         return self.engine.resolve_adapter(adapter_id)
 
     def list_adapters(self) -> list[ResolvedAdapter]:
-        """Every adapter a request can name. Blocking (it may read the registry): from async code, run it in a thread."""
+        """Every adapter a request can name. Blocking (it may read the registry): from async code, run it in a
+        thread."""
         return self.engine.list_adapters()
 
     def snapshot(self) -> EngineSnapshot:
@@ -140,7 +142,7 @@ class AsyncLLM:
         *,
         adapter: ResolvedAdapter | None = None,
         output_kind: OutputKind = OutputKind.CUMULATIVE,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Stream one request. Bad input raises ValueError (an unknown adapter: AdapterNotFoundError); leaving
         the loop early aborts the request. The adapter is `adapter_id` (resolved here, in a worker thread) or
         an `adapter` already resolved with `resolve_adapter`; neither means the base model."""

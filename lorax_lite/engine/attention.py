@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +86,7 @@ def paged_attention_forward(
     meta = _CONTEXT.get()
     if meta is None:
         raise RuntimeError(f"{ATTN_IMPLEMENTATION} attention called outside the engine's forward_context")
-    layer = module.layer_idx
+    layer = cast(int, module.layer_idx)
     k_cache, v_cache = meta.kv_cache.key[layer], meta.kv_cache.value[layer]
     k_cache.index_copy_(0, meta.kv_rows, key[0].transpose(0, 1))
     v_cache.index_copy_(0, meta.kv_rows, value[0].transpose(0, 1))

@@ -56,7 +56,9 @@ class AdapterCatalog:
     `finished` (which change the cache) run in the engine thread.
     """
 
-    def __init__(self, manager: AdapterManager, registry: Registry | None = None, store: AdapterStore | None = None) -> None:
+    def __init__(
+        self, manager: AdapterManager, registry: Registry | None = None, store: AdapterStore | None = None
+    ) -> None:
         self.manager = manager
         self.registry = registry
         self.store = store  # when given, registry versions are read from this store, whatever path the record names
@@ -101,7 +103,9 @@ class AdapterCatalog:
             return self._added(adapter_id, path)
         record = self.registry.get(adapter_id) if self.registry is not None else None
         if record is None:
-            where = "add it first" if self.registry is None else f"not added and not in the registry {self.registry.url}"
+            where = (
+                "add it first" if self.registry is None else f"not added and not in the registry {self.registry.url}"
+            )
             added = ", ".join(self.added_ids) or "none"
             raise AdapterNotFoundError(f"unknown adapter {adapter_id!r}; {where} (added: {added})")
         return self._registered(record)
@@ -110,7 +114,7 @@ class AdapterCatalog:
         """Every adapter a request can name: those added by path first, then the registered ones they do not shadow."""
         with self._lock:
             added = [self._added(adapter_id, path) for adapter_id, path in sorted(self._paths.items())]
-        records = self.registry.list() if self.registry is not None else []
+        records = self.registry.list_current() if self.registry is not None else []
         shadowed = {a.adapter_id for a in added}
         return added + [self._registered(r) for r in records if r.adapter_id not in shadowed]
 
@@ -119,7 +123,9 @@ class AdapterCatalog:
         return ResolvedAdapter(adapter_id, AdapterSource(adapter_key=adapter_id, adapter_id=adapter_id, path=path))
 
     def _registered(self, record: AdapterRecord) -> ResolvedAdapter:
-        path = record.store_path if self.store is None else os.fspath(self.store.path(record.adapter_id, record.version))
+        path = (
+            record.store_path if self.store is None else os.fspath(self.store.path(record.adapter_id, record.version))
+        )
         key = f"{record.adapter_id}@{record.version}"
         return ResolvedAdapter(record.adapter_id, AdapterSource(key, record.adapter_id, path, record.version), record)
 

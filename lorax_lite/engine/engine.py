@@ -8,8 +8,10 @@ import logging
 import os
 import random
 from collections.abc import Sequence
+from typing import cast
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lorax_lite.config import EngineConfig
@@ -56,7 +58,7 @@ class LLMEngine:
             model, tokenizer = load_model_and_tokenizer(config.model, dtype=config.dtype, device=config.device)
         self.tokenizer = tokenizer
         self.dtype = next(model.parameters()).dtype
-        self.vocab_size = model.get_input_embeddings().num_embeddings
+        self.vocab_size = cast(nn.Embedding, model.get_input_embeddings()).num_embeddings
         self._init_lora(model, registry, store)
         plan = plan_kv_cache(config, ModelShape.of(model), self.dtype)
         self.max_seq_len = plan.max_seq_len  # the longest prompt + output served (see max_model_len)
@@ -87,7 +89,9 @@ class LLMEngine:
         self.lora_layers = LoRALayers.inject(model, cfg.max_loras, cfg.max_lora_rank)
         self.adapter_reader = AdapterReader(self.lora_layers.targets, cfg.max_lora_rank, self.dtype)
         on_cuda = next(model.parameters()).device.type == "cuda"
-        self.adapter_manager = AdapterManager(self.lora_layers, cfg.max_cpu_loras, self.adapter_reader.read, pin_memory=on_cuda)
+        self.adapter_manager = AdapterManager(
+            self.lora_layers, cfg.max_cpu_loras, self.adapter_reader.read, pin_memory=on_cuda
+        )
         self.catalog = AdapterCatalog(self.adapter_manager, registry, store)
 
     # ---- adapters ----------------------------------------------------------------------------
@@ -171,7 +175,9 @@ class LLMEngine:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        request = Request(request_id, token_ids, params, prompt=text or prompt_text, adapter=adapter, output_kind=output_kind)
+        request = Request(
+            request_id, token_ids, params, prompt=text or prompt_text, adapter=adapter, output_kind=output_kind
+        )
         if not params.is_greedy:
             request.seed = params.seed if params.seed is not None else random.getrandbits(63)
             request.generator = torch.Generator().manual_seed(request.seed)
@@ -250,7 +256,7 @@ class LLMEngine:
     def snapshot(self) -> EngineSnapshot:
         """A frozen copy of the engine's state and counters (call it in the thread that steps the engine)."""
         manager = self.adapter_manager
-        adapters = None if manager is None else AdapterCacheSnapshot(
+        adapter_cache = None if manager is None else AdapterCacheSnapshot(
             self.added_adapter_ids, manager.slot_keys, manager.host_keys, dataclasses.replace(manager.stats))
         return EngineSnapshot(
             num_waiting=len(self.scheduler.waiting),
@@ -259,7 +265,7 @@ class LLMEngine:
             num_kv_blocks=self.block_manager.num_blocks,
             num_preemptions=self.scheduler.num_preemptions,
             stats=self.stats.copy(),
-            adapters=adapters,
+            adapter_cache=adapter_cache,
         )
 
     def check_invariants(self, idle: bool = False) -> None:
@@ -271,7 +277,8 @@ class LLMEngine:
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    """End-of-sequence ids as transformers `generate` uses them: generation config, else model config, else tokenizer."""
+    """End-of-sequence ids as transformers `generate` uses them: generation config, else model config, else
+    tokenizer."""
     gen = getattr(model, "generation_config", None)
     eos = getattr(gen, "eos_token_id", None)
     if eos is None:

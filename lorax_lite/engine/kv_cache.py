@@ -47,13 +47,9 @@ def plan_kv_cache(config: EngineConfig, shape: ModelShape, dtype: torch.dtype) -
     """Size the cache from `num_kv_blocks` or `kv_cache_memory_gb`, then resolve `max_model_len` against the
     model's context and the cache (one sequence of max_seq_len tokens must fit alone); ValueError says what to raise.
     """
-    num_blocks = config.num_kv_blocks
-    if num_blocks is None:
-        per_block = KVCache.bytes_per_block(shape.num_layers, config.block_size, shape.num_kv_heads, shape.head_dim, dtype)
-        budget = int(config.kv_cache_memory_gb * 2**30) // per_block
-        model_len = config.max_model_len or shape.max_position_embeddings or 4096
-        useful = config.max_num_seqs * -(-model_len // config.block_size)  # more blocks than this can never be used
-        num_blocks = max(1, min(budget, useful))
+    num_blocks = (
+        config.num_kv_blocks if config.num_kv_blocks is not None else _num_blocks_in_memory(config, shape, dtype)
+    )
     capacity = num_blocks * config.block_size
     model_len, wanted = shape.max_position_embeddings, config.max_model_len
     if wanted is None:
@@ -64,6 +60,14 @@ def plan_kv_cache(config: EngineConfig, shape: ModelShape, dtype: torch.dtype) -
         raise ValueError(f"max_model_len {wanted} does not fit in the KV cache ({num_blocks} blocks of "
                          f"{config.block_size} tokens); raise num_kv_blocks or kv_cache_memory_gb")
     return KVCachePlan(num_blocks, wanted)
+
+
+def _num_blocks_in_memory(config: EngineConfig, shape: ModelShape, dtype: torch.dtype) -> int:
+    per_block = KVCache.bytes_per_block(shape.num_layers, config.block_size, shape.num_kv_heads, shape.head_dim, dtype)
+    budget = int(config.kv_cache_memory_gb * 2**30) // per_block
+    model_len = config.max_model_len or shape.max_position_embeddings or 4096
+    useful = config.max_num_seqs * -(-model_len // config.block_size)  # more blocks than this can never be used
+    return max(1, min(budget, useful))
 
 
 class BlockManager:
@@ -135,9 +139,11 @@ class BlockManager:
         used = [b for table in self._tables.values() for b in table]
         require(len(used) == len(set(used)), "a block is owned by two sequences (or twice by one)")
         require(not set(used) & set(self._free), "a block is both free and used")
-        require(len(used) + len(self._free) == self.num_blocks, f"free {len(self._free)} + used {len(used)} != total {self.num_blocks}")
+        require(len(used) + len(self._free) == self.num_blocks,
+                f"free {len(self._free)} + used {len(used)} != total {self.num_blocks}")
         require(len(self._free) == len(set(self._free)), "a block is on the free list twice")
-        require(not idle or not self._tables, f"sequences {sorted(self._tables)} still hold blocks with no request left")
+        require(not idle or not self._tables,
+                f"sequences {sorted(self._tables)} still hold blocks with no request left")
 
 
 class KVCache:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from transformers import PreTrainedTokenizerBase
 
@@ -37,7 +38,8 @@ class OutputProcessor:
         self._states: dict[str, _OutputState] = {}
 
     def add(self, request: Request) -> None:
-        detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.sampling_params.stop)
+        stop = cast(list[str], request.sampling_params.stop)  # a list once SamplingParams checked it
+        detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, stop)
         self._states[request.request_id] = _OutputState(detokenizer)
 
     def process(self, requests: list[Request], finish: FinishFn) -> list[RequestOutput]:

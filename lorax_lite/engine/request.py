@@ -146,7 +146,7 @@ class RequestOutput:
     error: str | None = None
     metrics: RequestMetrics | None = None
     exception: Exception | None = field(default=None, repr=False, compare=False)  # what failed it, e.g. an AdapterError
-    logprobs: list[float | None] = field(default_factory=list, repr=False)  # of each token in token_ids (see Sampler)
+    logprobs: list[float] = field(default_factory=list, repr=False)  # of each token in token_ids (see Sampler)
     seed: int | None = None  # the seed sampling used (drawn when the request gave none); None when greedy
 
 
@@ -174,7 +174,7 @@ class Request:
         self.adapter = adapter  # None: the base model
         self.output_kind = output_kind
         self.output_token_ids: list[int] = []
-        self.output_logprobs: list[float | None] = []  # log-probability of each output token as sampled
+        self.output_logprobs: list[float] = []  # log-probability of each output token as sampled
         self.num_computed_tokens = 0
         self.status = RequestStatus.WAITING
         self.finish_reason: FinishReason | None = None
@@ -237,4 +237,6 @@ class Request:
         self.metrics.finished_time = time.time()
 
 
-__all__ = ["FinishReason", "OutputKind", "Request", "RequestMetrics", "RequestOutput", "RequestStatus", "SamplingParams"]
+__all__ = [
+    "FinishReason", "OutputKind", "Request", "RequestMetrics", "RequestOutput", "RequestStatus", "SamplingParams",
+]

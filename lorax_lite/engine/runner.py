@@ -35,7 +35,9 @@ class StepInputs:
 class ModelRunner:
     """Runs the HF model (its attention swapped for the paged one) over flattened batches."""
 
-    def __init__(self, model: PreTrainedModel, num_kv_blocks: int, block_size: int, lora_layers: LoRALayers | None = None) -> None:
+    def __init__(
+        self, model: PreTrainedModel, num_kv_blocks: int, block_size: int, lora_layers: LoRALayers | None = None
+    ) -> None:
         self.model = model
         self.lora_layers = lora_layers
         self.device = next(model.parameters()).device
@@ -44,9 +46,13 @@ class ModelRunner:
         self.shape = ModelShape.of(model)
         model.set_attn_implementation(register_attention())
         if model.config._attn_implementation != ATTN_IMPLEMENTATION:
-            raise ValueError(f"{type(model).__name__} does not support custom attention (transformers' AttentionInterface)")
+            raise ValueError(
+                f"{type(model).__name__} does not support custom attention (transformers' AttentionInterface)"
+            )
         s = self.shape
-        self.kv_cache = KVCache(s.num_layers, num_kv_blocks, block_size, s.num_kv_heads, s.head_dim, self.dtype, self.device)
+        self.kv_cache = KVCache(
+            s.num_layers, num_kv_blocks, block_size, s.num_kv_heads, s.head_dim, self.dtype, self.device
+        )
         self.sampler = Sampler()
 
     @torch.inference_mode()
@@ -84,7 +90,8 @@ class ModelRunner:
         context = torch.tensor([r.num_computed_tokens for r in reqs])  # [S] tokens already cached
         num_new = torch.tensor(counts)  # [S]
         starts = torch.cumsum(num_new, 0) - num_new  # [S] first index of each sequence in T
-        token_ids = [t for r, n in zip(reqs, counts) for t in r.token_ids_slice(r.num_computed_tokens, r.num_computed_tokens + n)]
+        token_ids = [t for r, n in zip(reqs, counts, strict=True)
+                     for t in r.token_ids_slice(r.num_computed_tokens, r.num_computed_tokens + n)]
         seq_of_token = torch.repeat_interleave(torch.arange(len(reqs)), num_new)  # [T]
         positions = context[seq_of_token] + torch.arange(len(token_ids)) - starts[seq_of_token]  # [T]
         block_tables = self._prepare_block_tables(reqs, block_manager)  # [S, max_blocks]

@@ -27,7 +27,7 @@ class SamplerOutput:
     token_ids: list[int]
     logprobs: list[float]
 
-    def reordered(self, sampled_for: list, wanted: list) -> "SamplerOutput":
+    def reordered(self, sampled_for: list, wanted: list) -> SamplerOutput:
         """The same results for the requests `wanted`, given they were sampled for `sampled_for` (same set)."""
         index = {id(r): i for i, r in enumerate(sampled_for)}
         order = [index[id(r)] for r in wanted]
@@ -113,7 +113,7 @@ class Sampler:
         logits = self._apply_top_k_top_p(logits, [p.top_k for p in params], [p.top_p for p in params])
         log_probs = torch.log_softmax(logits, dim=-1).cpu()  # [S, V], on CPU for the per-row draw
         probs = log_probs.exp()
-        for s, (row, request) in enumerate(zip(rows, requests)):
+        for s, (row, request) in enumerate(zip(rows, requests, strict=True)):
             if request.generator is None:
                 raise RuntimeError(f"request {request.request_id} samples but has no generator")
             token = int(torch.multinomial(probs[s], 1, generator=request.generator))

@@ -26,6 +26,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from lorax_lite.engine.catalog import ResolvedAdapter
 from lorax_lite.engine.kv_cache import BlockManager
 from lorax_lite.engine.request import FinishReason, Request, RequestStatus
 from lorax_lite.lora.manager import AdapterManager
@@ -169,10 +170,11 @@ class Scheduler:
         for req in list(self.waiting):
             if budget == 0 or len(self.running) >= self.max_num_seqs:
                 break
-            if not self._adapter_ready(req, ahead):
-                if blocked_on_slot is None and self.adapter_manager.is_loaded(req.adapter_key):
-                    blocked_on_slot = req.adapter_key
-                ahead.add(req.adapter_key)
+            adapter = req.adapter
+            if adapter is not None and not self._adapter_ready(adapter, ahead):
+                if blocked_on_slot is None and self._manager().is_loaded(adapter.adapter_key):
+                    blocked_on_slot = adapter.adapter_key
+                ahead.add(adapter.adapter_key)
                 continue  # no head-of-line blocking: later requests for ready adapters go ahead
             n = min(req.num_uncomputed_tokens, budget)
             if not self.block_manager.can_allocate(n):
@@ -183,20 +185,26 @@ class Scheduler:
             waiting = {r.adapter_key for r in self.waiting if r.adapter_key is not None}
             self.adapter_manager.reserve(blocked_on_slot, waiting)
 
-    def _adapter_ready(self, req: Request, ahead: set[str]) -> bool:
-        """Whether the request's adapter can take a slot now; if it is not in memory yet, start loading it."""
-        if req.adapter is None or self.adapter_manager.can_acquire(req.adapter.adapter_key):
+    def _adapter_ready(self, adapter: ResolvedAdapter, ahead: set[str]) -> bool:
+        """Whether the adapter can take a slot now; if it is not in memory yet, start loading it."""
+        manager = self._manager()
+        if manager.can_acquire(adapter.adapter_key):
             return True
-        manager = self.adapter_manager
-        if not manager.is_loaded(req.adapter.adapter_key) and manager.num_loading < manager.max_loras:
-            manager.prefetch(req.adapter.source, keep=ahead)
+        if not manager.is_loaded(adapter.adapter_key) and manager.num_loading < manager.max_loras:
+            manager.prefetch(adapter.source, keep=ahead)
         return False
+
+    def _manager(self) -> AdapterManager:
+        """The adapter manager, which only requests with an adapter use (the engine refuses them when LoRA is off)."""
+        if self.adapter_manager is None:
+            raise RuntimeError("a request has an adapter but this scheduler has no adapter manager (LoRA is off)")
+        return self.adapter_manager
 
     def _admit(self, batch: ScheduledBatch, req: Request, n: int) -> None:
         self.waiting.remove(req)
         self.block_manager.allocate(req.request_id, n)
         if req.adapter_key is not None:
-            req.lora_slot = self.adapter_manager.acquire(req.adapter_key)
+            req.lora_slot = self._manager().acquire(req.adapter_key)
         req.status = RequestStatus.RUNNING
         if req.metrics.first_scheduled_time is None:
             req.metrics.first_scheduled_time = time.time()
@@ -206,7 +214,7 @@ class Scheduler:
 
     def _release_adapter(self, req: Request) -> None:
         if req.lora_slot is not None:
-            self.adapter_manager.release_slot(req.lora_slot)
+            self._manager().release_slot(req.lora_slot)
             req.lora_slot = None
 
     def _fail_adapter_loads(self) -> None:
@@ -220,10 +228,10 @@ class Scheduler:
         """Nothing could be scheduled only because adapters are still loading from disk."""
         return not self.running and self.adapter_manager is not None and self.adapter_manager.num_loading > 0
 
-    def postprocess(self, batch: ScheduledBatch, sampled: list[int], logprobs: list[float] | None = None) -> list[Request]:
+    def postprocess(self, batch: ScheduledBatch, sampled: list[int], logprobs: list[float]) -> list[Request]:
         """Apply a step's results (one token, and its logprob, per sampling request); returns the requests
         that got a new token (finished or not)."""
-        sampling = iter(zip(sampled, logprobs if logprobs is not None else [None] * len(sampled)))
+        sampling = iter(zip(sampled, logprobs, strict=True))
         updated = []
         for i, req in enumerate(batch.requests):
             samples = batch.samples(i)
@@ -233,7 +241,7 @@ class Scheduler:
                 updated.append(req)
         return updated
 
-    def _append_token(self, req: Request, token_id: int, logprob: float | None = None) -> None:
+    def _append_token(self, req: Request, token_id: int, logprob: float) -> None:
         req.output_token_ids.append(token_id)
         req.output_logprobs.append(logprob)
         if req.metrics.first_token_time is None:
@@ -246,7 +254,7 @@ class Scheduler:
         params = req.sampling_params
         if not params.ignore_eos and token_id in self.eos_token_ids:
             return FinishReason.EOS
-        if token_id in params.stop_token_ids:
+        if params.stop_token_ids and token_id in params.stop_token_ids:
             return FinishReason.STOP
         if req.num_generated_tokens >= params.max_tokens or req.num_tokens >= self.max_seq_len:
             return FinishReason.LENGTH

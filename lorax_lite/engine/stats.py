@@ -22,7 +22,8 @@ class EngineStats:
     steps: int = 0  # forward passes
     batched_tokens: int = 0  # tokens run through the model, summed over steps
     batch_size_sum: int = 0  # sequences per step, summed over steps
-    batch_size_buckets: list[int] = field(default_factory=lambda: [0] * len(BATCH_SIZE_BUCKETS))  # steps per bucket (<= bound)
+    # steps per bucket (<= bound)
+    batch_size_buckets: list[int] = field(default_factory=lambda: [0] * len(BATCH_SIZE_BUCKETS))
 
     def observe_step(self, num_seqs: int, num_tokens: int) -> None:
         self.steps += 1
@@ -56,7 +57,7 @@ class EngineSnapshot:
     num_kv_blocks: int
     num_preemptions: int
     stats: EngineStats
-    adapters: AdapterCacheSnapshot | None  # None: LoRA is turned off (max_loras=0)
+    adapter_cache: AdapterCacheSnapshot | None  # None: LoRA is turned off (max_loras=0)
 
 
 __all__ = ["BATCH_SIZE_BUCKETS", "AdapterCacheSnapshot", "EngineSnapshot", "EngineStats"]

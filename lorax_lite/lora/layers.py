@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedModel
 
 from lorax_lite.lora.ops import LoRABackend, current_mapping, select_backend
 from lorax_lite.lora.weights import LoRAWeights
@@ -19,6 +20,9 @@ from lorax_lite.lora.weights import LoRAWeights
 class LoRALinear(nn.Module):
     """`base(x)` plus, for each token with an adapter, `x @ A[slot].T @ B[slot]`."""
 
+    lora_a: torch.Tensor  # [max_loras, max_lora_rank, in]
+    lora_b: torch.Tensor  # [max_loras, max_lora_rank, out]: B transposed
+
     def __init__(self, base_layer: nn.Linear, max_loras: int, max_lora_rank: int, backend: LoRABackend) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -26,8 +30,14 @@ class LoRALinear(nn.Module):
         w = base_layer.weight
         # Buffers, not parameters: they are never trained and must not appear in the model's state dict keys
         # of the base layer. lora_b is stored as [S, R, out] (B transposed) so the expand GEMM reads it as is.
-        self.register_buffer("lora_a", torch.zeros(max_loras, max_lora_rank, self.in_features, dtype=w.dtype, device=w.device), persistent=False)
-        self.register_buffer("lora_b", torch.zeros(max_loras, max_lora_rank, self.out_features, dtype=w.dtype, device=w.device), persistent=False)
+        self.register_buffer(
+            "lora_a", torch.zeros(max_loras, max_lora_rank, self.in_features, dtype=w.dtype, device=w.device),
+            persistent=False,
+        )
+        self.register_buffer(
+            "lora_b", torch.zeros(max_loras, max_lora_rank, self.out_features, dtype=w.dtype, device=w.device),
+            persistent=False,
+        )
 
     @property
     def in_features(self) -> int:
@@ -52,7 +62,9 @@ class LoRALinear(nn.Module):
         if mapping is None:
             return y
         # x: [..., T, in] flattened by the runner to one sequence: [1, T, in]
-        self.backend.add_delta(y.view(-1, self.out_features), x.reshape(-1, self.in_features), self.lora_a, self.lora_b, mapping)
+        self.backend.add_delta(
+            y.view(-1, self.out_features), x.reshape(-1, self.in_features), self.lora_a, self.lora_b, mapping
+        )
         return y
 
     def set_slot(self, slot: int, weights: tuple[torch.Tensor, torch.Tensor] | None) -> None:
@@ -70,7 +82,7 @@ class LoRALinear(nn.Module):
             self.lora_b[slot, r:].zero_()
 
 
-def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+def find_decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
     """The model's stack of decoder layers: the ModuleList with one entry per hidden layer."""
     num_layers = model.config.get_text_config().num_hidden_layers
     for module in model.modules():
@@ -79,7 +91,7 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"{type(model).__name__}: no list of {num_layers} decoder layers found; LoRA cannot be served")
 
 
-def decoder_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+def decoder_linears(model: PreTrainedModel) -> list[tuple[str, nn.Linear]]:
     """(full module name, layer) of every nn.Linear inside the decoder layers: what adapters may target."""
     decoder = find_decoder_layers(model)
     prefix = next(name for name, module in model.named_modules() if module is decoder)
@@ -114,7 +126,7 @@ class LoRALayers:
         self._filled: list[set[str]] = [set() for _ in range(max_loras)]  # modules with non-zero weights per slot
 
     @classmethod
-    def inject(cls, model: nn.Module, max_loras: int, max_lora_rank: int) -> "LoRALayers":
+    def inject(cls, model: PreTrainedModel, max_loras: int, max_lora_rank: int) -> LoRALayers:
         """Wrap every nn.Linear inside the decoder layers in a LoRALinear (once, at start-up)."""
         param = next(model.parameters())
         backend = select_backend(param.device, param.dtype)

@@ -54,17 +54,17 @@ class AdapterReader:
     def read(self, source: AdapterSource) -> LoRAWeights:
         """Read a source, verifying a registered version's checksum first."""
         if source.version is not None:
-            _verify(source)
+            _verify(source, source.version)
         return self.read_dir(source.path)
 
 
-def _verify(source: AdapterSource) -> None:
-    what = f"adapter {source.adapter_id!r} version {source.version[:12]}"
+def _verify(source: AdapterSource, version: str) -> None:
+    what = f"adapter {source.adapter_id!r} version {version[:12]}"
     try:
         actual = compute_version(source.path)
     except (OSError, ValueError) as exc:
         raise CorruptWeightsError(f"{what}: files unreadable in the store ({exc})") from exc
-    if actual != source.version:
+    if actual != version:
         raise CorruptWeightsError(f"{what}: checksum mismatch in the store (files at {source.path} hash to "
                                   f"{actual[:12]}); re-register the adapter")
 

@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Set as AbstractSet
+from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from lorax_lite.invariants import require
 from lorax_lite.lora.layers import LoRALayers
 from lorax_lite.lora.loader import AdapterLoader, AdapterSource
 from lorax_lite.lora.weights import LoRAWeights
+
 
 @dataclass
 class AdapterCacheStats:
@@ -86,7 +88,10 @@ class AdapterManager:
         self._doomed: set[str] = set()  # removed while in use: dropped when its last reference goes
         self._reservation: _Reservation | None = None
         self._tick = 0
-        self._loader = AdapterLoader(lambda source: self._read_fn(source), pin_memory)  # looked up per read: tests wrap it
+        self._loader = AdapterLoader(
+            lambda source: self._read_fn(source),  # looked up per read: tests wrap it
+            pin_memory,
+        )
 
     # ---- host tier ---------------------------------------------------------------------------
 
@@ -160,7 +165,7 @@ class AdapterManager:
         """LRU adapter that is not pinned, not in use, not kept for a reservation or in `keep`; idle-slot ones last."""
         candidates = [a for a in self._host if a not in keep and self._is_host_evictable(a)]
         not_in_slot = [a for a in candidates if a not in self._slot_of]
-        return (not_in_slot or candidates or [None])[0]
+        return next(iter(not_in_slot or candidates), None)
 
     def _is_host_evictable(self, adapter_key: str) -> bool:
         if adapter_key in self._pinned:
@@ -199,10 +204,12 @@ class AdapterManager:
         if not self.can_acquire(adapter_key):
             raise RuntimeError(f"adapter {adapter_key!r} cannot be acquired now; ask can_acquire first")
         slot = self._slot_of.get(adapter_key)
-        if slot is None:
-            slot = self._load_into_slot(adapter_key, self._free_slot(adapter_key))
-        else:
+        if slot is not None:
             self.stats.slot_hits += 1
+        elif (free := self._free_slot(adapter_key)) is not None:  # can_acquire found it: never None here
+            slot = self._load_into_slot(adapter_key, free)
+        else:
+            raise RuntimeError(f"adapter {adapter_key!r}: no free slot although can_acquire said there was")
         if self._reservation is not None and self._reservation.adapter_key == adapter_key:
             self._reservation = None
         state = self._slots[slot]
@@ -231,7 +238,9 @@ class AdapterManager:
 
     def _free_slot(self, adapter_key: str) -> int | None:
         """An empty slot, else the least recently used idle one (unpinned first), never a reserved one."""
-        usable = [i for i, s in enumerate(self._slots) if s.refcount == 0 and not self._is_reserved_away(i, adapter_key)]
+        usable = [
+            i for i, s in enumerate(self._slots) if s.refcount == 0 and not self._is_reserved_away(i, adapter_key)
+        ]
         empty = [i for i in usable if self._slots[i].adapter_key is None]
         if empty:
             return empty[0]
@@ -269,7 +278,8 @@ class AdapterManager:
         requests), so a slot being drained is not switched before it is handed over.
         """
         r = self._reservation
-        if r is not None and r.adapter_key in waiting and r.adapter_key in self._host and r.adapter_key not in self._slot_of:
+        if (r is not None and r.adapter_key in waiting and r.adapter_key in self._host
+                and r.adapter_key not in self._slot_of):
             return
         self._reservation = None
         if adapter_key is None or adapter_key not in self._host or self.can_acquire(adapter_key):
@@ -353,7 +363,8 @@ class AdapterManager:
             require(s.adapter_key is not None or s.refcount == 0, f"empty slot {i} has references")
             require(s.adapter_key is None or self._slot_of.get(s.adapter_key) == i, f"slot {i} owner mismatch")
             rank = 0 if s.adapter_key is None else self._host[s.adapter_key].rank
-            require(self.lora_layers.slot_ranks[i] == rank, f"slot {i} has rank {self.lora_layers.slot_ranks[i]}, not {rank}")
+            require(self.lora_layers.slot_ranks[i] == rank,
+                    f"slot {i} has rank {self.lora_layers.slot_ranks[i]}, not {rank}")
         require(self._pinned.isdisjoint(self._doomed), "an adapter is both pinned and removed")
         r = self._reservation
         require(r is None or (r.adapter_key in self._host and r.adapter_key not in self._slot_of), "stale reservation")

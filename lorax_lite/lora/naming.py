@@ -21,6 +21,7 @@ def check_adapter_id(adapter_id: object) -> str:
     """Return the id if it is well-formed (checked before any filesystem or registry access)."""
     if not isinstance(adapter_id, str) or not ADAPTER_ID_PATTERN.fullmatch(adapter_id):
         raise InvalidAdapterIdError(
-            f"invalid adapter id {adapter_id!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            f"invalid adapter id {adapter_id!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
         )
     return adapter_id

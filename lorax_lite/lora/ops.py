@@ -49,7 +49,9 @@ class LoRAMapping:
     pad_dest: torch.Tensor | None = None  # [n] row of each token in the grid; None: row i (no padding)
 
     @classmethod
-    def build(cls, seq_slots: list[int | None], seq_tokens: list[int], slot_ranks: list[int], device: torch.device) -> "LoRAMapping":
+    def build(
+        cls, seq_slots: list[int | None], seq_tokens: list[int], slot_ranks: list[int], device: torch.device
+    ) -> LoRAMapping:
         """From each sequence's slot (None: base model) and token count, in flat-batch order.
 
         The sequences must already be ordered as described above (adapter ones by slot, then None).
@@ -60,7 +62,7 @@ class LoRAMapping:
                              "adapter must come first, in slot order, then base-model ones")
         first = ordered[0]
         counts = [0] * (ordered[-1] + 1 - first)
-        for slot, n in zip(ordered, seq_tokens):
+        for slot, n in zip(ordered, seq_tokens, strict=False):  # adapter sequences are a prefix of all
             counts[slot - first] += n
         ends, segments, start = [], [], 0
         for i, n in enumerate(counts):
@@ -81,7 +83,9 @@ class LoRAMapping:
         self.pad_len = pad_len
         if all(c == pad_len for c in counts):
             return  # every slot in range has pad_len tokens: the grid is the batch itself
-        dest = [(slot - self.first_slot) * pad_len + k for slot, start, end in self.segments for k in range(end - start)]
+        dest = [
+            (slot - self.first_slot) * pad_len + k for slot, start, end in self.segments for k in range(end - start)
+        ]
         self.pad_dest = torch.tensor(dest, device=device)
 
 
@@ -89,16 +93,19 @@ class LoRABackend(ABC):
     """Adds each token's LoRA delta to a linear layer's output."""
 
     @abstractmethod
-    def add_delta(self, y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, mapping: LoRAMapping) -> None:
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                  mapping: LoRAMapping) -> None:
         """y[:n] += x[:n] @ A[slot].T @ B[slot] for each token's slot (n = mapping.num_lora_tokens).
 
         x: [T, in], y: [T, out], lora_a: [S, R, in], lora_b: [S, R, out] (scaling folded in).
         """
 
 
-def add_padded_delta(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, m: LoRAMapping) -> None:
-    """The delta on the padded [num_slots, pad_len] grid: two bmm calls, padding rows are zeros."""
-    n, k, rows, r = m.num_lora_tokens, m.num_slots, m.pad_len, m.max_rank
+def add_padded_delta(
+    y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, m: LoRAMapping, rows: int
+) -> None:
+    """The delta on the padded [num_slots, rows] grid (rows = m.pad_len): two bmm calls, padding rows are zeros."""
+    n, k, r = m.num_lora_tokens, m.num_slots, m.max_rank
     slots = slice(m.first_slot, m.first_slot + k)
     if m.pad_dest is None:  # the grid is the batch itself: accumulate into y in place (no [n, out] temporary)
         shrunk = torch.bmm(x[:n].view(k, rows, -1), lora_a[slots, :r].transpose(1, 2))  # [k, rows, r]
@@ -112,9 +119,11 @@ def add_padded_delta(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lor
 class GroupedMatmulBackend(LoRABackend):
     """Padded bmm for even groups, else two grouped GEMMs (`grouped_mm`) over the slots in use."""
 
-    def add_delta(self, y, x, lora_a, lora_b, mapping):
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                  mapping: LoRAMapping) -> None:
         if mapping.pad_len is not None:
-            return add_padded_delta(y, x, lora_a, lora_b, mapping)
+            add_padded_delta(y, x, lora_a, lora_b, mapping, mapping.pad_len)
+            return
         n, r = mapping.num_lora_tokens, mapping.max_rank
         slots = slice(mapping.first_slot, mapping.first_slot + mapping.num_slots)
         a = lora_a[slots, :r].transpose(1, 2)  # [k, in, r]
@@ -125,9 +134,11 @@ class GroupedMatmulBackend(LoRABackend):
 class SegmentBackend(LoRABackend):
     """Padded bmm for even groups, else one matmul pair per slot with tokens (at most max_loras)."""
 
-    def add_delta(self, y, x, lora_a, lora_b, mapping):
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                  mapping: LoRAMapping) -> None:
         if mapping.pad_len is not None:
-            return add_padded_delta(y, x, lora_a, lora_b, mapping)
+            add_padded_delta(y, x, lora_a, lora_b, mapping, mapping.pad_len)
+            return
         r = mapping.max_rank
         for slot, start, end in mapping.segments:
             y[start:end].addmm_(x[start:end] @ lora_a[slot, :r].T, lora_b[slot, :r])

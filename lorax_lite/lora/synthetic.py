@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -51,23 +52,26 @@ def make_random_adapters(
 
     if len(outs) != len(seeds):
         raise ValueError(f"{len(outs)} output directories for {len(seeds)} seeds")
+    options: dict[str, Any] = {"bias": "none", **lora_config}
     config = LoraConfig(
         r=rank,
-        lora_alpha=alpha,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # PEFT annotates int; a float alpha is honoured
         target_modules=list(target_modules),
         use_rslora=use_rslora,
         lora_dropout=0.0,
-        **{"bias": "none", **lora_config},
+        **options,
     )
     peft_model = get_peft_model(model, config)
-    factors = [p for name, p in peft_model.named_parameters() if ("lora_A" in name or "lora_B" in name) and p.dim() == 2]
+    factors = [
+        p for name, p in peft_model.named_parameters() if ("lora_A" in name or "lora_B" in name) and p.dim() == 2
+    ]
     try:
-        for out, seed in zip(outs, seeds):
+        for out, seed in zip(outs, seeds, strict=True):
             gen = torch.Generator().manual_seed(seed)
             with torch.no_grad():
                 for param in factors:
                     param.copy_(torch.randn(param.shape, generator=gen) * std / param.shape[1] ** 0.5)
-            peft_model.save_pretrained(out)
+            peft_model.save_pretrained(os.fspath(out))
     finally:
         peft_model.unload()
     return [Path(out) for out in outs]

@@ -13,12 +13,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from lorax_lite.lora.naming import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from lorax_lite.lora.errors import (
     AdapterConfigError,
     AdapterError,
@@ -31,6 +31,7 @@ from lorax_lite.lora.errors import (
     TargetModuleError,
     UnsupportedAdapterError,
 )
+from lorax_lite.lora.naming import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 
 DEFAULT_MAX_ADAPTER_BYTES = 1 << 30
 MAX_CONFIG_BYTES = 1 << 20
@@ -41,7 +42,8 @@ _UNSUPPORTED_FEATURES = {
     "fan_in_fan_out": "transposed Conv1D weights", "target_parameters": "LoRA on raw parameters",
     "layer_replication": "layer replication", "trainable_token_indices": "trainable tokens",
     "use_qalora": "QA-LoRA", "use_bdlora": "block-diagonal LoRA", "alora_invocation_tokens": "activated LoRA",
-    "arrow_config": "Arrow routing", "velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA", "kasa_config": "KaSA",
+    "arrow_config": "Arrow routing", "velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA",
+    "kasa_config": "KaSA",
 }
 # unconverted PiSSA/OLoRA/CorDA/LoftQ adapters are deltas to a modified base model, not to ours
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
@@ -88,7 +90,8 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     """Read and validate `path`/adapter_config.json; rank_pattern and alpha_pattern come back as dicts."""
     if not Path(path).is_dir():
         raise AdapterNotFoundError(
-            f"adapter at {path}: no such directory; pass the directory holding {ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME}")
+            f"adapter at {path}: no such directory; "
+            f"pass the directory holding {ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME}")
     config = _parse_config(path, Path(path) / ADAPTER_CONFIG_NAME)
     _check_config_types(path, config)
     _check_features(path, config)
@@ -129,11 +132,13 @@ def _parse_config(path: str | os.PathLike, file: Path) -> dict:
     if not file.is_file():
         raise AdapterConfigError(f"adapter at {path}: {name} is missing; save the adapter with PEFT's save_pretrained")
     if file.stat().st_size > MAX_CONFIG_BYTES:
-        raise AdapterTooLargeError(f"adapter at {path}: {name} is over {MAX_CONFIG_BYTES} bytes; it is not a PEFT config")
+        raise AdapterTooLargeError(f"adapter at {path}: {name} is over {MAX_CONFIG_BYTES} bytes; "
+                                   "it is not a PEFT config")
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise AdapterConfigError(f"adapter at {path}: {name} is not readable JSON ({error}); re-save the adapter") from error
+        raise AdapterConfigError(f"adapter at {path}: {name} is not readable JSON ({error}); "
+                                 "re-save the adapter") from error
     if not isinstance(config, dict):
         raise AdapterConfigError(f"adapter at {path}: {name} holds a {type(config).__name__}, not a JSON object")
     return config
@@ -147,7 +152,8 @@ def _check_config_types(path: str | os.PathLike, config: dict) -> None:
     get = config.get
     require(get("peft_type") == "LORA", f"peft_type {get('peft_type')!r}; lorax-lite serves only 'LORA' adapters")
     require(_is_positive(get("r"), int), f"r={get('r')!r}; r must be a positive integer")
-    require(_is_positive(get("lora_alpha"), (int, float)), f"lora_alpha={get('lora_alpha')!r}; it must be a positive number")
+    require(_is_positive(get("lora_alpha"), (int, float)),
+            f"lora_alpha={get('lora_alpha')!r}; it must be a positive number")
     require(isinstance(get("use_rslora", False), bool), f"use_rslora={get('use_rslora')!r}; it must be true or false")
     targets = get("target_modules")
     require(isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets)),
@@ -167,7 +173,8 @@ def _check_features(path: str | os.PathLike, config: dict) -> None:
         _refuse_feature(path, "bias", f"trained biases (bias={config['bias']!r})")
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.startswith(_BASE_CHANGING_INITS):
-        _refuse_feature(path, "init_lora_weights", f"an unconverted {init} initialisation, a delta to a modified base model")
+        _refuse_feature(path, "init_lora_weights",
+                        f"an unconverted {init} initialisation, a delta to a modified base model")
 
 
 def _refuse_feature(path: str | os.PathLike, feature: str, what: str) -> None:
@@ -181,14 +188,16 @@ def _check_target_modules(path: str | os.PathLike, target_modules: str | list[st
         return  # "all-linear" or a regex: the tensors show what it actually targets
     for entry in target_modules:
         if entry not in supported and not any(name == entry or name.endswith("." + entry) for name in targets):
-            raise TargetModuleError(f"adapter at {path}: targets {entry!r}, which lorax-lite does not support in this model; "
+            raise TargetModuleError(f"adapter at {path}: targets {entry!r}, "
+                                    "which lorax-lite does not support in this model; "
                                     f"supported modules: {', '.join(supported)}")
 
 
 def _check_rank(path: str | os.PathLike, rank: int, max_lora_rank: int) -> None:
     if rank > max_lora_rank:
         raise AdapterRankError(
-            f"adapter at {path}: rank {rank} is above max_lora_rank {max_lora_rank}; raise max_lora_rank to at least {rank}")
+            f"adapter at {path}: rank {rank} is above max_lora_rank {max_lora_rank}; "
+            f"raise max_lora_rank to at least {rank}")
 
 
 def _read_tensors(path: str | os.PathLike, max_bytes: int) -> dict[str, torch.Tensor]:
@@ -196,8 +205,8 @@ def _read_tensors(path: str | os.PathLike, max_bytes: int) -> dict[str, torch.Te
     if not file.is_file():
         _refuse_missing_weights(path)
     if (size := file.stat().st_size) > max_bytes:
-        raise AdapterTooLargeError(f"adapter at {path}: {ADAPTER_WEIGHTS_NAME} is {size} bytes, over the {max_bytes}-byte "
-                                   "limit; raise the limit or use a smaller adapter")
+        raise AdapterTooLargeError(f"adapter at {path}: {ADAPTER_WEIGHTS_NAME} is {size} bytes, "
+                                   f"over the {max_bytes}-byte limit; raise the limit or use a smaller adapter")
     try:
         return load_safetensors(file.read_bytes())  # one read; safetensors checks the header and offsets
     except (SafetensorError, OSError, TypeError, ValueError) as error:
@@ -207,9 +216,11 @@ def _read_tensors(path: str | os.PathLike, max_bytes: int) -> dict[str, torch.Te
 
 def _refuse_missing_weights(path: str | os.PathLike) -> None:
     if pickled := sorted(p.name for p in Path(path).iterdir() if p.suffix in _PICKLE_SUFFIXES):
-        raise PickledWeightsError(f"adapter at {path}: has pickled weights ({', '.join(pickled)}) and no {ADAPTER_WEIGHTS_NAME}; "
-                                  "lorax-lite never unpickles: convert to safetensors (save_pretrained(safe_serialization=True))")
-    raise CorruptWeightsError(f"adapter at {path}: {ADAPTER_WEIGHTS_NAME} is missing; save the adapter with save_pretrained")
+        raise PickledWeightsError(f"adapter at {path}: has pickled weights ({', '.join(pickled)}) "
+                                  f"and no {ADAPTER_WEIGHTS_NAME}; lorax-lite never unpickles: "
+                                  "convert to safetensors (save_pretrained(safe_serialization=True))")
+    raise CorruptWeightsError(f"adapter at {path}: {ADAPTER_WEIGHTS_NAME} is missing; "
+                              "save the adapter with save_pretrained")
 
 
 def _group_pairs(path: str | os.PathLike, tensors: dict[str, torch.Tensor], targets: Targets,
@@ -224,8 +235,9 @@ def _group_pairs(path: str | os.PathLike, tensors: dict[str, torch.Tensor], targ
                 raise AdapterShapeError(f"adapter at {path}: {match['module']} has two lora_{match['side']} tensors")
             pairs[match["module"]][match["side"]] = tensors[key]
     if others := [key for key, match in matches.items() if match is None]:
-        raise AdapterShapeError(f"adapter at {path}: tensor {others[0]} is not a LoRA weight (<module>.lora_A.weight or "
-                                ".lora_B.weight); lorax-lite serves plain LoRA adapters only")
+        raise AdapterShapeError(f"adapter at {path}: tensor {others[0]} is not a LoRA weight "
+                                "(<module>.lora_A.weight or .lora_B.weight); "
+                                "lorax-lite serves plain LoRA adapters only")
     _check_pairs_complete(path, pairs)
     return pairs
 
@@ -253,22 +265,26 @@ def _check_pairs_complete(path: str | os.PathLike, pairs: dict[str, dict[str, to
         raise AdapterShapeError(f"adapter at {path}: {ADAPTER_WEIGHTS_NAME} holds no LoRA tensors")
     for module, sides in pairs.items():
         if missing := {"A", "B"} - sides.keys():
-            raise AdapterShapeError(f"adapter at {path}: {module} has no lora_{missing.pop()} tensor; re-save the adapter")
+            raise AdapterShapeError(f"adapter at {path}: {module} has no lora_{missing.pop()} tensor; "
+                                    "re-save the adapter")
 
 
 def _prepare_module(path: str | os.PathLike, config: dict, module: str, pair: dict[str, torch.Tensor],
-                    features: tuple[int, int], max_lora_rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                    features: tuple[int, int], max_lora_rank: int,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     lora_a, lora_b = pair["A"], pair["B"]  # [r, in], [out, r]
     if not (lora_a.is_floating_point() and lora_b.is_floating_point()):
         raise AdapterShapeError(
-            f"adapter at {path}: {module} has {lora_a.dtype}/{lora_b.dtype} tensors; LoRA weights must be floating point")
+            f"adapter at {path}: {module} has {lora_a.dtype}/{lora_b.dtype} tensors; "
+            "LoRA weights must be floating point")
     if lora_a.dim() == 2:
         _check_rank(path, lora_a.shape[0], max_lora_rank)
     rank, alpha = _module_rank_alpha(config, module)
     (in_features, out_features), shapes = features, (tuple(lora_a.shape), tuple(lora_b.shape))
     if shapes != ((rank, in_features), (out_features, rank)):
-        raise AdapterShapeError(f"adapter at {path}: {module} has lora_A {shapes[0]} and lora_B {shapes[1]}, expected "
-                                f"{(rank, in_features)} and {(out_features, rank)}; was it trained for a different model?")
+        raise AdapterShapeError(f"adapter at {path}: {module} has lora_A {shapes[0]} and lora_B {shapes[1]}, "
+                                f"expected {(rank, in_features)} and {(out_features, rank)}; "
+                                "was it trained for a different model?")
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora", False) else alpha / rank
     # B is laid out transposed in memory ([r, out] contiguous, seen as [out, r]): slots store B
     # transposed, so putting an adapter into a slot is a straight copy.
@@ -279,14 +295,17 @@ def _prepare_module(path: str | os.PathLike, config: dict, module: str, pair: di
 
 def _module_rank_alpha(config: dict, module: str) -> tuple[int, float]:
     # As PEFT: the first pattern key that full-matches a dotted suffix of the module name applies.
-    def lookup(patterns: dict, default: float) -> float:
+    def lookup(patterns: dict, default: Any) -> Any:
         return next((value for key, value in patterns.items() if re.match(rf"(.*\.)?({key})$", module)), default)
 
-    return lookup(config["rank_pattern"], config["r"]), lookup(config["alpha_pattern"], config["lora_alpha"])
+    return (int(lookup(config["rank_pattern"], config["r"])),
+            float(lookup(config["alpha_pattern"], config["lora_alpha"])))
 
 
 def _is_positive(value: object, types: type | tuple[type, ...]) -> bool:
-    return isinstance(value, types) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not isinstance(value, types) or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return math.isfinite(value) and value > 0
 
 
 def _is_regex(pattern: str) -> bool:

@@ -1,4 +1,5 @@
-"""Registering adapters: validate, copy into the store, then record in the registry (the CLI's and the server's pipeline).
+"""Registering adapters: validate, copy into the store, then record in the registry (the CLI's and the
+server's pipeline).
 
 Order matters for crashes: the store is written before the registry, so a process killed in
 between leaves at most an unreferenced version directory, never a current version without files.
@@ -11,8 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorax_lite.lora.naming import check_adapter_id
-from lorax_lite.lora.naming import ADAPTER_WEIGHTS_NAME
+from lorax_lite.lora.naming import ADAPTER_WEIGHTS_NAME, check_adapter_id
 from lorax_lite.registry.base import AdapterRecord, Registry
 from lorax_lite.registry.store import AdapterStore, compute_version
 
@@ -62,7 +62,8 @@ def validate(adapter_id: str, src_dir: str | os.PathLike, model_dir: str | os.Pa
 
 
 def commit(registry: Registry, store: AdapterStore, adapter: ValidatedAdapter, owner: str | None = None,
-           description: str | None = None, system_prompt: str | None = None, pin: bool = False) -> tuple[AdapterRecord, bool]:
+           description: str | None = None, system_prompt: str | None = None,
+           pin: bool = False) -> tuple[AdapterRecord, bool]:
     """Copy a validated adapter into the store, then make it the id's current version.
 
     Returns (the current record, whether a new version became current). Identical content is a
@@ -77,7 +78,7 @@ def commit(registry: Registry, store: AdapterStore, adapter: ValidatedAdapter, o
         given = {"owner": owner, "description": description, "system_prompt": system_prompt}
         text = {name: value if value is not None else getattr(current, name, "") for name, value in given.items()}
         record = _record(adapter, path, pin, **text)
-        created = registry.register(record)
+        created = registry.add_version(record)
         # an older version made current again keeps its first record; the pin flag is the id's
         record = registry.get_version(adapter.adapter_id, adapter.version) or record
     if pin and not record.pinned:
@@ -88,7 +89,8 @@ def commit(registry: Registry, store: AdapterStore, adapter: ValidatedAdapter, o
 
 def register(registry: Registry, store: AdapterStore, adapter_id: str, src_dir: str | os.PathLike,
              model_dir: str | os.PathLike, owner: str | None = None, description: str | None = None,
-             system_prompt: str | None = None, pin: bool = False, max_lora_rank: int = DEFAULT_MAX_LORA_RANK) -> tuple[AdapterRecord, bool]:
+             system_prompt: str | None = None, pin: bool = False,
+             max_lora_rank: int = DEFAULT_MAX_LORA_RANK) -> tuple[AdapterRecord, bool]:
     """Validate the adapter at `src_dir` for the base model at `model_dir`, store it and make it current.
 
     Nothing is written when validation fails. Returns (record, created) as `commit` does.
@@ -99,7 +101,7 @@ def register(registry: Registry, store: AdapterStore, adapter_id: str, src_dir: 
 
 def verify(registry: Registry, store: AdapterStore, adapter_id: str | None = None) -> list[tuple[str, str, bool]]:
     """(adapter_id, version, files hash to version) for every registered version of one id, or of all ids."""
-    ids = [check_adapter_id(adapter_id)] if adapter_id is not None else [r.adapter_id for r in registry.list()]
+    ids = [check_adapter_id(adapter_id)] if adapter_id is not None else [r.adapter_id for r in registry.list_current()]
     return [(i, r.version, store.verify(i, r.version)) for i in ids for r in registry.versions(i)]
 
 

@@ -39,7 +39,7 @@ class AdapterRecord:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "AdapterRecord":
+    def from_dict(cls, data: dict) -> AdapterRecord:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
@@ -50,7 +50,7 @@ class Registry(ABC):
     url: str
 
     @abstractmethod
-    def register(self, record: AdapterRecord) -> bool:
+    def add_version(self, record: AdapterRecord) -> bool:
         """Add `record` as a version of its adapter and make it current, in one transaction.
 
         Registering the current version again is a no-op (returns False). Registering an older
@@ -66,7 +66,7 @@ class Registry(ABC):
         """A specific version (current or not) of a registered adapter, or None."""
 
     @abstractmethod
-    def list(self) -> list[AdapterRecord]:
+    def list_current(self) -> list[AdapterRecord]:
         """The current version of every registered adapter, sorted by adapter_id."""
 
     @abstractmethod
@@ -81,5 +81,5 @@ class Registry(ABC):
     def set_pinned(self, adapter_id: str, pinned: bool) -> bool:
         """Set the adapter's pinned flag; False if it is not registered."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional: a backend with nothing to release keeps this)
         """Release connections (idempotent)."""

@@ -68,7 +68,7 @@ class RedisRegistry(Registry):
         with self._errors():
             self._client.ping()
 
-    def register(self, record: AdapterRecord) -> bool:
+    def add_version(self, record: AdapterRecord) -> bool:
         args = [record.adapter_id, record.version, json.dumps(record.to_dict()), _flag(record.pinned)]
         with self._errors():
             return bool(self._register(keys=self._keys(record.adapter_id), args=args))
@@ -76,28 +76,33 @@ class RedisRegistry(Registry):
     def get(self, adapter_id: str) -> AdapterRecord | None:
         with self._errors():
             version = self._client.hget(self._key("current"), adapter_id)
-        return None if version is None else self.get_version(adapter_id, version)
+        return None if version is None else self.get_version(adapter_id, str(version))
 
     def get_version(self, adapter_id: str, version: str) -> AdapterRecord | None:
         with self._errors(), self._client.pipeline(transaction=True) as pipe:
-            record_json, pinned = pipe.hget(self._key("records", adapter_id), version).hget(self._key("pinned"), adapter_id).execute()
+            pipe.hget(self._key("records", adapter_id), version)
+            pipe.hget(self._key("pinned"), adapter_id)
+            record_json, pinned = pipe.execute()
         return None if record_json is None else self._to_record(record_json, pinned)
 
-    def list(self) -> list[AdapterRecord]:
+    def list_current(self) -> list[AdapterRecord]:
         with self._errors(), self._client.pipeline(transaction=True) as pipe:
-            current, pinned = pipe.hgetall(self._key("current")).hgetall(self._key("pinned")).execute()
+            pipe.hgetall(self._key("current"))
+            pipe.hgetall(self._key("pinned"))
+            current, pinned = pipe.execute()
         ids = sorted(current)
         with self._errors(), self._client.pipeline(transaction=False) as pipe:
             for adapter_id in ids:
                 pipe.hget(self._key("records", adapter_id), current[adapter_id])
             found = pipe.execute()
         # an id removed between the two round trips is left out: it is gone
-        return [self._to_record(j, pinned.get(i)) for i, j in zip(ids, found) if j is not None]
+        return [self._to_record(j, pinned.get(i)) for i, j in zip(ids, found, strict=True) if j is not None]
 
     def versions(self, adapter_id: str) -> list[AdapterRecord]:
         with self._errors(), self._client.pipeline(transaction=True) as pipe:
             pipe.lrange(self._key("versions", adapter_id), 0, -1)
-            pipe.hgetall(self._key("records", adapter_id)).hget(self._key("pinned"), adapter_id)
+            pipe.hgetall(self._key("records", adapter_id))
+            pipe.hget(self._key("pinned"), adapter_id)
             order, records, pinned = pipe.execute()
         return [self._to_record(records[v], pinned) for v in order if v in records]
 
@@ -116,7 +121,8 @@ class RedisRegistry(Registry):
         return f"{self.prefix}:{kind}" if adapter_id is None else f"{self.prefix}:{kind}:{adapter_id}"
 
     def _keys(self, adapter_id: str) -> list[str]:
-        return [self._key("current"), self._key("pinned"), self._key("versions", adapter_id), self._key("records", adapter_id)]
+        return [self._key("current"), self._key("pinned"),
+                self._key("versions", adapter_id), self._key("records", adapter_id)]
 
     def _to_record(self, record_json: str, pinned: str | None) -> AdapterRecord:
         try:

@@ -54,9 +54,11 @@ class SQLiteRegistry(Registry):
                 for statement in _SCHEMA.split(";")[:-1]:  # executescript would commit early
                     db.execute(statement)
 
-    def register(self, record: AdapterRecord) -> bool:
+    def add_version(self, record: AdapterRecord) -> bool:
         with self._write() as db:
-            row = db.execute("SELECT current_version FROM adapters WHERE adapter_id = ?", (record.adapter_id,)).fetchone()
+            row = db.execute(
+                "SELECT current_version FROM adapters WHERE adapter_id = ?", (record.adapter_id,)
+            ).fetchone()
             if row is not None and row[0] == record.version:
                 return False
             self._insert_version(db, record)
@@ -66,7 +68,10 @@ class SQLiteRegistry(Registry):
                     (record.adapter_id, record.version, int(record.pinned)),
                 )
             else:  # the id's pinned flag is kept
-                db.execute("UPDATE adapters SET current_version = ? WHERE adapter_id = ?", (record.version, record.adapter_id))
+                db.execute(
+                    "UPDATE adapters SET current_version = ? WHERE adapter_id = ?",
+                    (record.version, record.adapter_id),
+                )
             return True
 
     def get(self, adapter_id: str) -> AdapterRecord | None:
@@ -77,7 +82,7 @@ class SQLiteRegistry(Registry):
         rows = self._read(f"{_SELECT} WHERE a.adapter_id = ? AND v.version = ?", (adapter_id, version))
         return rows[0] if rows else None
 
-    def list(self) -> list[AdapterRecord]:
+    def list_current(self) -> list[AdapterRecord]:
         return self._read(f"{_SELECT} WHERE v.version = a.current_version ORDER BY a.adapter_id")
 
     def versions(self, adapter_id: str) -> list[AdapterRecord]:
@@ -102,7 +107,9 @@ class SQLiteRegistry(Registry):
 
     def _insert_version(self, db: sqlite3.Connection, record: AdapterRecord) -> None:
         """Add the version unless it exists already (versions are immutable: the first record stays)."""
-        (seq,) = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM versions WHERE adapter_id = ?", (record.adapter_id,)).fetchone()
+        (seq,) = db.execute(
+            "SELECT COALESCE(MAX(seq), 0) + 1 FROM versions WHERE adapter_id = ?", (record.adapter_id,)
+        ).fetchone()
         db.execute(
             "INSERT OR IGNORE INTO versions (adapter_id, version, seq, record_json, created_at) VALUES (?, ?, ?, ?, ?)",
             (record.adapter_id, record.version, seq, json.dumps(record.to_dict()), record.created_at),

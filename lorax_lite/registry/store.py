@@ -16,6 +16,7 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from lorax_lite.lora.checksum import canonical_config, compute_version
@@ -104,8 +105,8 @@ class AdapterStore:
         _fsync_dir(temp)
         copied = compute_version(temp)
         if copied != version:
-            raise CorruptWeightsError(f"adapter at {src_dir}: its files changed while being registered (expected version "
-                                      f"{version[:12]}, copied {copied[:12]}); register it again")
+            raise CorruptWeightsError(f"adapter at {src_dir}: its files changed while being registered "
+                                      f"(expected version {version[:12]}, copied {copied[:12]}); register it again")
 
 
 def _check_version(version: str) -> str:
@@ -114,7 +115,7 @@ def _check_version(version: str) -> str:
     return version
 
 
-def _install(temp: Path, final: Path, verifies) -> None:
+def _install(temp: Path, final: Path, verifies: Callable[[], bool]) -> None:
     """Rename the finished `temp` to `final`; a bad existing `final` is moved aside first."""
     if final.is_dir() and not verifies():
         aside = Path(tempfile.mkdtemp(prefix=_owned(_TRASH_PREFIX), dir=final.parent))
@@ -128,7 +129,7 @@ def _install(temp: Path, final: Path, verifies) -> None:
     _fsync_dir(final.parent)
 
 
-def _write_file(path: Path, chunks) -> None:
+def _write_file(path: Path, chunks: Iterable[bytes]) -> None:
     with open(path, "xb") as file:
         for chunk in chunks:
             file.write(chunk)

@@ -51,7 +51,7 @@ async def info(request: Request) -> dict:
     state: ServerState = request.app.state.server
     config = dataclasses.asdict(state.llm.config)
     config.pop("model")  # a filesystem path; the model is named by served_model_name
-    adapters = state.llm.snapshot().adapters
+    adapters = state.llm.snapshot().adapter_cache
     return {
         "model_id": state.served_model_name,
         "max_model_len": state.llm.max_seq_len,  # the effective value, as vLLM reports it
@@ -96,7 +96,9 @@ class BoundaryMiddleware:
         if body is _CLIENT_GONE:
             return
         if body is None:
-            too_large = ServerError(413, f"the request body is larger than the limit of {limit} bytes", "payload_too_large")
+            too_large = ServerError(
+                413, f"the request body is larger than the limit of {limit} bytes", "payload_too_large"
+            )
             await too_large.to_response(scope["path"].startswith(OPENAI_PATH_PREFIX))(scope, receive, counting_send)
             return
         replayed = False

@@ -11,7 +11,7 @@ counts it in the metrics. A client that disconnects cancels whichever of these a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import anyio
@@ -35,7 +35,8 @@ class EngineCall:
     what is new); `text` is everything generated so far."""
 
     def __init__(
-        self, state: ServerState, adapter: ResolvedAdapter | None, outputs: AsyncIterator[RequestOutput], first: RequestOutput
+        self, state: ServerState, adapter: ResolvedAdapter | None, outputs: AsyncGenerator[RequestOutput, None],
+        first: RequestOutput,
     ) -> None:
         self.state = state
         self.adapter = adapter
@@ -146,7 +147,7 @@ async def run_to_end_or_abort(
         await call.close()
 
 
-async def _shielded_close(outputs: AsyncIterator[RequestOutput]) -> None:
+async def _shielded_close(outputs: AsyncGenerator[RequestOutput, None]) -> None:
     with anyio.CancelScope(shield=True):
         await outputs.aclose()
 
@@ -178,6 +179,13 @@ async def next_output(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
         return await outputs.__anext__()
     except StopAsyncIteration:
         raise RuntimeError("the engine closed the stream before the request finished") from None
+
+
+def finish_reason_of(out: RequestOutput) -> str:
+    """The finish reason of a finished output (responses are built from those only)."""
+    if out.finish_reason is None:
+        raise RuntimeError(f"request {out.request_id} has not finished")
+    return out.finish_reason
 
 
 def raise_if_failed(out: RequestOutput) -> None:

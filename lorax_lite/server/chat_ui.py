@@ -19,7 +19,8 @@ STATIC = resources.files("lorax_lite.server") / "static"
 
 
 def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
-    return HTMLResponse(STATIC.joinpath("page.html").read_text().replace("{{title}}", html.escape(title)).replace("{{body}}", body),
+    return HTMLResponse(STATIC.joinpath("page.html").read_text()
+                        .replace("{{title}}", html.escape(title)).replace("{{body}}", body),
                         status_code=status)
 
 
@@ -27,7 +28,8 @@ def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
 async def assistants(request: Request) -> HTMLResponse:
     """Every registered adapter (and the base model) as a card linking to its chat page."""
     state: ServerState = request.app.state.server
-    cards = [_card(a.adapter_id, a.record.description, a.record.owner) if a.record else _card(a.adapter_id, "added by path", "")
+    cards = [_card(a.adapter_id, a.record.description, a.record.owner) if a.record
+             else _card(a.adapter_id, "added by path", "")
              for a in await state.list_adapters()]
     cards.append(_card(state.served_model_name, "the base model, without an adapter", ""))
     body = ('<h1>Assistants</h1><p class="lead">One assistant per business unit, all served by one base model.</p>'

@@ -9,10 +9,11 @@ where a field the request gets wrong is a 400 (a 422 on native routes, as in LoR
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorax_lite.engine.async_llm import EngineDeadError
@@ -31,11 +32,12 @@ from lorax_lite.lora.errors import (
 from lorax_lite.lora.naming import InvalidAdapterIdError
 from lorax_lite.server.schemas import UnsupportedParameterError
 
-
 logger = logging.getLogger(__name__)
 
 OPENAI_PATH_PREFIX = "/v1/"
-OPENAI_TYPES = {404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+OPENAI_TYPES = {
+    404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable",
+}
 
 
 class ServerError(Exception):
@@ -43,7 +45,8 @@ class ServerError(Exception):
     field is to blame) its name in `param`."""
 
     def __init__(
-        self, status: int, message: str, error_type: str, param: str | None = None, headers: dict[str, str] | None = None
+        self, status: int, message: str, error_type: str, param: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -107,7 +110,9 @@ def _adapter_refusal(exc: AdapterError, adapter_id: str | None) -> ServerError:
     reason = next((why for cls, why in ADAPTER_REASONS if isinstance(exc, cls)), "it failed to load")
     if isinstance(exc, UnsupportedAdapterError) and exc.feature:
         reason += f" ({exc.feature})"
-    return ServerError(400, f"adapter {name} cannot be served: {reason}; the server log has the details", "adapter", param="model")
+    return ServerError(
+        400, f"adapter {name} cannot be served: {reason}; the server log has the details", "adapter", param="model"
+    )
 
 
 def _from_validation_error(exc: RequestValidationError) -> ServerError:
@@ -138,14 +143,16 @@ def _is_field(part: str | int) -> bool:
 def install_error_handlers(app: FastAPI) -> None:
     """Every error leaves the server in its route family's body; schema errors name the field."""
 
-    async def on_server_error(request: Request, exc: ServerError) -> JSONResponse:
-        return exc.to_response(is_openai_route(request))
+    # Starlette types every handler's exception as Exception; each is registered for one type below.
+    async def on_server_error(request: Request, exc: Exception) -> Response:
+        return cast(ServerError, exc).to_response(is_openai_route(request))
 
-    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _from_validation_error(exc).to_response(is_openai_route(request))
+    async def on_validation_error(request: Request, exc: Exception) -> Response:
+        return _from_validation_error(cast(RequestValidationError, exc)).to_response(is_openai_route(request))
 
-    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def on_http_error(request: Request, exc: Exception) -> Response:
         """Unknown routes and wrong methods: the route family's body, not FastAPI's {"detail"}."""
+        exc = cast(StarletteHTTPException, exc)
         error_type = {404: "unknown_route", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         error = ServerError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", error_type,
                             headers=getattr(exc, "headers", None))

@@ -4,13 +4,14 @@ events and response headers."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi.concurrency import run_in_threadpool
+from transformers import PreTrainedTokenizerBase
 
 from lorax_lite.engine.request import RequestOutput
-from lorax_lite.server.calls import EngineCall
+from lorax_lite.server.calls import EngineCall, finish_reason_of
 from lorax_lite.server.errors import as_server_error
 from lorax_lite.server.schemas import (
     Details,
@@ -32,8 +33,8 @@ class Generation:
 
     body: GenerateRequest
     call: EngineCall
+    tokenizer: PreTrainedTokenizerBase
     special_ids: frozenset[int]
-    decode: Callable[[list[int]], str]
     tokens: list[Token] = field(default_factory=list)
 
     @classmethod
@@ -47,7 +48,7 @@ class Generation:
         tokenizer = state.llm.tokenizer
         prompt_ids = (await run_in_threadpool(tokenizer, body.inputs)).input_ids
         call = await EngineCall.start(state, prompt_ids, params, adapter, body.inputs)
-        return cls(body, call, frozenset(tokenizer.all_special_ids), tokenizer.decode)
+        return cls(body, call, tokenizer, frozenset(tokenizer.all_special_ids))
 
     async def stream_events(self) -> AsyncIterator[dict]:
         """One event per generated token; the last carries generated_text and details. Errors become an
@@ -93,7 +94,7 @@ class Generation:
 
     def _details_fields(self, out: RequestOutput) -> dict:
         return {
-            "finish_reason": FINISH_REASONS[out.finish_reason],
+            "finish_reason": FINISH_REASONS[finish_reason_of(out)],
             "prompt_tokens": len(out.prompt_token_ids),
             "generated_tokens": out.num_generated_tokens,
             "seed": out.seed,
@@ -103,4 +104,6 @@ class Generation:
         if not self.body.parameters.decoder_input_details:
             return []
         # Prompt logprobs would need the prefill's logits for every position; they are not computed.
-        return [InputToken(id=tid, text=self.decode([tid]), logprob=None) for tid in out.prompt_token_ids]
+        return [
+            InputToken(id=tid, text=str(self.tokenizer.decode([tid])), logprob=None) for tid in out.prompt_token_ids
+        ]

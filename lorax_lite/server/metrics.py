@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from lorax_lite.engine.request import RequestOutput
 from lorax_lite.engine.async_llm import BATCH_SIZE_BUCKETS, EngineSnapshot
+from lorax_lite.engine.request import RequestOutput
 
 PREFIX = "lorax"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -29,21 +29,26 @@ class ServerMetrics:
     def __init__(self, snapshot: Callable[[], EngineSnapshot]) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(f"{PREFIX}_requests", "Requests that reached the engine, by adapter and outcome "
-                                "(finished, aborted: the client left, error).", ["adapter", "outcome"], registry=self.registry)
-        self.error_responses = Counter(f"{PREFIX}_http_error_responses", "Responses with a 4xx or 5xx status, by status.",
+                                "(finished, aborted: the client left, error).", ["adapter", "outcome"],
+                                registry=self.registry)
+        self.error_responses = Counter(f"{PREFIX}_http_error_responses",
+                                       "Responses with a 4xx or 5xx status, by status.",
                                        ["status"], registry=self.registry)
         self.queue_time = self._latency("request_queue_seconds", "Time from arrival to first scheduled step.")
         self.ttft = self._latency("time_to_first_token_seconds", "Time from arrival to the first generated token.")
-        self.tpot = self._latency("time_per_output_token_seconds", "Mean time between output tokens after the first, per request.")
+        self.tpot = self._latency("time_per_output_token_seconds",
+                                  "Mean time between output tokens after the first, per request.")
         self.e2e = self._latency("request_latency_seconds", "Time from arrival to the last token.")
         self.prompt_tokens = Histogram(f"{PREFIX}_request_prompt_tokens", "Prompt tokens per request.", ["adapter"],
                                        buckets=TOKEN_BUCKETS, registry=self.registry)
-        self.generated_tokens = Histogram(f"{PREFIX}_request_generated_tokens", "Generated tokens per request.", ["adapter"],
-                                          buckets=TOKEN_BUCKETS, registry=self.registry)
+        self.generated_tokens = Histogram(f"{PREFIX}_request_generated_tokens", "Generated tokens per request.",
+                                          ["adapter"], buckets=TOKEN_BUCKETS, registry=self.registry)
         self.registry.register(EngineCollector(snapshot))
 
     def _latency(self, name: str, documentation: str) -> Histogram:
-        return Histogram(f"{PREFIX}_{name}", documentation, ["adapter"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        return Histogram(
+            f"{PREFIX}_{name}", documentation, ["adapter"], buckets=LATENCY_BUCKETS, registry=self.registry
+        )
 
     def observe_error_status(self, status: int) -> None:
         self.error_responses.labels(str(status)).inc()
@@ -93,7 +98,7 @@ class EngineCollector:
         buckets.append(("+Inf", stats.steps))
         yield HistogramMetricFamily(f"{PREFIX}_batch_size", "Sequences per forward pass.", buckets=buckets,
                                     sum_value=stats.batch_size_sum)
-        adapters = snap.adapters
+        adapters = snap.adapter_cache
         if adapters is None:
             return
         cache = adapters.stats
@@ -104,7 +109,8 @@ class EngineCollector:
         yield _counter("adapter_misses", "Adapters loaded from disk.", cache.misses)
         yield _counter("adapter_load_failures", "Adapter loads that failed.", cache.load_failures)
         yield _counter("adapter_evictions", "Adapters moved out of a device slot to make room.", cache.evictions)
-        yield _counter("adapter_host_evictions", "Adapters dropped from host memory to make room.", cache.host_evictions)
+        yield _counter("adapter_host_evictions", "Adapters dropped from host memory to make room.",
+                       cache.host_evictions)
         yield _counter("adapter_load_seconds", "Time spent loading adapters from disk.", cache.load_seconds)
         yield _counter("adapter_slot_load_seconds", "Time spent copying adapters into slots.", cache.slot_load_seconds)
 

@@ -22,7 +22,14 @@ from jinja2 import TemplateError
 from lorax_lite.engine.async_llm import ResolvedAdapter
 from lorax_lite.engine.request import RequestOutput
 from lorax_lite.llm import render_chat
-from lorax_lite.server.calls import CLIENT_CLOSED_REQUEST, ClientDisconnected, EngineCall, run_to_end_or_abort, unless_disconnected
+from lorax_lite.server.calls import (
+    CLIENT_CLOSED_REQUEST,
+    ClientDisconnected,
+    EngineCall,
+    finish_reason_of,
+    run_to_end_or_abort,
+    unless_disconnected,
+)
 from lorax_lite.server.errors import ServerError, as_server_error
 from lorax_lite.server.openai_schemas import (
     DEFAULT_COMPLETION_MAX_TOKENS,
@@ -64,7 +71,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     try:
         text, prompt_ids = await run_in_threadpool(render_chat, state.llm.tokenizer, messages)
     except (ValueError, TemplateError) as exc:
-        raise ServerError(400, f"messages: the chat template refused them: {exc}", "validation", param="messages") from exc
+        raise ServerError(
+            400, f"messages: the chat template refused them: {exc}", "validation", param="messages"
+        ) from exc
     max_tokens = body.requested_max_tokens or _room_left(state, len(prompt_ids))
     fmt = ChatFormat(body.model, body.include_usage)
     return await _respond(state, request, body, prompt_ids, text, adapter, max_tokens, fmt)
@@ -83,7 +92,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         text, prompt_ids = prompt, (await run_in_threadpool(tokenizer, prompt)).input_ids
     else:
         text, prompt_ids = None, prompt
-    echo = "" if not body.echo else text if text is not None else await run_in_threadpool(tokenizer.decode, prompt_ids)
+    echo = ("" if not body.echo else text if text is not None
+            else str(await run_in_threadpool(tokenizer.decode, prompt_ids)))
     max_tokens = body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
     fmt = CompletionFormat(body.model, body.include_usage, echo)
     return await _respond(state, request, body, prompt_ids, text, adapter, max_tokens, fmt)
@@ -131,7 +141,7 @@ async def _sse(call: EngineCall, fmt: ChatFormat | CompletionFormat) -> AsyncIte
             yield _event(chunk)
         async for out in call.outputs():  # each output carries only its new text
             if out.text or out.finished:
-                yield _event(fmt.chunk(out.text, FINISH_REASONS.get(out.finish_reason) if out.finished else None))
+                yield _event(fmt.chunk(out.text, FINISH_REASONS[finish_reason_of(out)] if out.finished else None))
         if fmt.include_usage:
             yield _event(fmt.usage_chunk(_usage(call.last)))
     except Exception as exc:
@@ -163,7 +173,9 @@ class _Format(ABC):
         self.created = int(time.time())
 
     def envelope(self, object_name: str, choices: list[dict]) -> dict:
-        envelope = {"id": self.id, "object": object_name, "created": self.created, "model": self.model, "choices": choices}
+        envelope = {
+            "id": self.id, "object": object_name, "created": self.created, "model": self.model, "choices": choices
+        }
         if self.include_usage:
             envelope["usage"] = None  # OpenAI: null on every chunk but the last
         return envelope
@@ -194,11 +206,15 @@ class ChatFormat(_Format):
         return self._choice_chunk({"content": delta} if delta else {}, finish_reason)
 
     def _choice_chunk(self, delta: dict, finish_reason: str | None) -> dict:
-        return self.envelope(self.object_name, [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}])
+        return self.envelope(
+            self.object_name, [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+        )
 
     def response(self, out: RequestOutput, text: str) -> dict:
         message = {"role": "assistant", "content": text}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": FINISH_REASONS[out.finish_reason]}
+        choice = {
+            "index": 0, "message": message, "logprobs": None, "finish_reason": FINISH_REASONS[finish_reason_of(out)]
+        }
         return {**self.envelope("chat.completion", [choice]), "usage": _usage(out).model_dump()}
 
 
@@ -214,8 +230,11 @@ class CompletionFormat(_Format):
         return [self.chunk(self.echo, None)] if self.echo else []
 
     def chunk(self, delta: str, finish_reason: str | None) -> dict:
-        return self.envelope(self.object_name, [{"index": 0, "text": delta, "logprobs": None, "finish_reason": finish_reason}])
+        return self.envelope(
+            self.object_name, [{"index": 0, "text": delta, "logprobs": None, "finish_reason": finish_reason}]
+        )
 
     def response(self, out: RequestOutput, text: str) -> dict:
-        choice = {"index": 0, "text": self.echo + text, "logprobs": None, "finish_reason": FINISH_REASONS[out.finish_reason]}
+        choice = {"index": 0, "text": self.echo + text, "logprobs": None,
+                  "finish_reason": FINISH_REASONS[finish_reason_of(out)]}
         return {**self.envelope(self.object_name, [choice]), "usage": _usage(out).model_dump()}

@@ -8,7 +8,7 @@ chat to whatever fits in the context). Parameters lorax-lite cannot honour with 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
@@ -128,7 +128,8 @@ class ChatCompletionRequest(SamplingFields):
 
     def _refusals(self) -> list[tuple[str, bool, str]]:
         return super()._refusals() + [
-            ("response_format", self.response_format not in (None, {"type": "text"}), "constrained (JSON) decoding is not implemented"),
+            ("response_format", self.response_format not in (None, {"type": "text"}),
+             "constrained (JSON) decoding is not implemented"),
             ("tools", bool(self.tools), "tool calling is not implemented"),
             ("tool_choice", self.tool_choice not in (None, "none"), "tool calling is not implemented"),
             ("functions", bool(self.functions), "function calling is not implemented"),
@@ -158,11 +159,13 @@ class CompletionRequest(SamplingFields):
         prompt = self.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
-                raise UnsupportedParameterError("prompt", f"<{len(prompt)} prompts>", "one prompt per request; send several requests")
+                raise UnsupportedParameterError(
+                    "prompt", f"<{len(prompt)} prompts>", "one prompt per request; send several requests"
+                )
             prompt = prompt[0]
         if not prompt:
             raise ValueError("prompt: must not be empty")
-        return prompt
+        return cast(str | list[int], prompt)  # a list of strings was one prompt, taken out above
 
 
 class Usage(BaseModel):

@@ -64,7 +64,8 @@ class Parameters(BaseModel):
             ("watermark", self.watermark, "watermarking is not implemented"),
             ("typical_p", self.typical_p not in (None, 1.0), "typical decoding is not implemented"),
             ("truncate", self.truncate is not None, "prompts are never truncated; shorten the prompt"),
-            ("return_k_alternatives", self.return_k_alternatives not in (None, 0), "alternative tokens are not returned"),
+            ("return_k_alternatives", self.return_k_alternatives not in (None, 0),
+             "alternative tokens are not returned"),
             ("adapter_source", self.adapter_source is not None, "adapters come from this server's registry only"),
             ("api_token", self.api_token is not None, "adapters are not fetched from a hub"),
         ]

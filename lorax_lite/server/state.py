@@ -47,7 +47,7 @@ class ServerState:
     async def resolve_adapter(self, adapter_id: str | None, field: str = "adapter_id") -> ResolvedAdapter | None:
         """The version a request for `adapter_id` gets (None: the base model), looked up once, in a worker
         thread; an unknown or invalid id is a ServerError (404 / 400 naming the request's `field`)."""
-        if self.is_base_model(adapter_id):
+        if adapter_id is None or self.is_base_model(adapter_id):
             return None
         try:
             return await run_in_threadpool(self.llm.resolve_adapter, adapter_id)
