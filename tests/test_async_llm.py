@@ -141,10 +141,13 @@ def test_shutdown_stops_the_loop(tiny_llama_dir):
         asyncio.run(collect(llm, "Hello", greedy(2)))
 
 
-def test_an_unknown_message_to_the_engine_thread_raises(allm):
+def test_an_unknown_message_to_the_engine_thread_is_refused_by_the_sender(allm):
     """Messages are typed: a kind the engine does not know is a bug, never a silent abort."""
     with pytest.raises(TypeError, match="unknown engine message"):
+        allm._send(("abort", "some-request"))
+    with pytest.raises(TypeError, match="unknown engine message"):  # the engine thread would refuse it too
         allm._apply(("abort", "some-request"), [])
+    assert allm.is_running and asyncio.run(collect(allm, "Hello", greedy(2)))[-1].finished
 
 
 def test_generate_resolves_and_tokenizes_off_the_event_loop(allm, monkeypatch):

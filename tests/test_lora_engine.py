@@ -349,6 +349,58 @@ def test_id_readded_while_old_request_runs_serves_the_new_weights(llm: LLM, good
     assert new.output_token_ids == expected_new
 
 
+def test_a_request_resolved_before_its_adapter_was_removed_is_refused_and_the_readded_id_serves_new_weights(
+        llm: LLM, good_adapters: dict[str, Path]) -> None:
+    """AsyncLLM resolves in a worker thread, so a request can reach the engine after its adapter was removed."""
+    engine = llm.engine
+    expected_new = llm.generate(PROMPTS[0], GREEDY, adapter_ids="a2")[0].token_ids
+    engine.add_adapter("flip", good_adapters["good"])
+    late = engine.make_request(PROMPTS[0], GREEDY, adapter=engine.resolve_adapter("flip"))  # resolved, not admitted
+    engine.remove_adapter("flip")
+    with pytest.raises(AdapterNotFoundError, match="'flip' was removed"):
+        engine.add(late)
+    engine.add_adapter("flip", good_adapters["a2"])
+    assert engine.resolve_adapter("flip").adapter_key == "flip#2"  # new weights under the same id: a new key
+    with pytest.raises(AdapterNotFoundError, match="was removed"):
+        engine.add(late)  # nor is it served the re-added adapter it never asked for
+    try:
+        assert llm.generate(PROMPTS[0], GREEDY, adapter_ids="flip")[0].token_ids == expected_new
+    finally:
+        engine.remove_adapter("flip")
+    check_idle(engine)
+
+
+def test_an_id_readded_while_its_old_load_is_in_flight_serves_the_new_weights(
+        llm: LLM, good_adapters: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    engine, release = llm.engine, threading.Event()
+    expected_new = llm.generate(PROMPTS[0], GREEDY, adapter_ids="a2")[0].token_ids
+    real_read = engine.adapter_manager._read_fn
+
+    def read(source: AdapterSource):  # runs on the loader thread
+        if source.adapter_key == "inflight":
+            release.wait(timeout=30)
+        return real_read(source)
+
+    monkeypatch.setattr(engine.adapter_manager, "_read_fn", read)
+    engine.add_adapter("inflight", good_adapters["good"])  # lazily: its load waits for `release`
+    try:
+        old = engine.add_request(PROMPTS[0], GREEDY, adapter_id="inflight")
+        engine.step()
+        assert engine.adapter_manager.is_loading("inflight")
+        engine.remove_adapter("inflight")
+        engine.add_adapter("inflight", good_adapters["a2"])  # lazily too, while the old load is in flight
+        new = engine.add_request(PROMPTS[0], GREEDY, adapter_id="inflight")
+    finally:
+        release.set()
+    try:
+        drive(engine, lambda: old.is_finished and new.is_finished, max_steps=200)
+    finally:
+        engine.remove_adapter("inflight")
+    assert old.finish_reason.value == "error" and type(old.exception) is AdapterNotFoundError
+    assert new.error is None and new.output_token_ids == expected_new
+    check_idle(engine)
+
+
 # --- 3, 4. AsyncLLM ---------------------------------------------------------------------------------------
 
 

@@ -100,3 +100,13 @@ def test_abort_frees_blocks_anywhere():
     assert sched.abort("b").finish_reason is FinishReason.ABORT
     assert sched.abort("missing") is None
     assert not sched.has_unfinished() and sched.block_manager.num_used_blocks == 0
+
+
+def test_a_max_seq_len_past_the_cache_is_refused_as_a_broken_invariant():
+    """plan_kv_cache refuses such a setting with a message for the user; the scheduler guards its own invariant."""
+    import pytest
+
+    from lorax_lite.invariants import InvariantError
+
+    with pytest.raises(InvariantError, match="exceeds the KV cache's 16 tokens"):
+        make_scheduler(num_blocks=4, block_size=4, max_seq_len=17)

@@ -45,6 +45,12 @@ def test_serve_refuses_bad_options_with_exit_code_2(tiny_llama_dir, tmp_path):
            f"sqlite:///{tmp_path / 'r.db'}", "--port", str(free_port())]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("error:") and "Traceback" not in result.stderr
+    cmd = [sys.executable, "-m", "lorax_lite.cli", "serve", "--model", str(tiny_llama_dir), "--registry",
+           f"sqlite:///{tmp_path / 'r.db'}", "--port", str(free_port()), "--num-kv-blocks", "2", "--block-size", "4",
+           "--max-model-len", "64"]  # valid settings each, but the cache they ask for cannot hold one sequence
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "--max-model-len 64 does not fit in the KV cache" in result.stderr and "--num-kv-blocks" in result.stderr
 
 
 def test_a_full_queue_answers_429_with_retry_after_and_the_server_stays_healthy(tiny_llama_dir, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from pathlib import Path
 
 import httpx
@@ -252,8 +253,20 @@ def aborted_count(app, adapter: str) -> float:
     return app.state.server.metrics.requests.labels(adapter, "aborted")._value.get()
 
 
-def test_disconnect_aborts_a_non_streaming_request(app, llm):
+def test_disconnect_aborts_a_non_streaming_request(app, llm, monkeypatch):
     before = aborted_count(app, "pricing")
+    held, release = threading.Event(), threading.Event()
+    step = llm.engine.step
+
+    def holding_step():  # once the request's 3rd token is out, the engine waits until the client has left
+        if held.is_set():
+            release.wait(timeout=30)  # no assert: an error here would kill the shared engine thread
+        outputs = step()
+        if any(o.adapter_id == "pricing" and o.num_generated_tokens >= 3 for o in outputs):
+            held.set()
+        return outputs
+
+    monkeypatch.setattr(llm.engine, "step", holding_step)
 
     async def go():
         gen = await Generation.start(app.state.server, GenerateRequest(**body(100, adapter_id="pricing")), "pricing")
@@ -264,8 +277,11 @@ def test_disconnect_aborts_a_non_streaming_request(app, llm):
             if len(gen.tokens) >= 3:
                 client.left.set()  # the client leaves once 3 of its 100 tokens are out
 
-        with pytest.raises(ClientDisconnected):
-            await run_to_end_or_abort(gen.call, client, on_output=on_output)
+        try:
+            with pytest.raises(ClientDisconnected):
+                await run_to_end_or_abort(gen.call, client, on_output=on_output)
+        finally:
+            release.set()
         return gen
 
     gen = asyncio.run(go())

@@ -45,6 +45,8 @@ RegistryUrl = Annotated[str | None, typer.Option(
 StoreDir = Annotated[str | None, typer.Option(
     "--store", help="Store directory (default: $LORAX_STORE, else data/store).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+ModelDir = Annotated[str | None, typer.Option(
+    "--model", help="Base model directory to check shapes against (default: $LORAX_MODEL, else the fetched model).")]
 UNIT_CARD_KEYS = ("owner", "description", "system_prompt")  # what a unit's lorax.json gives its registration
 
 
@@ -60,9 +62,7 @@ def register_command(
     system_prompt: Annotated[str | None, typer.Option(
         "--system-prompt", help="System prompt the chatbots use with it (default: the current version's).")] = None,
     pin: Annotated[bool, typer.Option("--pin", help="Keep it in the engines' host memory.")] = False,
-    model: Annotated[str | None, typer.Option(
-        "--model",
-        help="Base model directory to check shapes against (default: $LORAX_MODEL, else the fetched model).")] = None,
+    model: ModelDir = None,
     registry_url: RegistryUrl = None,
     store_dir: StoreDir = None,
 ) -> None:
@@ -80,9 +80,7 @@ def register_units_command(
     adapters_dir: Annotated[str, typer.Option(
         "--adapters-dir",
         help="Directory of units: <unit>/adapter_config.json, and optionally <unit>/lorax.json.")] = "adapters",
-    model: Annotated[str | None, typer.Option(
-        "--model",
-        help="Base model directory to check shapes against (default: $LORAX_MODEL, else the fetched model).")] = None,
+    model: ModelDir = None,
     registry_url: RegistryUrl = None,
     store_dir: StoreDir = None,
 ) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import typer
 
 from lorax_lite.cli.common import fail
-from lorax_lite.cli.options import build, config_options, with_options
+from lorax_lite.cli.options import build, config_options, name_options, with_options
 from lorax_lite.config import EngineConfig, ServerLimits, default_model
 
 ENGINE_SETTINGS = [f.name for f in fields(EngineConfig) if f.name != "model"]  # serve takes the model as --model
@@ -53,8 +53,8 @@ def serve_command(
         llm = AsyncLLM(registry=registry, store=store, **asdict(config))
     except RegistryError as error:
         fail(str(error), code=1)
-    except (ValueError, OSError) as error:  # missing model, CUDA asked for but absent, malformed registry URL
-        fail(str(error))
+    except (ValueError, OSError) as error:  # missing model, CUDA absent, KV cache too small, malformed registry URL
+        fail(name_options(str(error), ENGINE_SETTINGS))
     name = served_model_name or os.path.basename(os.path.normpath(config.model))
     typer.echo(serve_banner(name, registry.url, f"http://{host}:{port}"))
     try:

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from lorax_lite.config import EngineConfig
-from lorax_lite.engine.catalog import AdapterCatalog, ResolvedAdapter
-from lorax_lite.engine.engine import LORA_OFF, LLMEngine, Prompt
+from lorax_lite.engine.catalog import ResolvedAdapter
+from lorax_lite.engine.engine import LLMEngine, Prompt
 from lorax_lite.engine.request import OutputKind, Request, RequestOutput, SamplingParams
 from lorax_lite.engine.stats import BATCH_SIZE_BUCKETS, AdapterCacheSnapshot, EngineSnapshot, EngineStats
 from lorax_lite.lora.naming import check_adapter_id
@@ -70,6 +70,8 @@ EngineMessage = AddRequest | AbortRequest | CacheAdapter | DiscardAdapter
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[RequestOutput | BaseException]
+    submitted: bool = False  # its AddRequest is sent (before: the request is being built in a worker thread)
+    abort_requested: bool = False  # `abort` came before the request was submitted
 
     def put(self, item: RequestOutput | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -148,18 +150,24 @@ class AsyncLLM:
         an `adapter` already resolved with `resolve_adapter`; neither means the base model."""
         if not self.is_running:
             raise EngineDeadError(f"the engine is not running: {self._error or 'shut down'}")
-        if request_id is not None and request_id in self._streams:
-            raise ValueError(f"request_id {request_id!r} is already in use")
         if adapter_id is not None and adapter is not None:
             raise ValueError("give adapter_id or a resolved adapter, not both")
-        args = (prompt, sampling_params, request_id, adapter_id, adapter, prompt_text, output_kind)
-        if isinstance(prompt, str) or adapter_id is not None:  # tokenizer or registry work: off the event loop
-            request = await asyncio.to_thread(self._make_request, *args)
-        else:
-            request = self._make_request(*args)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        self._streams[request.request_id] = stream
-        self._send(AddRequest(request))
+        if request_id is not None:
+            self._claim(request_id, stream)  # the id is taken from now on, across the worker-thread hop
+        args = (prompt, sampling_params, request_id, adapter_id, adapter, prompt_text, output_kind)
+        try:
+            if isinstance(prompt, str) or adapter_id is not None:  # tokenizer or registry work: off the event loop
+                request = await asyncio.to_thread(self._make_request, *args)
+            else:
+                request = self._make_request(*args)
+        except BaseException:
+            if request_id is not None:
+                self._streams.pop(request_id, None)
+            raise
+        if request_id is None:
+            self._claim(request.request_id, stream)
+        self._submit(request, stream)
         finished = False
         try:
             while not finished:
@@ -179,8 +187,26 @@ class AsyncLLM:
             adapter = self.engine.resolve_adapter(adapter_id)
         return self.engine.make_request(prompt, sampling_params, request_id, adapter, prompt_text, output_kind)
 
+    def _claim(self, request_id: str, stream: _Stream) -> None:
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        self._streams[request_id] = stream
+
+    def _submit(self, request: Request, stream: _Stream) -> None:
+        stream.submitted = True
+        self._send(AddRequest(request))
+        if stream.abort_requested:
+            self._send(AbortRequest(request.request_id))
+        if not self.is_running:  # the loop stopped while the request was built: nothing would ever answer it
+            self._streams.pop(request.request_id, None)
+            raise EngineDeadError(f"the engine stopped: {self._error or 'shut down'}")
+
     async def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks; its stream ends with finish_reason "abort"."""
+        stream = self._streams.get(request_id)
+        if stream is not None and not stream.submitted:
+            stream.abort_requested = True  # still being built: aborted as soon as it is submitted
+            return
         self._send(AbortRequest(request_id))
 
     def _abort_now(self, request_id: str) -> None:
@@ -193,21 +219,19 @@ class AsyncLLM:
         """Validate a PEFT adapter (in the caller's thread: it reads the disk) and make it usable at once."""
         check_adapter_id(adapter_id)
         weights = self.engine.read_adapter(path)
-        adapter = self._catalog().add_path(adapter_id, path)  # the next request can name it
+        adapter = self.engine.add_adapter_path(adapter_id, path)  # the next request can name it
         self._send(CacheAdapter(adapter.adapter_key, weights))
 
     def remove_adapter(self, adapter_id: str) -> None:
-        """New requests cannot name it any more; running ones finish with it."""
-        self._send(DiscardAdapter(self._catalog().remove_path(adapter_id)))
-
-    def _catalog(self) -> AdapterCatalog:
-        if self.engine.catalog is None:
-            raise ValueError(LORA_OFF)
-        return self.engine.catalog
+        """New requests cannot name it any more; running ones finish with it, waiting ones fail."""
+        self._send(DiscardAdapter(self.engine.remove_adapter_path(adapter_id)))
 
     # ---- the engine thread ---------------------------------------------------------------------
 
     def _send(self, message: EngineMessage) -> None:
+        """Queue a message for the engine thread; anything but an EngineMessage is refused here, in the caller."""
+        if not isinstance(message, EngineMessage):
+            raise TypeError(f"unknown engine message {message!r}")
         self._messages.put(message)
         self._wakeup.set()
 
@@ -254,10 +278,10 @@ class AsyncLLM:
                 if aborted is not None:
                     outputs.append(aborted)
             case CacheAdapter(adapter_key, weights):
-                self._catalog().manager.put(adapter_key, weights)
+                self.engine.cache_adapter(adapter_key, weights)
             case DiscardAdapter(adapter_key):
                 self.engine.discard_adapter(adapter_key)
-            case _:
+            case _:  # _send admits none: a bug here stops the loop loudly
                 raise TypeError(f"unknown engine message {message!r}")
 
     def _add(self, request: Request) -> None:

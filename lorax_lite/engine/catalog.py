@@ -1,8 +1,9 @@
 """AdapterCatalog: which adapters a request can name, and which version (adapter key) each request gets.
 
-Two sources: adapters added by path (`LLM.add_adapter`; adapter key = the id) and, when the engine
-has one, a registry (`registry/`), whose current version of an id is looked up for every new
-request (adapter key = `id@version`). So an id registered while serving is usable by the next
+Two sources: adapters added by path (`LLM.add_adapter`; adapter key = the id, or `id#n` when the id
+is added for the n-th time, so a key's weights never change) and, when the engine has one, a
+registry (`registry/`), whose current version of an id is looked up for every new request (adapter
+key = `id@version`). So an id registered while serving is usable by the next
 request; a removed id is unknown to new requests; a new version serves new requests while running
 ones keep the version they were resolved to, and the old version leaves the cache once unused.
 
@@ -62,8 +63,9 @@ class AdapterCatalog:
         self.manager = manager
         self.registry = registry
         self.store = store  # when given, registry versions are read from this store, whatever path the record names
-        self._lock = threading.Lock()  # guards _paths
-        self._paths: dict[str, str] = {}  # added by path: id -> directory
+        self._lock = threading.Lock()  # guards _paths and _num_adds
+        self._paths: dict[str, ResolvedAdapter] = {}  # added by path: id -> what it names now
+        self._num_adds: Counter[str] = Counter()  # id -> times it was added by path
         self._current: dict[str, ResolvedAdapter] = {}  # registry id -> the version last admitted
         self._live: Counter[str] = Counter()  # adapter key -> requests in the engine (waiting or running) using it
 
@@ -75,15 +77,20 @@ class AdapterCatalog:
         with self._lock:
             if adapter_id in self._paths:
                 raise ValueError(f"adapter {adapter_id!r} is already added; remove it first to replace it")
-            self._paths[adapter_id] = os.fspath(path)
-        return self._added(adapter_id, os.fspath(path))
+            self._num_adds[adapter_id] += 1
+            n = self._num_adds[adapter_id]
+            key = adapter_id if n == 1 else f"{adapter_id}#{n}"  # a re-added id may name new weights: a new key
+            added = ResolvedAdapter(adapter_id, AdapterSource(key, adapter_id, os.fspath(path)))
+            self._paths[adapter_id] = added
+        return added
 
     def remove_path(self, adapter_id: str) -> str:
         """Forget an adapter added by path; returns its adapter key. AdapterNotFoundError if not added."""
         with self._lock:
-            if self._paths.pop(adapter_id, None) is None:
-                raise AdapterNotFoundError(f"unknown adapter {adapter_id!r}")
-        return adapter_id
+            added = self._paths.pop(adapter_id, None)
+        if added is None:
+            raise AdapterNotFoundError(f"unknown adapter {adapter_id!r}")
+        return added.adapter_key
 
     @property
     def added_ids(self) -> list[str]:
@@ -98,29 +105,25 @@ class AdapterCatalog:
         An added id shadows a registered one of the same name."""
         check_adapter_id(adapter_id)
         with self._lock:
-            path = self._paths.get(adapter_id)
-        if path is not None:
-            return self._added(adapter_id, path)
+            added = self._paths.get(adapter_id)
+        if added is not None:
+            return added
         record = self.registry.get(adapter_id) if self.registry is not None else None
         if record is None:
             where = (
                 "add it first" if self.registry is None else f"not added and not in the registry {self.registry.url}"
             )
-            added = ", ".join(self.added_ids) or "none"
-            raise AdapterNotFoundError(f"unknown adapter {adapter_id!r}; {where} (added: {added})")
+            added_ids = ", ".join(self.added_ids) or "none"
+            raise AdapterNotFoundError(f"unknown adapter {adapter_id!r}; {where} (added: {added_ids})")
         return self._registered(record)
 
     def list_adapters(self) -> list[ResolvedAdapter]:
         """Every adapter a request can name: those added by path first, then the registered ones they do not shadow."""
         with self._lock:
-            added = [self._added(adapter_id, path) for adapter_id, path in sorted(self._paths.items())]
+            added = [self._paths[adapter_id] for adapter_id in sorted(self._paths)]
         records = self.registry.list_current() if self.registry is not None else []
         shadowed = {a.adapter_id for a in added}
         return added + [self._registered(r) for r in records if r.adapter_id not in shadowed]
-
-    @staticmethod
-    def _added(adapter_id: str, path: str) -> ResolvedAdapter:
-        return ResolvedAdapter(adapter_id, AdapterSource(adapter_key=adapter_id, adapter_id=adapter_id, path=path))
 
     def _registered(self, record: AdapterRecord) -> ResolvedAdapter:
         path = (
@@ -133,10 +136,17 @@ class AdapterCatalog:
 
     def admit(self, adapter: ResolvedAdapter) -> None:
         """A request for `adapter` enters the engine. A newer registry version supersedes the previous one,
-        which leaves the cache once no request in the engine uses it; the pin flag is followed."""
-        self._live[adapter.adapter_key] += 1
+        which leaves the cache once no request in the engine uses it; the pin flag is followed. An adapter
+        added by path that was removed (or replaced) since the request resolved it is refused:
+        AdapterNotFoundError, as for the requests that were waiting for it when it was removed."""
         if adapter.record is None:
+            with self._lock:
+                current = self._paths.get(adapter.adapter_id)
+            if current is None or current.adapter_key != adapter.adapter_key:
+                raise AdapterNotFoundError(f"adapter {adapter.adapter_id!r} was removed")
+            self._live[adapter.adapter_key] += 1
             return
+        self._live[adapter.adapter_key] += 1
         previous = self._current.get(adapter.adapter_id)
         self._current[adapter.adapter_id] = adapter
         if previous is not None and previous.adapter_key != adapter.adapter_key:

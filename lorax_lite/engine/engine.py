@@ -41,8 +41,9 @@ LORA_OFF = "LoRA is turned off (max_loras=0); start the engine with max_loras >=
 class LLMEngine:
     """The synchronous engine; `LLM` drives it in the caller's thread, `AsyncLLM` in its own.
 
-    Thread safety: `read_adapter`, `resolve_adapter`, `list_adapters` and `make_request` may run in any
-    thread; everything else runs in the thread that steps the engine.
+    Thread safety: `read_adapter`, `add_adapter_path`, `remove_adapter_path`, `resolve_adapter`,
+    `list_adapters` and `make_request` may run in any thread; everything else runs in the thread that
+    steps the engine.
     """
 
     def __init__(
@@ -104,14 +105,25 @@ class LLMEngine:
 
     def add_adapter(self, adapter_id: str, path: str | os.PathLike, weights: LoRAWeights | None = None) -> None:
         """Make `adapter_id` name the adapter at `path`; read on first use unless its `weights` are given."""
-        catalog = self._catalog()
-        adapter = catalog.add_path(adapter_id, path)
+        adapter = self.add_adapter_path(adapter_id, path)
         if weights is not None:
-            catalog.manager.put(adapter.adapter_key, weights)
+            self.cache_adapter(adapter.adapter_key, weights)
+
+    def add_adapter_path(self, adapter_id: str, path: str | os.PathLike) -> ResolvedAdapter:
+        """Any thread: from now on, new requests for `adapter_id` get the adapter at `path`."""
+        return self._catalog().add_path(adapter_id, path)
+
+    def cache_adapter(self, adapter_key: str, weights: LoRAWeights) -> None:
+        """Put weights read elsewhere (validated by `read_adapter`) into host memory, if there is room."""
+        self._catalog().manager.put(adapter_key, weights)
 
     def remove_adapter(self, adapter_id: str) -> None:
         """New requests cannot name it any more; running ones finish with it, waiting ones fail."""
-        self.discard_adapter(self._catalog().remove_path(adapter_id))
+        self.discard_adapter(self.remove_adapter_path(adapter_id))
+
+    def remove_adapter_path(self, adapter_id: str) -> str:
+        """Any thread: new requests for `adapter_id` are refused from now on; returns its adapter key."""
+        return self._catalog().remove_path(adapter_id)
 
     def discard_adapter(self, adapter_key: str) -> None:
         """The cache forgets `adapter_key` (once its running requests finish); its waiting requests fail."""

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 
 class FinishReason(str, enum.Enum):
-    LENGTH = "length"  # max_tokens reached (or max_model_len)
+    LENGTH = "length"  # max_tokens reached (or max_seq_len)
     STOP = "stop"  # a stop string or a stop token id
     EOS = "eos"  # the model's end-of-sequence token
     ABORT = "abort"  # the client went away or asked to abort

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from lorax_lite.engine.catalog import ResolvedAdapter
 from lorax_lite.engine.kv_cache import BlockManager
 from lorax_lite.engine.request import FinishReason, Request, RequestStatus
+from lorax_lite.invariants import require
 from lorax_lite.lora.manager import AdapterManager
 
 
@@ -69,8 +70,10 @@ class Scheduler:
         eos_token_ids: set[int],
         adapter_manager: AdapterManager | None = None,
     ) -> None:
-        """`max_seq_len` must fit in the KV cache alone (see `plan_kv_cache`), else a long request could
-        preempt itself forever."""
+        """`max_seq_len` must fit in the KV cache alone (`plan_kv_cache` sees to it), else a long request
+        could preempt itself forever."""
+        capacity = block_manager.num_blocks * block_manager.block_size
+        require(max_seq_len <= capacity, f"max_seq_len {max_seq_len} exceeds the KV cache's {capacity} tokens")
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens

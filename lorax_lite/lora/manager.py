@@ -124,7 +124,7 @@ class AdapterManager:
 
     def put(self, adapter_key: str, weights: LoRAWeights) -> bool:
         """Insert weights loaded elsewhere (e.g. validated by add_adapter); False if there is no room."""
-        if adapter_key in self._host:  # already there (weights of one id never change: a new version is a new id)
+        if adapter_key in self._host:  # already there (the weights under a key never change: new weights get a new key)
             self._host.move_to_end(adapter_key)
             return True
         if adapter_key in self._loading or not self._make_host_room():

@@ -48,7 +48,7 @@ class Generation:
         tokenizer = state.llm.tokenizer
         prompt_ids = (await run_in_threadpool(tokenizer, body.inputs)).input_ids
         call = await EngineCall.start(state, prompt_ids, params, adapter, body.inputs)
-        return cls(body, call, tokenizer, frozenset(tokenizer.all_special_ids))
+        return cls(body, call, tokenizer, state.special_ids)
 
     async def stream_events(self) -> AsyncIterator[dict]:
         """One event per generated token; the last carries generated_text and details. Errors become an
@@ -86,10 +86,11 @@ class Generation:
         text = self.call.text
         return self.body.inputs + text if self.body.parameters.return_full_text else text
 
-    def response(self, out: RequestOutput) -> GenerateResponse:
+    async def response(self, out: RequestOutput) -> GenerateResponse:
         details = None
         if self.body.parameters.details:
-            details = Details(**self._details_fields(out), prefill=self._prefill(out), tokens=self.tokens)
+            prefill = await self._prefill(out)
+            details = Details(**self._details_fields(out), prefill=prefill, tokens=self.tokens)
         return GenerateResponse(generated_text=self.generated_text(), details=details)
 
     def _details_fields(self, out: RequestOutput) -> dict:
@@ -100,10 +101,10 @@ class Generation:
             "seed": out.seed,
         }
 
-    def _prefill(self, out: RequestOutput) -> list[InputToken]:
+    async def _prefill(self, out: RequestOutput) -> list[InputToken]:
         if not self.body.parameters.decoder_input_details:
             return []
+        ids = out.prompt_token_ids
+        texts = await run_in_threadpool(self.tokenizer.batch_decode, [[tid] for tid in ids])  # off the event loop
         # Prompt logprobs would need the prefill's logits for every position; they are not computed.
-        return [
-            InputToken(id=tid, text=str(self.tokenizer.decode([tid])), logprob=None) for tid in out.prompt_token_ids
-        ]
+        return [InputToken(id=tid, text=text, logprob=None) for tid, text in zip(ids, texts, strict=True)]

@@ -64,7 +64,7 @@ async def _respond(body: GenerateRequest, request: Request, stream: bool, as_lis
         out = await run_to_end_or_abort(gen.call, request, on_output=gen.advance)
     except ClientDisconnected:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    payload = gen.response(out).model_dump()
+    payload = (await gen.response(out)).model_dump()
     if payload["details"] is None:
         del payload["details"]  # TGI leaves it out unless `details` was asked for
     return JSONResponse([payload] if as_list else payload, headers=gen.call.headers())

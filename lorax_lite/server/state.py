@@ -26,6 +26,7 @@ class ServerState:
         self.served_model_name = served_model_name
         self.limits = limits
         self.metrics = ServerMetrics(llm.snapshot)
+        self.special_ids = frozenset(llm.tokenizer.all_special_ids)  # the native API marks these tokens
         self.num_queued = 0  # requests submitted to the engine that have no output yet
 
     def admit(self) -> None:
