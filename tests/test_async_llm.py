@@ -178,3 +178,62 @@ def test_the_snapshot_is_a_copy_published_by_the_engine_thread(allm):
     assert after.stats.steps >= steps_before + 3 and sum(after.stats.batch_size_buckets) >= sum(buckets_before) + 3
     assert (before.stats.steps, before.stats.batch_size_buckets) == (steps_before, buckets_before)  # not a live view
     assert after.num_kv_blocks == allm.engine.block_manager.num_blocks and after.num_kv_blocks_used == 0
+
+
+def slow_make_request(llm, monkeypatch) -> threading.Event:
+    """Hold AsyncLLM's worker-thread hop (building a request from text) until the returned event is set."""
+    gate, make = threading.Event(), llm.engine.make_request
+
+    def held(*args, **kwargs):
+        gate.wait(timeout=30)
+        return make(*args, **kwargs)
+
+    monkeypatch.setattr(llm.engine, "make_request", held)
+    return gate
+
+
+def test_a_request_id_is_taken_while_its_request_is_still_being_built(allm, monkeypatch):
+    gate = slow_make_request(allm, monkeypatch)
+
+    async def main():
+        first = asyncio.ensure_future(collect(allm, "Hello there", greedy(3), request_id="dup"))
+        await asyncio.sleep(0)  # `first` claimed its id and waits in its worker-thread hop
+        with pytest.raises(ValueError, match="'dup' is already in use"):
+            await collect(allm, "Hello there", greedy(3), request_id="dup")
+        gate.set()
+        return await first
+
+    assert asyncio.run(main())[-1].finish_reason == "length"
+    wait_until_idle(allm)
+
+
+def test_an_abort_that_comes_while_the_request_is_being_built_ends_it(allm, monkeypatch):
+    gate = slow_make_request(allm, monkeypatch)
+
+    async def main():
+        task = asyncio.ensure_future(collect(allm, "Hello there", greedy(50), request_id="early"))
+        await asyncio.sleep(0)
+        await allm.abort("early")  # the engine has not seen the request yet
+        gate.set()
+        return await task
+
+    outs = asyncio.run(main())
+    assert outs[-1].finished and outs[-1].finish_reason == "abort" and len(outs[-1].token_ids) < 50
+    wait_until_idle(allm)
+
+
+def test_a_request_built_while_the_engine_stops_fails_instead_of_waiting_forever(tiny_llama_dir, monkeypatch):
+    from lorax_lite.engine.async_llm import EngineDeadError
+
+    llm = AsyncLLM(str(tiny_llama_dir), device="cpu")
+    gate = slow_make_request(llm, monkeypatch)
+
+    async def main():
+        task = asyncio.ensure_future(collect(llm, "Hello there", greedy(3)))
+        await asyncio.sleep(0)
+        llm.shutdown()  # while the request is in its worker-thread hop
+        gate.set()
+        return await asyncio.wait_for(task, timeout=30)
+
+    with pytest.raises(EngineDeadError):
+        asyncio.run(main())
