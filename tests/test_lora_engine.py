@@ -75,6 +75,18 @@ def drive(engine: LLMEngine, is_done: Callable[[], bool], max_steps: int, on_ste
     pytest.fail(f"not done after {max_steps} engine steps")
 
 
+def hold_loads(engine: LLMEngine, adapter_key: str, release: threading.Event, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Disk loads of `adapter_key` wait on the loader thread until `release` is set (a timeout fails the load)."""
+    real_read = engine.adapter_manager._read_fn
+
+    def read(source: AdapterSource):  # runs on the loader thread
+        if source.adapter_key == adapter_key and not release.wait(timeout=30):
+            raise TimeoutError(f"the test never released {adapter_key}")
+        return real_read(source)
+
+    monkeypatch.setattr(engine.adapter_manager, "_read_fn", read)
+
+
 def check_idle(engine: LLMEngine) -> None:
     engine.adapter_manager.check_invariants()
     engine.block_manager.check_invariants()
@@ -304,14 +316,7 @@ def test_adapters_are_refused_when_lora_is_off(tiny_llama_dir: Path, good_adapte
 def test_removal_while_its_load_is_in_flight_fails_the_waiting_request(llm: LLM, good_adapters: dict[str, Path],
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     engine, release = llm.engine, threading.Event()
-    real_read = engine.adapter_manager._read_fn
-
-    def read(source: AdapterSource):  # runs on the loader thread
-        if source.adapter_key == "gone":
-            release.wait(timeout=30)
-        return real_read(source)
-
-    monkeypatch.setattr(engine.adapter_manager, "_read_fn", read)
+    hold_loads(engine, "gone", release, monkeypatch)
     engine.add_adapter("gone", good_adapters["good"])
     try:
         req = engine.add_request(PROMPTS[0], GREEDY, adapter_id="gone")
@@ -374,14 +379,7 @@ def test_an_id_readded_while_its_old_load_is_in_flight_serves_the_new_weights(
         llm: LLM, good_adapters: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     engine, release = llm.engine, threading.Event()
     expected_new = llm.generate(PROMPTS[0], GREEDY, adapter_ids="a2")[0].token_ids
-    real_read = engine.adapter_manager._read_fn
-
-    def read(source: AdapterSource):  # runs on the loader thread
-        if source.adapter_key == "inflight":
-            release.wait(timeout=30)
-        return real_read(source)
-
-    monkeypatch.setattr(engine.adapter_manager, "_read_fn", read)
+    hold_loads(engine, "inflight", release, monkeypatch)
     engine.add_adapter("inflight", good_adapters["good"])  # lazily: its load waits for `release`
     try:
         old = engine.add_request(PROMPTS[0], GREEDY, adapter_id="inflight")
@@ -479,14 +477,7 @@ def test_async_concurrent_adapter_streams_match_offline(allm: AsyncLLM, llm: LLM
 def test_slow_loading_adapter_does_not_block_requests_behind_it(llm: LLM, good_adapters: dict[str, Path], reference,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     engine, release = llm.engine, threading.Event()
-    real_read = engine.adapter_manager._read_fn
-
-    def read(source: AdapterSource):  # runs on the loader thread
-        if source.adapter_key == "slow" and not release.wait(timeout=30):
-            raise TimeoutError("the test never released the slow adapter")
-        return real_read(source)
-
-    monkeypatch.setattr(engine.adapter_manager, "_read_fn", read)
+    hold_loads(engine, "slow", release, monkeypatch)
     engine.add_adapter("slow", good_adapters["good"])  # lazily: its load waits for `release`
     try:
         slow = engine.add_request(PROMPTS[0], GREEDY, adapter_id="slow")
