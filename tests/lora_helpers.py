@@ -6,7 +6,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import PreTrainedModel
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from lorax_lite.lora.synthetic import LLAMA_PROJECTIONS, make_random_adapter
 
@@ -30,6 +31,14 @@ def make_peft_adapter(model: PreTrainedModel, out: Path, spec: AdapterSpec, std:
     return make_random_adapter(
         model, out, spec.rank, spec.alpha, spec.target_modules, spec.use_rslora, spec.seed, std, **spec.extra
     )
+
+
+def make_versions(model_dir: Path, out: Path, count: int) -> dict[str, Path]:
+    """`count` different rank-4 adapters for the model at `model_dir`, "v1", "v2", ... (seeds 1, 2, ...),
+    as successive versions of one unit's adapter."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return {f"v{i}": make_peft_adapter(model, out / f"v{i}", AdapterSpec(rank=4, alpha=8, seed=i))
+            for i in range(1, count + 1)}
 
 
 def rewrite_config(adapter_dir: Path, **changes: object) -> None:

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_helpers import AdapterSpec, make_peft_adapter, rewrite_config
+from lora_helpers import make_versions, rewrite_config
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from lorax_lite.cli import app
@@ -52,10 +51,7 @@ main()
 
 @pytest.fixture(scope="module")
 def sources(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    out = tmp_path_factory.mktemp("cli-sources")
-    return {name: make_peft_adapter(model, out / name, AdapterSpec(rank=4, alpha=8, seed=seed))
-            for name, seed in (("v1", 1), ("v2", 2), ("v3", 3))}
+    return make_versions(tiny_llama_dir, tmp_path_factory.mktemp("cli-sources"), 3)
 
 
 class Deployment:

@@ -8,9 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from lora_helpers import AdapterSpec, make_peft_adapter, rewrite_config
-from transformers import AutoModelForCausalLM
+from lora_helpers import make_versions, rewrite_config
 
 from lorax_lite.lora.checksum import HASH_DOMAIN, canonical_config, compute_version, hash_part
 
@@ -19,10 +17,7 @@ CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 @pytest.fixture(scope="module")
 def sources(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    out = tmp_path_factory.mktemp("checksum-sources")
-    return {name: make_peft_adapter(model, out / name, AdapterSpec(rank=4, alpha=8, seed=seed))
-            for name, seed in (("v1", 1), ("v2", 2))}
+    return make_versions(tiny_llama_dir, tmp_path_factory.mktemp("checksum-sources"), 2)
 
 
 def part(name: str, data: bytes) -> bytes:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_helpers import AdapterSpec, make_peft_adapter
+from lora_helpers import make_versions
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -24,9 +24,7 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0)
 @pytest.fixture(scope="module")
 def sources(tiny_llama_dir: Path, tmp_path_factory) -> dict[str, Path]:
     """Two different adapters (v1, v2 of one business unit's adapter) and PEFT's greedy tokens for each."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    out = tmp_path_factory.mktemp("registry-sources")
-    return {name: make_peft_adapter(model, out / name, AdapterSpec(rank=4, alpha=8, seed=seed)) for name, seed in (("v1", 1), ("v2", 2))}
+    return make_versions(tiny_llama_dir, tmp_path_factory.mktemp("registry-sources"), 2)
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
-from lora_helpers import AdapterSpec, make_peft_adapter, rewrite_config
-from transformers import AutoModelForCausalLM
+from lora_helpers import AdapterSpec, make_versions, rewrite_config
 
 from lorax_lite.lora.errors import AdapterShapeError, CorruptWeightsError, UnsupportedAdapterError
 from lorax_lite.lora.checksum import compute_version
@@ -30,10 +28,7 @@ BAD_IDS = ["../x", "..", ".hidden", "a/b", "", "-x", "x" * 65, "a b"]
 @pytest.fixture(scope="module")
 def sources(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two different real PEFT adapters for the tiny Llama, with extra files beside them."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    out = tmp_path_factory.mktemp("store-sources")
-    made = {name: make_peft_adapter(model, out / name, AdapterSpec(rank=4, alpha=8, seed=seed))
-            for name, seed in (("v1", 1), ("v2", 2))}
+    made = make_versions(tiny_llama_dir, tmp_path_factory.mktemp("store-sources"), 2)
     for path in made.values():
         (path / "notes.py").write_text("raise SystemExit('never run')\n")
     return made
