@@ -144,9 +144,9 @@ class AdapterCatalog:
                 current = self._paths.get(adapter.adapter_id)
             if current is None or current.adapter_key != adapter.adapter_key:
                 raise AdapterNotFoundError(f"adapter {adapter.adapter_id!r} was removed")
-            self._live[adapter.adapter_key] += 1
-            return
         self._live[adapter.adapter_key] += 1
+        if adapter.record is None:
+            return
         previous = self._current.get(adapter.adapter_id)
         self._current[adapter.adapter_id] = adapter
         if previous is not None and previous.adapter_key != adapter.adapter_key:

@@ -47,7 +47,7 @@ class OutputProcessor:
         string is finished through `finish`. Finished requests are forgotten here."""
         outputs = []
         for req in requests:
-            state = self._states.get(req.request_id) or self._new_state(req)
+            state = self._states[req.request_id]  # every request is added (LLMEngine.add) before it can advance
             self._detokenize(req, state, finish)
             out = self._output(req, state)
             if out is not None:
@@ -55,10 +55,6 @@ class OutputProcessor:
             if req.is_finished:
                 self._states.pop(req.request_id, None)
         return outputs
-
-    def _new_state(self, req: Request) -> _OutputState:
-        self.add(req)
-        return self._states[req.request_id]
 
     @staticmethod
     def _detokenize(req: Request, state: _OutputState, finish: FinishFn) -> None:

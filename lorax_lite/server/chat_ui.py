@@ -16,11 +16,13 @@ from lorax_lite.server.state import ServerState
 
 router = APIRouter()
 STATIC = resources.files("lorax_lite.server") / "static"
+# Read once at import: package files that never change, so no request reads the disk on the event loop.
+PAGE_HTML = STATIC.joinpath("page.html").read_text()
+CHAT_HTML = STATIC.joinpath("chat.html").read_text()
 
 
 def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
-    return HTMLResponse(STATIC.joinpath("page.html").read_text()
-                        .replace("{{title}}", html.escape(title)).replace("{{body}}", body),
+    return HTMLResponse(PAGE_HTML.replace("{{title}}", html.escape(title)).replace("{{body}}", body),
                         status_code=status)
 
 
@@ -47,12 +49,15 @@ def _card(adapter_id: str, description: str, owner: str) -> str:
 async def chat_page(adapter_id: str, request: Request) -> HTMLResponse:
     """The chat page for one assistant; an invalid or unknown id is a 404 page that links back."""
     state: ServerState = request.app.state.server
-    adapter = None if state.is_base_model(adapter_id) else await state.find_adapter(adapter_id)
-    if adapter is None and not state.is_base_model(adapter_id):
-        body = (f'<h1>No assistant called {html.escape(adapter_id)}</h1>'
-                '<p>It is not registered on this server. <a href="/chat">See the assistants</a>.</p>')
-        return _page("Unknown assistant", body, status=404)
-    config = {"model": adapter_id, "description": adapter.record.description if adapter and adapter.record else ""}
-    body = STATIC.joinpath("chat.html").read_text().replace("{{name}}", html.escape(adapter_id)).replace(
+    description = ""
+    if not state.is_base_model(adapter_id):
+        adapter = await state.find_adapter(adapter_id)
+        if adapter is None:
+            body = (f'<h1>No assistant called {html.escape(adapter_id)}</h1>'
+                    '<p>It is not registered on this server. <a href="/chat">See the assistants</a>.</p>')
+            return _page("Unknown assistant", body, status=404)
+        description = adapter.record.description if adapter.record else ""
+    config = {"model": adapter_id, "description": description}
+    body = CHAT_HTML.replace("{{name}}", html.escape(adapter_id)).replace(
         "{{config}}", html.escape(json.dumps(config), quote=True))
     return _page(f"{adapter_id} assistant", body)
