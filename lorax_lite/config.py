@@ -95,18 +95,47 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """Refusals that protect the server: 429 past `max_queued_requests`, 413 past `max_body_bytes`."""
+    """What one request may cost and how long the server waits for clients: refusals that protect every other
+    request (429 past `max_queued_requests`, 413 past `max_body_bytes`, 400/422 past the prompt and token limits,
+    408 for a body that does not arrive in time) and the shutdown deadline."""
 
     max_queued_requests: int = field(default=256, metadata={
         "help": "Requests waiting for the engine before new ones get a 429."})
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "Largest request body; larger ones get a 413."})
+    max_prompt_chars: int = field(default=100_000, metadata={
+        "help": "Longest prompt in characters (all chat messages together), checked before tokenizing."})
+    max_prompt_tokens: int = field(default=4096, metadata={"help": "Longest prompt in tokens."})
+    default_max_tokens: int = field(default=512, metadata={
+        "help": "Tokens a chat completion may generate when the request sets no max_tokens."})
+    max_tokens_limit: int = field(default=2048, metadata={
+        "help": "Most tokens one request may ask to generate (max_tokens, max_new_tokens)."})
+    max_request_seconds: float = field(default=600.0, metadata={
+        "help": "Longest a request may run; a request's own timeout may only be shorter (finish reason timeout)."})
+    header_timeout: float = field(default=10.0, metadata={
+        "help": "Seconds a connection may take to send a request's headers before it is closed."})
+    body_timeout: float = field(default=30.0, metadata={
+        "help": "Seconds a client may take to send a request's body before it gets a 408."})
+    max_connections: int = field(default=1024, metadata={
+        "help": "Open connections at once; further ones get a 503 and are closed."})
+    shutdown_timeout: float = field(default=30.0, metadata={
+        "help": "On SIGTERM: seconds in-flight requests get to finish before they are stopped and the server exits."})
 
     def __post_init__(self) -> None:
         if self.max_queued_requests < 1:
             raise ValueError(f"max_queued_requests must be >= 1, got {self.max_queued_requests}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
-
+        _check_positive(self, "max_prompt_chars", "max_prompt_tokens", "default_max_tokens", "max_tokens_limit",
+                        "max_connections")
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) must be <= max_tokens_limit "
+                             f"({self.max_tokens_limit})")
+        for name in ("max_request_seconds", "header_timeout", "body_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
+        if not isinstance(self.shutdown_timeout, (int, float)) or not 0 <= self.shutdown_timeout < float("inf"):
+            raise ValueError(f"shutdown_timeout must be a number of seconds >= 0, got {self.shutdown_timeout!r}")
 
 
 def _check_positive(config: object, *names: str) -> None:

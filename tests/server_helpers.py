@@ -8,6 +8,7 @@ import asyncio
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -27,14 +28,23 @@ def free_port() -> int:
 @contextmanager
 def serve(*args: str, startup_timeout: float = 180.0) -> Iterator[str]:
     """Run `lorax-lite serve ARGS --port P`; yields its base URL; terminates it (and fails loudly if it died)."""
+    with serve_process(*args, startup_timeout=startup_timeout) as (base, _):
+        yield base
+
+
+@contextmanager
+def serve_process(*args: str, startup_timeout: float = 180.0) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Like `serve`, yielding (base URL, the server's Popen) for tests that signal it or read its output."""
     port = free_port()
     cmd = [sys.executable, "-m", "lorax_lite.cli", "serve", *args, "--port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a pipe nobody reads would block a chatty server
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log = log  # type: ignore[attr-defined]  # server_output(proc) reads it
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + startup_timeout
     while True:
         if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}: {proc.stdout.read()[-3000:]}")
+            pytest.fail(f"server exited with {proc.returncode}: {server_output(proc)[-3000:]}")
         try:
             if httpx.get(f"{base}/health", timeout=1).status_code == 200:
                 break
@@ -42,17 +52,29 @@ def serve(*args: str, startup_timeout: float = 180.0) -> Iterator[str]:
             pass
         if time.time() > deadline:
             proc.kill()
-            pytest.fail(f"server did not become healthy in {startup_timeout:.0f} s: {proc.stdout.read()[-3000:]}")
+            pytest.fail(f"server did not become healthy in {startup_timeout:.0f} s: {server_output(proc)[-3000:]}")
         time.sleep(0.2)
     try:
-        yield base
+        yield base, proc
     finally:
-        proc.terminate()
+        if proc.poll() is None:
+            proc.terminate()
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.close()
+
+
+def server_output(proc: subprocess.Popen) -> str:
+    """Everything a server started by `serve_process` printed so far."""
+    log = proc.log  # type: ignore[attr-defined]
+    log.flush()
+    log.seek(0)
+    text = log.read()
+    log.seek(0, 2)
+    return text
 
 
 def call(app, method: str, url: str, **kw) -> httpx.Response:

@@ -33,13 +33,15 @@ def serve_command(
         None, "--served-model-name", help="Name of the base model in the APIs (default: the model directory's name)."),
     **settings: Any,
 ) -> None:
-    """Serve the base model and every registered adapter over HTTP (LoRAX-native and OpenAI-compatible APIs)."""
-    import uvicorn
+    """Serve the base model and every registered adapter over HTTP (LoRAX-native and OpenAI-compatible APIs).
 
+    SIGTERM drains: in-flight requests finish (for at most --shutdown-timeout seconds) while new ones get a 503;
+    the exit status is 0 after a drain, 1 if the engine died."""
     from lorax_lite.engine.async_llm import AsyncLLM
     from lorax_lite.registry.base import RegistryError
     from lorax_lite.registry.factory import default_registry_url, open_registry
     from lorax_lite.server.app import create_app
+    from lorax_lite.server.serving import run_server
 
     if not 0 < port < 65536:
         fail(f"--port must be in 1..65535, got {port}")
@@ -58,10 +60,12 @@ def serve_command(
     name = served_model_name or os.path.basename(os.path.normpath(config.model))
     typer.echo(serve_banner(name, registry.url, f"http://{host}:{port}"))
     try:
-        uvicorn.run(create_app(llm, name, limits), host=host, port=port, log_level="info")
+        status = run_server(create_app(llm, name, limits), host, port)
     finally:
         llm.shutdown()
         registry.close()
+    if status:
+        raise typer.Exit(status)
 
 
 def serve_banner(name: str, registry_url: str, base: str) -> str:
@@ -72,7 +76,7 @@ def serve_banner(name: str, registry_url: str, base: str) -> str:
     chat = f'{{"model": "{name}", "messages": [{question}], "max_tokens": 40}}'
     return "\n".join([
         f"serving {name} with adapters from {registry_url}",
-        f"  curl {base}/health",
+        f"  curl {base}/health   (liveness; {base}/ready is readiness)",
         f"  curl {base}/v1/models",
         f"  curl {base}/generate {json_header} -d '{native}'",
         f"  curl {base}/generate {json_header} -H 'adapter_id: ADAPTER' -d '{native}'",

@@ -21,7 +21,13 @@ def check_adapter_id(adapter_id: object) -> str:
     """Return the id if it is well-formed (checked before any filesystem or registry access)."""
     if not isinstance(adapter_id, str) or not ADAPTER_ID_PATTERN.fullmatch(adapter_id):
         raise InvalidAdapterIdError(
-            f"invalid adapter id {adapter_id!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            f"invalid adapter id {_brief(adapter_id)}: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
     return adapter_id
+
+
+def _brief(value: object, limit: int = 80) -> str:
+    """repr(value) cut to `limit` characters: an error message never echoes a huge id."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

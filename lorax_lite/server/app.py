@@ -9,13 +9,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lorax_lite.config import ServerLimits
 from lorax_lite.engine.async_llm import AsyncLLM
+from lorax_lite.server.boundary import BoundaryMiddleware
 from lorax_lite.server.chat_ui import STATIC
 from lorax_lite.server.chat_ui import router as chat_router
-from lorax_lite.server.errors import OPENAI_PATH_PREFIX, ServerError, install_error_handlers
+from lorax_lite.server.errors import install_error_handlers
 from lorax_lite.server.native import router as native_router
 from lorax_lite.server.openai import router as openai_router
 from lorax_lite.server.state import ServerState
@@ -33,6 +33,7 @@ def create_app(llm: AsyncLLM, served_model_name: str, limits: ServerLimits | Non
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     app.add_api_route("/", lambda: RedirectResponse("/chat"), methods=["GET"], include_in_schema=False)
     app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/ready", ready, methods=["GET"])
     app.add_api_route("/info", info, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
     app.add_middleware(BoundaryMiddleware, state=state)
@@ -40,10 +41,25 @@ def create_app(llm: AsyncLLM, served_model_name: str, limits: ServerLimits | Non
 
 
 async def health(request: Request) -> JSONResponse:
-    """200 while the engine loop runs, 503 once it has stopped or crashed."""
+    """Liveness: 200 while the engine loop runs (draining included), 503 once it has stopped or crashed."""
     if request.app.state.server.llm.is_running:
         return JSONResponse({"status": "ok"})
     return JSONResponse({"error": "the engine is not running", "error_type": "unavailable"}, status_code=503)
+
+
+async def ready(request: Request) -> JSONResponse:
+    """Readiness: 200 when this server should get new requests; 503 (with each check's state) while the engine
+    is not running or the server drains."""
+    state: ServerState = request.app.state.server
+    checks = {
+        "engine": "ok" if state.llm.is_running else "stopped",
+        "draining": state.draining,
+    }
+    is_ready = checks["engine"] == "ok" and not state.draining
+    if is_ready:
+        return JSONResponse({"status": "ready", "checks": checks})
+    return JSONResponse({"error": "not ready", "error_type": "unavailable", "status": "not_ready",
+                         "checks": checks}, status_code=503, headers={"Retry-After": "1"})
 
 
 async def info(request: Request) -> dict:
@@ -68,65 +84,3 @@ async def info(request: Request) -> dict:
 async def metrics(request: Request) -> Response:
     """Prometheus text format."""
     return Response(request.app.state.server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-
-class BoundaryMiddleware:
-    """Refuses request bodies over the size limit with a 413 (by Content-Length before reading, and
-    by reading at most limit + 1 bytes of a chunked body) and counts error responses by status."""
-
-    def __init__(self, app: ASGIApp, state: ServerState) -> None:
-        self.app = app
-        self.state = state
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def counting_send(message: Message) -> None:
-            if message["type"] == "http.response.start" and message["status"] >= 400:
-                self.state.metrics.observe_error_status(message["status"])
-            await send(message)
-
-        limit = self.state.limits.max_body_bytes
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        body = None
-        if not (declared.isdigit() and int(declared) > limit):
-            body = await _read_body(receive, limit)
-        if body is _CLIENT_GONE:
-            return
-        if body is None:
-            too_large = ServerError(
-                413, f"the request body is larger than the limit of {limit} bytes", "payload_too_large"
-            )
-            await too_large.to_response(scope["path"].startswith(OPENAI_PATH_PREFIX))(scope, receive, counting_send)
-            return
-        replayed = False
-
-        async def replay_receive() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()  # after the body: the disconnect, when it comes
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay_receive, counting_send)
-
-
-_CLIENT_GONE = object()  # _read_body: the client left while sending
-
-
-async def _read_body(receive: Receive, limit: int) -> bytes | object | None:
-    """The whole body, None once it passes `limit` bytes, or _CLIENT_GONE if the client left while sending."""
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return _CLIENT_GONE
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)

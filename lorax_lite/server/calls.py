@@ -6,6 +6,10 @@ The engine streams DELTA outputs (only what is new); the call keeps the text and
 response costs time linear in its length.
 Closing it aborts an unfinished request (its KV blocks and adapter reference are freed at once) and
 counts it in the metrics. A client that disconnects cancels whichever of these awaits is running.
+
+A request runs for at most its timeout (its own, capped by max_request_seconds): past it the engine
+finishes it with finish reason "timeout", a 504 when no token was generated yet. While the server
+drains, the open calls are registered on the state, so the drain can stop the ones left at its deadline.
 """
 
 from __future__ import annotations
@@ -19,11 +23,12 @@ from fastapi import Request
 
 from lorax_lite.engine.async_llm import OutputKind, ResolvedAdapter
 from lorax_lite.engine.request import RequestOutput, SamplingParams
-from lorax_lite.server.errors import ServerError, as_server_error
+from lorax_lite.server.errors import RETRY_AFTER_SECONDS, ServerError, as_server_error, brief
 from lorax_lite.server.state import ServerState
 
 T = TypeVar("T")
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; nobody reads it
+ADAPTER_HEADERS = ("adapter_id", "x-adapter-id")
 
 
 class ClientDisconnected(Exception):
@@ -45,6 +50,7 @@ class EngineCall:
         self.last = first
         self._text_parts: list[str] = []
         self._closed = False
+        self._stopped_for_shutdown = False
 
     @property
     def adapter_name(self) -> str:
@@ -65,18 +71,24 @@ class EngineCall:
         adapter: ResolvedAdapter | None,
         prompt_text: str | None,
         max_tokens_name: str = "max_new_tokens",
+        timeout: float | None = None,
     ) -> EngineCall:
-        """Submit and wait for the first output; raises ServerError with the right status."""
+        """Submit and wait for the first output; raises ServerError with the right status. `timeout`: the
+        request's own, in seconds (capped by max_request_seconds)."""
+        state.check_prompt_tokens(len(prompt_ids), "prompt" if max_tokens_name == "max_tokens" else "inputs")
+        state.check_max_tokens(params.max_tokens, max_tokens_name)
         check_length(len(prompt_ids), params.max_tokens, state.llm.max_seq_len, max_tokens_name)
         adapter_id = adapter.adapter_id if adapter is not None else None
+        adapter_name = adapter_id or state.served_model_name
         state.admit()
         try:
             outputs = state.llm.generate(prompt_ids, params, adapter=adapter, prompt_text=prompt_text,
-                                         output_kind=OutputKind.DELTA)
+                                         output_kind=OutputKind.DELTA, timeout=state.request_timeout(timeout))
             try:
                 first = await next_output(outputs)
-            except BaseException:
+            except BaseException as exc:
                 await _shielded_close(outputs)
+                state.metrics.observe_unanswered(adapter_name, exc)
                 raise
         except Exception as exc:
             raise as_server_error(exc, adapter_id) from exc
@@ -84,17 +96,18 @@ class EngineCall:
             state.release()
         call = cls(state, adapter, outputs, first)
         try:
-            raise_if_failed(first)
+            call.raise_if_failed(first)
         except ServerError:
             await call.close()
             raise
+        state.calls.add(call)
         return call
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
         """The first output, then each new one until the request finishes; a failure raises ServerError."""
         out = self.first
         while True:
-            raise_if_failed(out)
+            self.raise_if_failed(out)
             self.last = out
             self._text_parts.append(out.text)
             yield out
@@ -107,8 +120,32 @@ class EngineCall:
         if self._closed:
             return
         self._closed = True
+        self.state.calls.discard(self)
         await _shielded_close(self._outputs)
-        self.state.metrics.observe_finished(self.adapter_name, self.last)
+        outcome = "shutdown" if self._stopped_for_shutdown else None
+        self.state.metrics.observe_finished(self.adapter_name, self.last, outcome)
+
+    async def stop_for_shutdown(self) -> None:
+        """The drain's deadline passed: abort the request; its client is told the server is shutting down."""
+        if not self._closed and not self.last.finished:
+            self._stopped_for_shutdown = True
+            await self.state.llm.abort(self.first.request_id)
+
+    def raise_if_failed(self, out: RequestOutput) -> None:
+        """A ServerError for an output that ends the request without an answer (failed, aborted, timed out
+        before its first token)."""
+        if out.finish_reason == "error":
+            raise as_server_error(out.exception or RuntimeError(out.error or "unknown error"), out.adapter_id)
+        if out.finish_reason == "abort" and self._stopped_for_shutdown:
+            raise ServerError(503, f"the server is shutting down: the request was stopped after "
+                              f"{out.num_generated_tokens} generated tokens; retry it", "shutting_down",
+                              headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        if out.finish_reason == "abort":
+            raise ServerError(500, "the request was aborted before it finished", "incomplete_generation")
+        if out.finish_reason == "timeout" and out.num_generated_tokens == 0:
+            raise ServerError(504, "the request timed out before its first token (its timeout, at most "
+                              f"{self.state.limits.max_request_seconds:g} s: max_request_seconds); retry later or "
+                              "give it more time", "timeout")
 
     def headers(self) -> dict[str, str]:
         """x-* headers; once the request finished they include token counts and timings (ms)."""
@@ -188,11 +225,15 @@ def finish_reason_of(out: RequestOutput) -> str:
     return out.finish_reason
 
 
-def raise_if_failed(out: RequestOutput) -> None:
-    if out.finish_reason == "error":
-        raise as_server_error(out.exception or RuntimeError(out.error or "unknown error"), out.adapter_id)
-    if out.finish_reason == "abort":
-        raise ServerError(500, "the request was aborted before it finished", "incomplete_generation")
+def adapter_from_headers(request: Request) -> tuple[str, str] | None:
+    """(header name, adapter id) from the `adapter_id` / `X-Adapter-Id` headers, or None; different values
+    (in two headers, or one header given twice) are a 400."""
+    given = [(name, value) for name in ADAPTER_HEADERS for value in request.headers.getlist(name) if value]
+    if len({value for _, value in given}) > 1:
+        listed = ", ".join(f"{name}: {brief(value)}" for name, value in given)
+        raise ServerError(400, f"conflicting adapter headers ({listed}); give one adapter id", "validation",
+                          param="adapter_id")
+    return given[0] if given else None
 
 
 def check_length(num_prompt_tokens: int, max_new_tokens: int, max_seq_len: int, name: str) -> None:

@@ -8,6 +8,7 @@ where a field the request gets wrong is a 400 (a 422 on native routes, as in LoR
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from typing import cast
 
@@ -30,6 +31,7 @@ from lorax_lite.lora.errors import (
     UnsupportedAdapterError,
 )
 from lorax_lite.lora.naming import InvalidAdapterIdError
+from lorax_lite.registry.base import RegistryError
 from lorax_lite.server.schemas import UnsupportedParameterError
 
 logger = logging.getLogger(__name__)
@@ -37,7 +39,22 @@ logger = logging.getLogger(__name__)
 OPENAI_PATH_PREFIX = "/v1/"
 OPENAI_TYPES = {
     404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable",
+    504: "timeout",
 }
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("lorax_request_id", default="-")  # for the log
+MAX_MESSAGE_CHARS = 1000  # an error body never echoes more of the request than this
+MAX_ECHO_CHARS = 64  # an id, path or value quoted in a message is cut to this
+RETRY_AFTER_SECONDS = 1
+
+
+def cut(text: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """`text` for a message, cut to `limit` characters (saying how long it was)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def brief(value: object, limit: int = MAX_ECHO_CHARS) -> str:
+    """`repr(value)` for a message, cut to `limit` characters."""
+    return cut(repr(value), limit)
 
 
 class ServerError(Exception):
@@ -48,6 +65,8 @@ class ServerError(Exception):
         self, status: int, message: str, error_type: str, param: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[:MAX_MESSAGE_CHARS] + "... (cut)"
         super().__init__(message)
         self.status = status
         self.message = message
@@ -83,8 +102,21 @@ def as_server_error(exc: BaseException, adapter_id: str | None = None) -> Server
     if isinstance(exc, ValueError):
         return ServerError(422, str(exc), "validation")
     if isinstance(exc, EngineDeadError):
-        return ServerError(503, str(exc), "unavailable")
-    return ServerError(500, f"generation failed: {exc}", "generation")
+        return ServerError(503, "the engine is not running; the server is restarting or shutting down",
+                           "unavailable", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+    if isinstance(exc, RegistryError):  # its message names the registry's URL: for the log only
+        logger.warning("request %s: adapter registry: %s", REQUEST_ID.get(), exc)
+        return registry_unavailable()
+    logger.error("request %s failed: %r", REQUEST_ID.get(), exc, exc_info=exc)
+    return ServerError(500, "generation failed: internal error; the server log has the details "
+                       "(look for this response's x-request-id)", "generation")
+
+
+def registry_unavailable() -> ServerError:
+    """503 for a lookup the adapter registry must answer while it cannot be reached (never its URL)."""
+    return ServerError(503, "the adapter registry is unreachable, so this adapter cannot be looked up; "
+                       "retry shortly (adapters already in use keep being served)", "unavailable",
+                       param="model", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
 ADAPTER_REASONS = [  # what a client is told; the full message (store paths, ...) goes to the server log
@@ -102,14 +134,17 @@ ADAPTER_REASONS = [  # what a client is told; the full message (store paths, ...
 def _adapter_refusal(exc: AdapterError, adapter_id: str | None) -> ServerError:
     if isinstance(exc, InvalidAdapterIdError):  # the message only echoes the id and the rule
         return ServerError(400, str(exc), "validation", param="model")
-    name = repr(adapter_id) if adapter_id else "(unnamed)"
+    name = brief(adapter_id) if adapter_id else "(unnamed)"
     if isinstance(exc, AdapterNotFoundError):
         return ServerError(404, f"unknown adapter {name}: it is not registered on this server (GET /v1/models lists "
                            "the base model and the adapters)", "not_found", param="model")
-    logger.warning("adapter %s refused: %s", name, exc)
+    logger.warning("request %s: adapter %s refused: %s", REQUEST_ID.get(), name, exc)
     reason = next((why for cls, why in ADAPTER_REASONS if isinstance(exc, cls)), "it failed to load")
     if isinstance(exc, UnsupportedAdapterError) and exc.feature:
         reason += f" ({exc.feature})"
+    if isinstance(exc, CorruptWeightsError):  # the store's fault, not the client's: a 5xx, so alerts fire
+        return ServerError(503, f"adapter {name} is unavailable: {reason}; the server log has the details",
+                           "adapter_unavailable", param="model")
     return ServerError(
         400, f"adapter {name} cannot be served: {reason}; the server log has the details", "adapter", param="model"
     )
@@ -154,7 +189,7 @@ def install_error_handlers(app: FastAPI) -> None:
         """Unknown routes and wrong methods: the route family's body, not FastAPI's {"detail"}."""
         exc = cast(StarletteHTTPException, exc)
         error_type = {404: "unknown_route", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        error = ServerError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", error_type,
+        error = ServerError(exc.status_code, f"{request.method} {cut(request.url.path)}: {exc.detail}", error_type,
                             headers=getattr(exc, "headers", None))
         return error.to_response(is_openai_route(request))
 

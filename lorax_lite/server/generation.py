@@ -24,7 +24,7 @@ from lorax_lite.server.schemas import (
 )
 from lorax_lite.server.state import ServerState
 
-FINISH_REASONS = {"length": "length", "eos": "eos_token", "stop": "stop_sequence"}
+FINISH_REASONS = {"length": "length", "eos": "eos_token", "stop": "stop_sequence", "timeout": "timeout"}
 
 
 @dataclass
@@ -44,10 +44,12 @@ class Generation:
             params = body.parameters.to_sampling_params()
         except Exception as exc:
             raise as_server_error(exc) from exc
+        state.check_prompt_chars(len(body.inputs), "inputs")  # before tokenizing: a huge prompt costs nothing
         adapter = await state.resolve_adapter(adapter_id)
         tokenizer = state.llm.tokenizer
         prompt_ids = (await run_in_threadpool(tokenizer, body.inputs)).input_ids
-        call = await EngineCall.start(state, prompt_ids, params, adapter, body.inputs)
+        call = await EngineCall.start(state, prompt_ids, params, adapter, body.inputs,
+                                      timeout=body.parameters.timeout)
         return cls(body, call, tokenizer, state.special_ids)
 
     async def stream_events(self) -> AsyncIterator[dict]:

@@ -7,6 +7,7 @@ values are bounded: `adapter` is the base model's name or an id the engine accep
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
@@ -14,13 +15,19 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from lorax_lite.engine.async_llm import BATCH_SIZE_BUCKETS, EngineSnapshot
 from lorax_lite.engine.request import RequestOutput
+from lorax_lite.lora.errors import CorruptWeightsError
 
 PREFIX = "lorax"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 disable_created_metrics()  # no *_created series: they double the output and nobody graphs them
 
-FINISHED = {"length": "finished", "eos": "finished", "stop": "finished", "abort": "aborted", "error": "error"}
+# Outcomes: finished; aborted (the client left, before or after its first token); timeout (its deadline passed);
+# error (the request's own fault: a refused adapter, a failure isolated to it); server_error (the server's fault:
+# a damaged adapter store, the engine stopped); shutdown (stopped by the drain's deadline).
+OUTCOMES = ("finished", "aborted", "timeout", "error", "server_error", "shutdown")
+FINISHED = {"length": "finished", "eos": "finished", "stop": "finished", "abort": "aborted", "error": "error",
+            "timeout": "timeout"}
 
 
 class ServerMetrics:
@@ -29,11 +36,21 @@ class ServerMetrics:
     def __init__(self, snapshot: Callable[[], EngineSnapshot]) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(f"{PREFIX}_requests", "Requests that reached the engine, by adapter and outcome "
-                                "(finished, aborted: the client left, error).", ["adapter", "outcome"],
+                                f"({', '.join(OUTCOMES)}; see docs/reliability.md).", ["adapter", "outcome"],
                                 registry=self.registry)
         self.error_responses = Counter(f"{PREFIX}_http_error_responses",
                                        "Responses with a 4xx or 5xx status, by status.",
                                        ["status"], registry=self.registry)
+        self.unhandled = Counter(f"{PREFIX}_unhandled_exceptions", "Exceptions no route handled (each answered with "
+                                 "a JSON 500 when the response had not started; logged with the request id).",
+                                 registry=self.registry)
+        self.refused_connections = Counter(f"{PREFIX}_refused_connections",
+                                           "Connections refused with a 503 past max_connections.",
+                                           registry=self.registry)
+        self.timed_out_connections = Counter(
+            f"{PREFIX}_timed_out_connections", "Connections closed because a request's headers did not arrive in "
+            "header_timeout, or requests answered 408 because the body did not arrive in body_timeout.",
+            registry=self.registry)
         self.queue_time = self._latency("request_queue_seconds", "Time from arrival to first scheduled step.")
         self.ttft = self._latency("time_to_first_token_seconds", "Time from arrival to the first generated token.")
         self.tpot = self._latency("time_per_output_token_seconds",
@@ -53,9 +70,22 @@ class ServerMetrics:
     def observe_error_status(self, status: int) -> None:
         self.error_responses.labels(str(status)).inc()
 
-    def observe_finished(self, adapter: str, out: RequestOutput) -> None:
-        """Count a request that left the engine (finished, failed or aborted) and its timings."""
-        self.requests.labels(adapter, FINISHED.get(out.finish_reason or "abort", "aborted")).inc()
+    def observe_unanswered(self, adapter: str, exc: BaseException) -> None:
+        """Count a request that ended before its first output: the client left (aborted), or the engine could
+        not take it (server_error). A request refused as invalid (ValueError) is a 4xx, not counted here."""
+        if isinstance(exc, asyncio.CancelledError):
+            self.requests.labels(adapter, "aborted").inc()
+        elif not isinstance(exc, ValueError):
+            self.requests.labels(adapter, "server_error").inc()
+
+    def observe_finished(self, adapter: str, out: RequestOutput, outcome: str | None = None) -> None:
+        """Count a request that left the engine (finished, failed or aborted) and its timings; `outcome`
+        overrides the one its finish reason gives."""
+        if outcome is None:
+            outcome = FINISHED.get(out.finish_reason or "abort", "aborted")
+            if outcome == "error" and isinstance(out.exception, CorruptWeightsError):
+                outcome = "server_error"
+        self.requests.labels(adapter, outcome).inc()
         self.prompt_tokens.labels(adapter).observe(len(out.prompt_token_ids))
         self.generated_tokens.labels(adapter).observe(out.num_generated_tokens)
         m = out.metrics

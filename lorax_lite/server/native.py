@@ -1,8 +1,8 @@
 """The native API in LoRAX/TGI's wire format: POST /generate, /generate_stream, and / (what lorax-client calls).
 
 The adapter comes from the `adapter_id` header, the `X-Adapter-Id` header, or `parameters.adapter_id`
-(all that are given must agree); none, or the served model's name, means the base model. An unknown
-adapter is a 404, never a silent fallback to the base model.
+(all that are given must agree, and a header given twice must repeat its value); none, or the served
+model's name, means the base model. An unknown adapter is a 404, never a silent fallback to the base model.
 """
 
 from __future__ import annotations
@@ -13,15 +13,19 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from lorax_lite.server.calls import CLIENT_CLOSED_REQUEST, ClientDisconnected, run_to_end_or_abort, unless_disconnected
-from lorax_lite.server.errors import ServerError
+from lorax_lite.server.calls import (
+    CLIENT_CLOSED_REQUEST,
+    ClientDisconnected,
+    adapter_from_headers,
+    run_to_end_or_abort,
+    unless_disconnected,
+)
+from lorax_lite.server.errors import ServerError, brief
 from lorax_lite.server.generation import Generation
 from lorax_lite.server.schemas import GenerateRequest
 from lorax_lite.server.state import ServerState
 
 router = APIRouter()
-
-ADAPTER_HEADERS = ("adapter_id", "x-adapter-id")
 
 
 @router.post("/generate")
@@ -42,13 +46,12 @@ async def compat_generate(body: GenerateRequest, request: Request) -> Response:
 
 def requested_adapter_id(request: Request, body: GenerateRequest) -> str | None:
     """The adapter asked for, from headers and parameters (None: none given); conflicting values are a 400."""
-    given = {name: request.headers.get(name) for name in ADAPTER_HEADERS}
-    given["parameters.adapter_id"] = body.parameters.adapter_id
-    given = {name: value for name, value in given.items() if value}
-    if len(set(given.values())) > 1:
-        listed = ", ".join(f"{name}={value!r}" for name, value in given.items())
-        raise ServerError(400, f"conflicting adapter ids ({listed}); give one, or the same in each place", "validation")
-    return next(iter(given.values()), None)
+    header = adapter_from_headers(request)
+    param = body.parameters.adapter_id
+    if header is not None and param and header[1] != param:
+        raise ServerError(400, f"conflicting adapter ids ({header[0]}: {brief(header[1])}, parameters.adapter_id: "
+                          f"{brief(param)}); give one, or the same in each place", "validation", param="adapter_id")
+    return header[1] if header is not None else param or None
 
 
 async def _respond(body: GenerateRequest, request: Request, stream: bool, as_list: bool) -> Response:

@@ -1,7 +1,9 @@
 """The OpenAI-compatible API: POST /v1/chat/completions, POST /v1/completions, GET /v1/models.
 
 `model` names an adapter id, or the served base model's name for the base model; an unknown one is
-a 404. Chat requests go through the tokenizer's chat template; when the conversation has no system
+a 404. The native API's `adapter_id` / `X-Adapter-Id` headers are honoured here too: with `model` set
+to the base model's name the header's adapter is used; naming a different adapter in each is a 400.
+Chat requests go through the tokenizer's chat template; when the conversation has no system
 message, the adapter's registered `system_prompt` is put first. Streams are server-sent events of
 chunks ending with `data: [DONE]`; an error after the stream started arrives as an error event.
 """
@@ -26,11 +28,12 @@ from lorax_lite.server.calls import (
     CLIENT_CLOSED_REQUEST,
     ClientDisconnected,
     EngineCall,
+    adapter_from_headers,
     finish_reason_of,
     run_to_end_or_abort,
     unless_disconnected,
 )
-from lorax_lite.server.errors import ServerError, as_server_error
+from lorax_lite.server.errors import ServerError, as_server_error, brief
 from lorax_lite.server.openai_schemas import (
     DEFAULT_COMPLETION_MAX_TOKENS,
     ChatCompletionRequest,
@@ -44,7 +47,7 @@ from lorax_lite.server.state import ServerState
 
 router = APIRouter(prefix="/v1")
 
-FINISH_REASONS = {"length": "length", "eos": "stop", "stop": "stop"}
+FINISH_REASONS = {"length": "length", "eos": "stop", "stop": "stop", "timeout": "timeout"}
 STARTED = int(time.time())
 
 
@@ -64,7 +67,10 @@ async def list_models(request: Request) -> ModelList:
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     state: ServerState = request.app.state.server
-    adapter = await state.resolve_adapter(body.model, field="model")
+    model = requested_model(request, body.model, state)
+    state.check_prompt_chars(sum(len(m.text) for m in body.messages), "messages")
+    state.check_max_tokens(body.requested_max_tokens, "max_tokens")
+    adapter = await state.resolve_adapter(model, field="model")
     messages = [m.as_template_message() for m in body.messages]
     if adapter is not None and adapter.system_prompt and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": adapter.system_prompt})
@@ -74,8 +80,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         raise ServerError(
             400, f"messages: the chat template refused them: {exc}", "validation", param="messages"
         ) from exc
-    max_tokens = body.requested_max_tokens or _room_left(state, len(prompt_ids))
-    fmt = ChatFormat(body.model, body.include_usage)
+    state.check_prompt_tokens(len(prompt_ids), "messages")
+    max_tokens = body.requested_max_tokens or min(state.limits.default_max_tokens, _room_left(state, len(prompt_ids)))
+    fmt = ChatFormat(model, body.include_usage)
     return await _respond(state, request, body, prompt_ids, text, adapter, max_tokens, fmt)
 
 
@@ -86,7 +93,11 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         prompt = body.prompt_value()
     except ValueError as exc:
         raise as_server_error(exc) from exc
-    adapter = await state.resolve_adapter(body.model, field="model")
+    model = requested_model(request, body.model, state)
+    if isinstance(prompt, str):
+        state.check_prompt_chars(len(prompt), "prompt")  # before tokenizing: a huge prompt costs nothing
+    state.check_max_tokens(body.max_tokens, "max_tokens")
+    adapter = await state.resolve_adapter(model, field="model")
     tokenizer = state.llm.tokenizer
     if isinstance(prompt, str):
         text, prompt_ids = prompt, (await run_in_threadpool(tokenizer, prompt)).input_ids
@@ -95,8 +106,20 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     echo = ("" if not body.echo else text if text is not None
             else str(await run_in_threadpool(tokenizer.decode, prompt_ids)))
     max_tokens = body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
-    fmt = CompletionFormat(body.model, body.include_usage, echo)
+    fmt = CompletionFormat(model, body.include_usage, echo)
     return await _respond(state, request, body, prompt_ids, text, adapter, max_tokens, fmt)
+
+
+def requested_model(request: Request, model: str, state: ServerState) -> str:
+    """`model`, or the adapter an `adapter_id` / `X-Adapter-Id` header names when `model` is the base model's
+    name (or the same adapter); a different adapter in each is a 400."""
+    header = adapter_from_headers(request)
+    if header is None or header[1] == model:
+        return model
+    if state.is_base_model(model):
+        return header[1]
+    raise ServerError(400, f"conflicting adapters: model is {brief(model)} but the {header[0]} header names "
+                      f"{brief(header[1])}; name one adapter, or the same in both", "validation", param="model")
 
 
 def _room_left(state: ServerState, num_prompt_tokens: int) -> int:
@@ -123,7 +146,8 @@ async def _respond(
         params = body.sampling_params(max_tokens)
     except ValueError as exc:
         raise as_server_error(exc) from exc
-    start = EngineCall.start(state, prompt_ids, params, adapter, prompt_text, max_tokens_name="max_tokens")
+    start = EngineCall.start(state, prompt_ids, params, adapter, prompt_text, max_tokens_name="max_tokens",
+                             timeout=body.timeout)
     try:
         call = await unless_disconnected(start, request)
         if body.stream:

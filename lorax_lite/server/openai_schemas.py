@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 from lorax_lite.engine.request import SamplingParams
-from lorax_lite.server.schemas import UnsupportedParameterError
+from lorax_lite.server.schemas import Text, UnsupportedParameterError
 
 Number = StrictInt | StrictFloat
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -31,16 +31,16 @@ class SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: StrictStr = Field(min_length=1)
+    model: Text = Field(min_length=1)
     max_tokens: StrictInt | None = Field(default=None, ge=1)
     temperature: Number | None = Field(default=None, ge=0, le=2)
     top_p: Number | None = Field(default=None, gt=0, le=1)
     seed: StrictInt | None = Field(default=None, ge=0)
-    stop: StrictStr | list[StrictStr] | None = None
+    stop: Text | list[Text] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: StrictInt | None = None
-    user: StrictStr | None = None
+    user: Text | None = None
     frequency_penalty: Number | None = None
     presence_penalty: Number | None = None
     logit_bias: dict[str, Any] | None = None
@@ -50,6 +50,7 @@ class SamplingFields(BaseModel):
     top_k: StrictInt | None = Field(default=None, ge=0)
     repetition_penalty: Number | None = Field(default=None, gt=0)
     ignore_eos: StrictBool = False
+    timeout: Number | None = Field(default=None, gt=0, allow_inf_nan=False)  # seconds; lorax-lite's extension
 
     def _refusals(self) -> list[tuple[str, bool, str]]:
         return [
@@ -98,15 +99,15 @@ class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["text"]
-    text: StrictStr
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: StrictStr | list[TextPart]
-    name: StrictStr | None = None
+    content: Text | list[TextPart]
+    name: Text | None = None
 
     @property
     def text(self) -> str:
@@ -143,9 +144,9 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: StrictStr | list[StrictStr] | list[StrictInt]
+    prompt: Text | list[Text] | list[StrictInt]
     echo: StrictBool = False
-    suffix: StrictStr | None = None
+    suffix: Text | None = None
     best_of: StrictInt | None = None
 
     def _refusals(self) -> list[tuple[str, bool, str]]:

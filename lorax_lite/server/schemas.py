@@ -7,15 +7,28 @@ with a non-default value is refused (422) by name, never silently ignored. Unkno
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from lorax_lite.engine.request import SamplingParams
 
 DEFAULT_MAX_NEW_TOKENS = 20  # TGI's default when the request leaves max_new_tokens unset
 
 Number = StrictInt | StrictFloat
+
+
+def valid_unicode(text: str) -> str:
+    """Refuse a string with a lone UTF-16 surrogate (JSON's "\\udfff"): it is not text, and no tokenizer takes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"contains a lone UTF-16 surrogate at character {exc.start}, which is not valid "
+                         "Unicode text") from None
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(valid_unicode)]  # any text the server reads from a request
 
 
 class UnsupportedParameterError(ValueError):
@@ -31,19 +44,20 @@ class Parameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    adapter_id: str | None = None
+    adapter_id: Text | None = None
     do_sample: StrictBool = False
     max_new_tokens: StrictInt | None = None
     ignore_eos_token: StrictBool = False
     repetition_penalty: Number | None = None
     return_full_text: StrictBool = False
-    stop: list[str] | str = Field(default_factory=list)
+    stop: list[Text] | Text = Field(default_factory=list)
     seed: StrictInt | None = None
     temperature: Number | None = None
     top_k: StrictInt | None = None
     top_p: Number | None = None
     details: StrictBool = False
     decoder_input_details: StrictBool = False
+    timeout: Number | None = Field(default=None, gt=0, allow_inf_nan=False)  # seconds; lorax-lite's extension
     # Accepted only at their defaults (see `check_supported`).
     adapter_source: str | None = None
     merged_adapters: dict[str, Any] | None = None
@@ -112,12 +126,12 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    inputs: str = Field(min_length=1)
+    inputs: Text = Field(min_length=1)
     parameters: Parameters = Field(default_factory=Parameters)
     stream: StrictBool = False
 
 
-FinishReasonName = Literal["length", "eos_token", "stop_sequence"]
+FinishReasonName = Literal["length", "eos_token", "stop_sequence", "timeout"]
 
 
 class InputToken(BaseModel):

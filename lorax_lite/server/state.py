@@ -1,5 +1,5 @@
-"""What every route shares: the engine, the served model's name, the limits, the metrics, and the
-queue admission count (all touched from the event loop thread only).
+"""What every route shares: the engine, the served model's name, the limits, the metrics, the queue
+admission count, and the drain state (all touched from the event loop thread only).
 
 The server reads the engine only through AsyncLLM's typed reads; adapter lookups (which may read the
 registry) run in a worker thread, once per request.
@@ -7,15 +7,23 @@ registry) run in a worker thread, once per request.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from fastapi.concurrency import run_in_threadpool
 
 from lorax_lite.config import ServerLimits
 from lorax_lite.engine.async_llm import AsyncLLM, ResolvedAdapter
+from lorax_lite.lora.errors import AdapterNotFoundError
 from lorax_lite.lora.naming import InvalidAdapterIdError
-from lorax_lite.server.errors import ServerError, as_server_error
+from lorax_lite.registry.base import RegistryError
+from lorax_lite.server.errors import RETRY_AFTER_SECONDS, ServerError, as_server_error
 from lorax_lite.server.metrics import ServerMetrics
 
-RETRY_AFTER_SECONDS = 1
+
+class Stoppable(Protocol):
+    """An open engine call, as the drain sees it (server/calls.py's EngineCall)."""
+
+    async def stop_for_shutdown(self) -> None: ...
 
 
 class ServerState:
@@ -28,6 +36,9 @@ class ServerState:
         self.metrics = ServerMetrics(llm.snapshot)
         self.special_ids = frozenset(llm.tokenizer.all_special_ids)  # the native API marks these tokens
         self.num_queued = 0  # requests submitted to the engine that have no output yet
+        self.num_in_flight = 0  # requests inside the app now (health, readiness and metrics probes aside)
+        self.draining = False  # SIGTERM came: not ready, new generation requests get a 503
+        self.calls: set[Stoppable] = set()  # engine calls open now (the drain stops what is left at its deadline)
 
     def admit(self) -> None:
         """Count a request as queued until `release`; a 429 when the queue is full."""
@@ -45,9 +56,38 @@ class ServerState:
     def is_base_model(self, model: str | None) -> bool:
         return model is None or model == self.served_model_name
 
+    # ---- what one request may cost ------------------------------------------------------------
+
+    def check_prompt_chars(self, num_chars: int, field: str) -> None:
+        """Before tokenizing: a 422 (400 on OpenAI routes) for a prompt over max_prompt_chars characters."""
+        limit = self.limits.max_prompt_chars
+        if num_chars > limit:
+            raise ServerError(422, f"{field}: the prompt has {num_chars} characters, more than this server's "
+                              f"limit of {limit} (max_prompt_chars); shorten it", "validation", param=field)
+
+    def check_prompt_tokens(self, num_tokens: int, field: str) -> None:
+        limit = self.limits.max_prompt_tokens
+        if num_tokens > limit:
+            raise ServerError(422, f"{field}: the prompt has {num_tokens} tokens, more than this server's limit of "
+                              f"{limit} (max_prompt_tokens); shorten it", "validation", param=field)
+
+    def check_max_tokens(self, max_tokens: int | None, name: str) -> None:
+        limit = self.limits.max_tokens_limit
+        if max_tokens is not None and max_tokens > limit:
+            raise ServerError(422, f"{name} ({max_tokens}) is over this server's limit of {limit} "
+                              f"(max_tokens_limit); ask for fewer tokens", "validation", param=name)
+
+    def request_timeout(self, timeout: float | None) -> float:
+        """The seconds a request may run: its own `timeout` if given, never more than max_request_seconds."""
+        limit = self.limits.max_request_seconds
+        return limit if timeout is None else min(float(timeout), limit)
+
+    # ---- adapters -----------------------------------------------------------------------------
+
     async def resolve_adapter(self, adapter_id: str | None, field: str = "adapter_id") -> ResolvedAdapter | None:
         """The version a request for `adapter_id` gets (None: the base model), looked up once, in a worker
-        thread; an unknown or invalid id is a ServerError (404 / 400 naming the request's `field`)."""
+        thread; an unknown or invalid id is a ServerError (404 / 400 naming the request's `field`), and an
+        unreachable registry a 503."""
         if adapter_id is None or self.is_base_model(adapter_id):
             return None
         try:
@@ -58,12 +98,28 @@ class ServerState:
             raise as_server_error(exc, adapter_id) from exc
 
     async def find_adapter(self, adapter_id: str) -> ResolvedAdapter | None:
-        """Like `resolve_adapter` for a page: None when the id is invalid or unknown (or LoRA is off)."""
+        """Like `resolve_adapter` for a page: None when the id is invalid or unknown (or LoRA is off); an
+        unreachable registry is a 503."""
         try:
             return await run_in_threadpool(self.llm.resolve_adapter, adapter_id)
-        except ValueError:  # InvalidAdapterIdError, AdapterNotFoundError, LoRA off
+        except (InvalidAdapterIdError, AdapterNotFoundError):
+            return None
+        except RegistryError as exc:
+            raise as_server_error(exc) from exc
+        except ValueError:  # LoRA is off
             return None
 
     async def list_adapters(self) -> list[ResolvedAdapter]:
-        """Every adapter a request can name (added by path first, then registered), read in a worker thread."""
-        return await run_in_threadpool(self.llm.list_adapters)
+        """Every adapter a request can name (added by path first, then registered), read in a worker thread;
+        an unreachable registry is a 503."""
+        try:
+            return await run_in_threadpool(self.llm.list_adapters)
+        except RegistryError as exc:
+            raise as_server_error(exc) from exc
+
+    # ---- shutdown -----------------------------------------------------------------------------
+
+    async def stop_calls(self) -> None:
+        """Stop every open engine call (the drain's deadline passed): each ends with a 'shutting down' error."""
+        for call in list(self.calls):
+            await call.stop_for_shutdown()
