@@ -51,6 +51,9 @@ class RegistryHealth:
     message: str = ""
 
 
+NO_REGISTRY = RegistryHealth(configured=False, reachable=False, message="no adapter registry is configured")
+
+
 class GuardedRegistry(Registry):
     """`registry` with a deadline on every call and a circuit breaker (see the module docstring)."""
 
