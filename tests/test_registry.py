@@ -200,7 +200,8 @@ def test_processes_registering_at_the_same_moment_lose_nothing(registry: Registr
     # Each child opens its own registry after the fork; nothing open is shared.
     ctx = multiprocessing.get_context("fork")
     barrier, results = ctx.Barrier(NUM_PROCESSES), ctx.Queue()
-    workers = [ctx.Process(target=_register_at_once, args=(registry_url, w, barrier, results)) for w in range(NUM_PROCESSES)]
+    workers = [ctx.Process(target=_register_at_once, args=(registry_url, w, barrier, results))
+               for w in range(NUM_PROCESSES)]
     for process in workers:
         process.start()
     for process in workers:
@@ -242,7 +243,8 @@ def test_processes_creating_a_new_sqlite_file_at_once_lose_nothing(tmp_path: Pat
 
 
 def test_two_prefixes_on_one_redis_do_not_see_each_other(redis_url: str) -> None:
-    blue, green = RedisRegistry(redis_url, prefix="blue-" + uuid.uuid4().hex), RedisRegistry(redis_url, prefix="green-" + uuid.uuid4().hex)
+    blue = RedisRegistry(redis_url, prefix="blue-" + uuid.uuid4().hex)
+    green = RedisRegistry(redis_url, prefix="green-" + uuid.uuid4().hex)
     blue.add_version(make_record("pricing", version="blue"))
     green.add_version(make_record("pricing", version="green"))
     green.add_version(make_record("supply_chain"))
