@@ -61,6 +61,11 @@ class EngineConfig:
     max_loras: int = field(default=8, metadata={"help": "Adapters in device slots at once."})
     max_lora_rank: int = field(default=16, metadata={"help": "Largest adapter rank accepted."})
     max_cpu_loras: int = field(default=64, metadata={"help": "Adapters cached in host memory."})
+    registry_timeout_s: float = field(default=1.0, metadata={
+        "help": "Longest wait for one adapter registry call; past it the registry counts as unreachable."})
+    registry_stale_s: float = field(default=300.0, metadata={
+        "help": "While the registry is unreachable, serve adapter versions it confirmed at most this many "
+                "seconds ago (0: none; other adapters get 'unavailable')."})
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -82,6 +87,11 @@ class EngineConfig:
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2 (or unset for the model's context length), "
                              f"got {self.max_model_len}")
+        if not self.registry_timeout_s > 0:
+            raise ValueError(f"registry_timeout_s must be > 0 seconds, got {self.registry_timeout_s}")
+        if not self.registry_stale_s >= 0:
+            raise ValueError(f"registry_stale_s must be >= 0 seconds (0: no fallback during outages), "
+                             f"got {self.registry_stale_s}")
 
     @classmethod
     def from_kwargs(cls, model: str | None = None, **kwargs: object) -> EngineConfig:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lorax_lite.registry.base import AdapterRecord, Registry, RegistryError
+from lorax_lite.registry.base import AdapterRecord, CorruptRecordError, Registry, RegistryError
 from lorax_lite.registry.factory import DEFAULT_REGISTRY_URL, default_registry_url, open_registry
 from lorax_lite.registry.redis import RedisRegistry
 from lorax_lite.registry.sqlite import SQLiteRegistry
@@ -156,6 +156,27 @@ def test_several_threads_share_one_registry(registry: Registry) -> None:
     assert len(registry.versions("shared")) == 40
 
 
+def test_ping_answers_while_the_registry_is_there(registry: Registry) -> None:
+    assert registry.ping() is None
+
+
+def _corrupt_current_record(registry: Registry, adapter_id: str) -> None:
+    """Overwrite the stored JSON of the id's current version with something that is not a record."""
+    version = registry.get(adapter_id).version
+    if isinstance(registry, SQLiteRegistry):
+        registry._connection().execute("UPDATE versions SET record_json = '{\"rank\": ' WHERE version = ?", (version,))
+    else:
+        registry._client.hset(f"{registry.prefix}:records:{adapter_id}", version, '{"rank": ')
+
+
+def test_a_corrupt_record_is_a_corrupt_record_error(registry: Registry) -> None:
+    registry.add_version(make_record())
+    _corrupt_current_record(registry, "pricing")
+    with pytest.raises(CorruptRecordError, match="corrupt record"):
+        registry.get("pricing")
+    assert registry.ping() is None  # the registry itself answers
+
+
 # -- several processes writing at once ---------------------------------------------------------
 
 NUM_PROCESSES = 6
@@ -179,7 +200,8 @@ def test_processes_registering_at_the_same_moment_lose_nothing(registry: Registr
     # Each child opens its own registry after the fork; nothing open is shared.
     ctx = multiprocessing.get_context("fork")
     barrier, results = ctx.Barrier(NUM_PROCESSES), ctx.Queue()
-    workers = [ctx.Process(target=_register_at_once, args=(registry_url, w, barrier, results)) for w in range(NUM_PROCESSES)]
+    workers = [ctx.Process(target=_register_at_once, args=(registry_url, w, barrier, results))
+               for w in range(NUM_PROCESSES)]
     for process in workers:
         process.start()
     for process in workers:
@@ -221,7 +243,8 @@ def test_processes_creating_a_new_sqlite_file_at_once_lose_nothing(tmp_path: Pat
 
 
 def test_two_prefixes_on_one_redis_do_not_see_each_other(redis_url: str) -> None:
-    blue, green = RedisRegistry(redis_url, prefix="blue-" + uuid.uuid4().hex), RedisRegistry(redis_url, prefix="green-" + uuid.uuid4().hex)
+    blue = RedisRegistry(redis_url, prefix="blue-" + uuid.uuid4().hex)
+    green = RedisRegistry(redis_url, prefix="green-" + uuid.uuid4().hex)
     blue.add_version(make_record("pricing", version="blue"))
     green.add_version(make_record("pricing", version="green"))
     green.add_version(make_record("supply_chain"))
@@ -265,6 +288,17 @@ def test_a_redis_that_never_answers_fails_fast_naming_the_url() -> None:
         url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
         with pytest.raises(RegistryError, match=url):
             open_registry(url)
+
+
+def test_ping_raises_registry_error_once_redis_is_gone() -> None:
+    from redis_server import redis_server_or_skip
+
+    with redis_server_or_skip() as server:
+        registry = RedisRegistry(server.url)
+        registry.ping()
+    with pytest.raises(RegistryError, match=server.url):
+        registry.ping()
+    registry.close()
 
 
 # -- SQLite specifics --------------------------------------------------------------------------

@@ -34,7 +34,8 @@ def expected(tiny_llama_dir: Path, sources: dict[str, Path]) -> dict[str | None,
     refs: dict[str | None, list[int]] = {}
     for name in (None, *sources):
         model = base if name is None else PeftModel.from_pretrained(base, sources[name])
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=GREEDY.max_tokens, do_sample=False)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=GREEDY.max_tokens,
+                             do_sample=False)
         refs[name] = out[0, len(PROMPT):].tolist()
         if name is not None:
             model.unload()
@@ -166,7 +167,8 @@ def test_a_request_resolved_before_a_newer_version_was_served_still_gets_its_ver
     assert early.output_token_ids == expected["v1"]
 
 
-def test_with_a_store_directory_versions_are_read_from_it_not_from_the_recorded_path(setup, sources, expected, tmp_path):
+def test_with_a_store_directory_versions_are_read_from_it_not_from_the_recorded_path(setup, sources, expected,
+                                                                                    tmp_path):
     """Replicas mount the store where they like (`serve --store`); a record cannot point the server elsewhere."""
     _, registry, store, model_dir = setup
     record, _ = register(setup, "pricing", sources["v1"])

@@ -28,8 +28,9 @@ from lorax_lite.engine.request import OutputKind, Request, RequestOutput, Sampli
 from lorax_lite.engine.stats import BATCH_SIZE_BUCKETS, AdapterCacheSnapshot, EngineSnapshot, EngineStats
 from lorax_lite.lora.naming import check_adapter_id
 from lorax_lite.lora.weights import LoRAWeights
-from lorax_lite.registry.base import Registry
+from lorax_lite.registry.base import Registry, RegistryUnavailableError
 from lorax_lite.registry.factory import as_registry, as_store
+from lorax_lite.registry.guard import RegistryHealth
 from lorax_lite.registry.store import AdapterStore
 
 logger = logging.getLogger(__name__)
@@ -119,18 +120,29 @@ class AsyncLLM:
         return self._thread.is_alive() and not self._stopping
 
     def resolve_adapter(self, adapter_id: str) -> ResolvedAdapter:
-        """The version of `adapter_id` a new request gets; AdapterNotFoundError if unknown. Blocking (it may
-        read the registry): from async code, run it in a worker thread."""
+        """The version of `adapter_id` a new request gets; AdapterNotFoundError if unknown, RegistryUnavailableError
+        if the registry cannot say now. Blocking (it may read the registry, for at most `config.registry_timeout_s`):
+        from async code, run it in a worker thread."""
         return self.engine.resolve_adapter(adapter_id)
 
     def list_adapters(self) -> list[ResolvedAdapter]:
-        """Every adapter a request can name. Blocking (it may read the registry): from async code, run it in a
-        thread."""
+        """Every adapter a request can name; RegistryUnavailableError while the registry is unreachable. Blocking
+        (it may read the registry, for at most `config.registry_timeout_s`): from async code, run it in a thread."""
         return self.engine.list_adapters()
 
     def snapshot(self) -> EngineSnapshot:
         """The engine's state and counters as of its last step (never waits for the engine)."""
         return self._snapshot
+
+    def registry_health(self) -> RegistryHealth:
+        """Whether the adapter registry answered its last call, and since when it has not (a URL-free message);
+        never calls the registry, never blocks."""
+        return self.engine.registry_health()
+
+    def check_registry(self) -> RegistryHealth:
+        """Ping the registry, then `registry_health()`. Blocking for at most `config.registry_timeout_s` (at once
+        while the registry is known to be down): from async code, run it in a worker thread."""
+        return self.engine.check_registry()
 
     # ---- requests ------------------------------------------------------------------------------
 
@@ -311,5 +323,5 @@ class AsyncLLM:
 # The server's one door into the engine: AsyncLLM and the types its reads return.
 __all__ = [
     "BATCH_SIZE_BUCKETS", "AdapterCacheSnapshot", "AsyncLLM", "EngineDeadError", "EngineSnapshot", "EngineStats",
-    "OutputKind", "ResolvedAdapter",
+    "OutputKind", "RegistryHealth", "RegistryUnavailableError", "ResolvedAdapter",
 ]

@@ -7,6 +7,12 @@ key = `id@version`). So an id registered while serving is usable by the next
 request; a removed id is unknown to new requests; a new version serves new requests while running
 ones keep the version they were resolved to, and the old version leaves the cache once unused.
 
+The registry is read through a GuardedRegistry (`registry/guard.py`): no lookup waits longer than
+`registry_timeout_s`, and while the registry is unreachable lookups fail fast. Then a request gets
+the version of its id that the registry confirmed last, if that was at most `registry_stale_s` ago;
+any other id is RegistryUnavailableError (not AdapterNotFoundError: the registry did not say it is
+unknown). Listing during an outage is RegistryUnavailableError too, not a partial list.
+
 A request resolves its adapter once (`resolve`, in any thread: it reads the registry) into a
 ResolvedAdapter that carries everything the engine needs later: the adapter key, where its files
 are (with the version to verify), and the registry record (owner, system prompt, pin flag). The
@@ -19,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -26,10 +33,13 @@ from lorax_lite.lora.errors import AdapterNotFoundError
 from lorax_lite.lora.loader import AdapterSource
 from lorax_lite.lora.manager import AdapterManager
 from lorax_lite.lora.naming import check_adapter_id
-from lorax_lite.registry.base import AdapterRecord, Registry
+from lorax_lite.registry.base import AdapterRecord, Registry, RegistryError, RegistryUnavailableError
+from lorax_lite.registry.guard import DEFAULT_TIMEOUT_S, NO_REGISTRY, RegistryHealth, guarded
 from lorax_lite.registry.store import AdapterStore
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_STALE_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -58,14 +68,18 @@ class AdapterCatalog:
     """
 
     def __init__(
-        self, manager: AdapterManager, registry: Registry | None = None, store: AdapterStore | None = None
+        self, manager: AdapterManager, registry: Registry | None = None, store: AdapterStore | None = None,
+        registry_timeout_s: float = DEFAULT_TIMEOUT_S, registry_stale_s: float = DEFAULT_STALE_S,
     ) -> None:
         self.manager = manager
-        self.registry = registry
+        self.registry = None if registry is None else guarded(registry, registry_timeout_s)
+        self.registry_stale_s = registry_stale_s
         self.store = store  # when given, registry versions are read from this store, whatever path the record names
-        self._lock = threading.Lock()  # guards _paths and _num_adds
+        self._lock = threading.Lock()  # guards _paths, _num_adds and _confirmed
         self._paths: dict[str, ResolvedAdapter] = {}  # added by path: id -> what it names now
         self._num_adds: Counter[str] = Counter()  # id -> times it was added by path
+        # registry id -> what the registry last said it is, and when (time.monotonic()): served during outages
+        self._confirmed: dict[str, tuple[ResolvedAdapter, float]] = {}
         self._current: dict[str, ResolvedAdapter] = {}  # registry id -> the version last admitted
         self._live: Counter[str] = Counter()  # adapter key -> requests in the engine (waiting or running) using it
 
@@ -100,7 +114,8 @@ class AdapterCatalog:
     # ---- lookups (any thread; may read the registry) ------------------------------------------
 
     def resolve(self, adapter_id: str) -> ResolvedAdapter:
-        """The version a new request for `adapter_id` gets; AdapterNotFoundError if the id is unknown.
+        """The version a new request for `adapter_id` gets; AdapterNotFoundError if the id is unknown,
+        RegistryUnavailableError if the registry cannot say and has not confirmed it recently.
 
         An added id shadows a registered one of the same name."""
         check_adapter_id(adapter_id)
@@ -108,22 +123,64 @@ class AdapterCatalog:
             added = self._paths.get(adapter_id)
         if added is not None:
             return added
-        record = self.registry.get(adapter_id) if self.registry is not None else None
+        if self.registry is None:
+            raise AdapterNotFoundError(f"unknown adapter {adapter_id!r}; add it first (added: {self._added_list()})")
+        try:
+            record = self.registry.get(adapter_id)
+        except RegistryUnavailableError as exc:
+            return self._last_confirmed(adapter_id, exc)
         if record is None:
-            where = (
-                "add it first" if self.registry is None else f"not added and not in the registry {self.registry.url}"
-            )
-            added_ids = ", ".join(self.added_ids) or "none"
-            raise AdapterNotFoundError(f"unknown adapter {adapter_id!r}; {where} (added: {added_ids})")
-        return self._registered(record)
+            with self._lock:
+                self._confirmed.pop(adapter_id, None)
+            raise AdapterNotFoundError(f"unknown adapter {adapter_id!r}; not added and not in the registry "
+                                       f"(added: {self._added_list()})")
+        return self._confirm([record])[0]
 
     def list_adapters(self) -> list[ResolvedAdapter]:
-        """Every adapter a request can name: those added by path first, then the registered ones they do not shadow."""
+        """Every adapter a request can name: those added by path first, then the registered ones they do not shadow.
+
+        RegistryUnavailableError while the registry is unreachable: a list of only what this engine saw
+        recently would look complete and is not."""
         with self._lock:
             added = [self._paths[adapter_id] for adapter_id in sorted(self._paths)]
-        records = self.registry.list_current() if self.registry is not None else []
+        registered = [] if self.registry is None else self._confirm(self.registry.list_current(), complete=True)
         shadowed = {a.adapter_id for a in added}
-        return added + [self._registered(r) for r in records if r.adapter_id not in shadowed]
+        return added + [r for r in registered if r.adapter_id not in shadowed]
+
+    def registry_health(self) -> RegistryHealth:
+        """The registry as the last call saw it; never calls it."""
+        return NO_REGISTRY if self.registry is None else self.registry.health()
+
+    def check_registry(self) -> RegistryHealth:
+        """Ping the registry (at most `registry_timeout_s`; at once while it is known to be down), then its health."""
+        if self.registry is None:
+            return NO_REGISTRY
+        try:
+            self.registry.ping()
+        except RegistryError:
+            pass  # what it means is in the health
+        return self.registry.health()
+
+    def _confirm(self, records: list[AdapterRecord], complete: bool = False) -> list[ResolvedAdapter]:
+        """Remember what the registry just said about these ids (`complete`: and that no other id exists)."""
+        resolved = [self._registered(record) for record in records]
+        now = time.monotonic()
+        with self._lock:
+            if complete:
+                self._confirmed.clear()
+            self._confirmed.update((r.adapter_id, (r, now)) for r in resolved)
+        return resolved
+
+    def _last_confirmed(self, adapter_id: str, exc: RegistryUnavailableError) -> ResolvedAdapter:
+        with self._lock:
+            adapter, confirmed_at = self._confirmed.get(adapter_id, (None, 0.0))
+        if adapter is not None and time.monotonic() - confirmed_at < self.registry_stale_s:
+            return adapter
+        raise RegistryUnavailableError(f"adapter {adapter_id!r} cannot be looked up now: {exc}; retry later",
+                                       exc.retry_after_s) from None
+
+    def _added_list(self) -> str:
+        return ", ".join(self.added_ids) or "none"
 
     def _registered(self, record: AdapterRecord) -> ResolvedAdapter:
         path = (

@@ -30,6 +30,7 @@ from lorax_lite.lora.manager import AdapterManager
 from lorax_lite.lora.weights import LoRAWeights
 from lorax_lite.model_loader import load_model_and_tokenizer
 from lorax_lite.registry.base import Registry
+from lorax_lite.registry.guard import NO_REGISTRY, RegistryHealth
 from lorax_lite.registry.store import AdapterStore
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,9 @@ class LLMEngine:
         self.adapter_manager = AdapterManager(
             self.lora_layers, cfg.max_cpu_loras, self.adapter_reader.read, pin_memory=on_cuda
         )
-        self.catalog = AdapterCatalog(self.adapter_manager, registry, store)
+        self.catalog = AdapterCatalog(
+            self.adapter_manager, registry, store, cfg.registry_timeout_s, cfg.registry_stale_s
+        )
 
     # ---- adapters ----------------------------------------------------------------------------
 
@@ -137,6 +140,14 @@ class LLMEngine:
     def list_adapters(self) -> list[ResolvedAdapter]:
         """Every adapter a request can name (may read the registry); empty when LoRA is off."""
         return [] if self.catalog is None else self.catalog.list_adapters()
+
+    def registry_health(self) -> RegistryHealth:
+        """Any thread: the registry as the last lookup saw it (never calls it); "not configured" when LoRA is off."""
+        return NO_REGISTRY if self.catalog is None else self.catalog.registry_health()
+
+    def check_registry(self) -> RegistryHealth:
+        """Any thread: ping the registry (at most `registry_timeout_s`), then its health."""
+        return NO_REGISTRY if self.catalog is None else self.catalog.check_registry()
 
     @property
     def added_adapter_ids(self) -> list[str]:

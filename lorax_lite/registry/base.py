@@ -13,7 +13,23 @@ from dataclasses import dataclass, field
 
 
 class RegistryError(Exception):
-    """The registry could not be used (unreachable, corrupt); the message names its URL."""
+    """The registry could not be used (unreachable, corrupt); the backends' messages name its URL (redacted)."""
+
+
+class CorruptRecordError(RegistryError):
+    """The registry answered, but with a record that cannot be read."""
+
+
+class RegistryUnavailableError(RegistryError):
+    """The registry did not answer (down, too slow, or failing fast while it is known to be down).
+
+    The message never names the registry's URL, host, port or password: it may reach clients.
+    `retry_after_s` is when a new attempt may get through (the next probe of the registry).
+    """
+
+    def __init__(self, message: str = "the adapter registry is unreachable", retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass
@@ -80,6 +96,10 @@ class Registry(ABC):
     @abstractmethod
     def set_pinned(self, adapter_id: str, pinned: bool) -> bool:
         """Set the adapter's pinned flag; False if it is not registered."""
+
+    @abstractmethod
+    def ping(self) -> None:
+        """Raise RegistryError unless the registry answers (one trivial round trip: a health probe)."""
 
     def close(self) -> None:  # noqa: B027 (optional: a backend with nothing to release keeps this)
         """Release connections (idempotent)."""

@@ -20,7 +20,7 @@ from urllib.parse import urlencode, urlsplit
 
 import redis
 
-from lorax_lite.registry.base import AdapterRecord, Registry, RegistryError
+from lorax_lite.registry.base import AdapterRecord, CorruptRecordError, Registry, RegistryError
 
 SOCKET_TIMEOUT_S = 2.0  # an unreachable registry fails fast
 DEFAULT_PREFIX = "lorax"
@@ -65,8 +65,7 @@ class RedisRegistry(Registry):
         self._register = self._client.register_script(_REGISTER)
         self._remove = self._client.register_script(_REMOVE)
         self._set_pinned = self._client.register_script(_SET_PINNED)
-        with self._errors():
-            self._client.ping()
+        self.ping()
 
     def add_version(self, record: AdapterRecord) -> bool:
         args = [record.adapter_id, record.version, json.dumps(record.to_dict()), _flag(record.pinned)]
@@ -114,6 +113,10 @@ class RedisRegistry(Registry):
         with self._errors():
             return bool(self._set_pinned(keys=self._keys(adapter_id)[:2], args=[adapter_id, _flag(pinned)]))
 
+    def ping(self) -> None:
+        with self._errors():
+            self._client.ping()
+
     def close(self) -> None:
         self._client.close()
 
@@ -128,7 +131,7 @@ class RedisRegistry(Registry):
         try:
             record = AdapterRecord.from_dict(json.loads(record_json))
         except (ValueError, TypeError) as exc:
-            raise RegistryError(f"registry {self.url}: corrupt record: {exc}") from exc
+            raise CorruptRecordError(f"registry {self.url}: corrupt record: {exc}") from exc
         record.pinned = pinned == "1"  # per adapter id, not per version
         return record
 

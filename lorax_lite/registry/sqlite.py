@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lorax_lite.registry.base import AdapterRecord, Registry, RegistryError
+from lorax_lite.registry.base import AdapterRecord, CorruptRecordError, Registry, RegistryError
 
 BUSY_TIMEOUT_S = 10.0
 
@@ -98,6 +98,10 @@ class SQLiteRegistry(Registry):
             cursor = db.execute("UPDATE adapters SET pinned = ? WHERE adapter_id = ?", (int(pinned), adapter_id))
             return cursor.rowcount > 0
 
+    def ping(self) -> None:
+        with self._errors():
+            self._connection().execute("SELECT 1").fetchone()
+
     def close(self) -> None:
         with self._lock:
             connections, self._connections = self._connections, []
@@ -121,7 +125,7 @@ class SQLiteRegistry(Registry):
         try:
             return [_to_record(record_json, pinned) for record_json, pinned in rows]
         except (ValueError, TypeError) as exc:
-            raise RegistryError(f"registry {self.url}: corrupt record: {exc}") from exc
+            raise CorruptRecordError(f"registry {self.url}: corrupt record: {exc}") from exc
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
