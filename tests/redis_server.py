@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -49,6 +50,7 @@ class RedisServer:
         raise RuntimeError(f"redis-server did not start: {log[-2000:]}")
 
     def stop(self) -> None:
+        self.resume()  # a stopped process would ignore the SIGTERM
         if self._process is not None and self._process.poll() is None:
             self._process.terminate()
             try:
@@ -60,6 +62,24 @@ class RedisServer:
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None
+
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open but nothing answers (a hung registry)."""
+        os.kill(self._process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            os.kill(self._process.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        """SIGKILL: the registry is gone (connections refused)."""
+        self._process.kill()
+        self._process.wait()
+
+    def restart(self) -> None:
+        """A new, empty redis-server on the same port (nothing persisted: adapters must be registered again)."""
+        self._process = self._spawn(Path(self._dir.name))
+        assert self._wait_ready()
 
     def __enter__(self) -> "RedisServer":
         return self.start()

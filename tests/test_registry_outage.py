@@ -8,8 +8,6 @@ itself when the registry is back. Bounds on seconds here are generous: they tell
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,7 +41,6 @@ def redis() -> Iterator[RedisServer]:
     """A redis-server of this test's own, which the test may pause, kill and restart."""
     with redis_server_or_skip() as server:
         yield server
-        resume(server)  # a stopped process would ignore the SIGTERM of `stop`
 
 
 @pytest.fixture
@@ -62,26 +59,6 @@ def register(registry: RedisRegistry, tiny_llama_dir: Path, tmp_path: Path) -> C
         return admin.register(registry, store, adapter_id, src, tiny_llama_dir)[0].version
 
     return register
-
-
-def pause(server: RedisServer) -> None:
-    os.kill(server._process.pid, signal.SIGSTOP)
-
-
-def resume(server: RedisServer) -> None:
-    if server._process is not None and server._process.poll() is None:
-        os.kill(server._process.pid, signal.SIGCONT)
-
-
-def kill(server: RedisServer) -> None:
-    server._process.kill()
-    server._process.wait()
-
-
-def restart(server: RedisServer) -> None:
-    """A new, empty redis-server on the same port (nothing persisted: adapters must be registered again)."""
-    server._process = server._spawn(Path(server._dir.name))
-    assert server._wait_ready()
 
 
 def timed(call: Callable[[], object]) -> tuple[object, float]:
@@ -120,7 +97,7 @@ def test_a_paused_registry_costs_a_deadline_once_then_lookups_fail_fast(tiny_lla
     llm = LLM(str(tiny_llama_dir), registry=registry, **ENGINE)
     version = register("pricing", sources["v1"])
     served = tokens(llm, "pricing")  # resolved (and confirmed) once while the registry answered
-    pause(redis)
+    redis.pause()
     resolved, seconds = timed(lambda: llm.engine.resolve_adapter("pricing"))
     assert not isinstance(resolved, Exception), resolved
     assert resolved.adapter_key == f"pricing@{version}" and seconds < HANG
@@ -131,7 +108,7 @@ def test_a_paused_registry_costs_a_deadline_once_then_lookups_fail_fast(tiny_lla
         unknown, seconds = timed(lambda: llm.engine.resolve_adapter("unknown"))
         assert isinstance(unknown, RegistryUnavailableError) and seconds < FAST
     assert tokens(llm, "pricing") == served
-    resume(redis)
+    redis.resume()
     assert isinstance(wait_until_resolved(lambda: llm.engine.resolve_adapter("unknown")), AdapterNotFoundError)
     newer = register("pricing", sources["v2"])  # and the next request sees a new version again
     assert llm.engine.resolve_adapter("pricing").adapter_key == f"pricing@{newer}"
@@ -150,7 +127,7 @@ def test_a_killed_registry_keeps_confirmed_adapters_serving_through_async_llm(ti
     try:
         register("pricing", sources["v1"])
         served = asyncio.run(generate("pricing"))
-        kill(redis)
+        redis.kill()
         assert asyncio.run(generate("pricing")) == served
         with pytest.raises(RegistryUnavailableError) as raised:
             asyncio.run(generate("unknown"))
@@ -172,9 +149,9 @@ def test_a_restarted_registry_is_used_again_without_a_restart_of_the_engine(tiny
     llm = LLM(str(tiny_llama_dir), registry=registry, **ENGINE)
     register("pricing", sources["v1"])
     tokens(llm, "pricing")
-    kill(redis)
+    redis.kill()
     assert isinstance(timed(lambda: llm.engine.resolve_adapter("supply"))[0], RegistryUnavailableError)
-    restart(redis)  # empty: "pricing" is unknown there until registered again
+    redis.restart()  # empty: "pricing" is unknown there until registered again
     version = register("supply", sources["v2"])
     resolved = wait_until_resolved(lambda: llm.engine.resolve_adapter("supply"), seconds=5.0)
     assert not isinstance(resolved, Exception), resolved
@@ -200,7 +177,7 @@ def test_past_the_staleness_bound_a_confirmed_adapter_is_no_longer_served(tiny_l
     tokens(never, "pricing")
     tokens(llm, "pricing")
     llm.engine.resolve_adapter("pricing")
-    kill(redis)
+    redis.kill()
     llm.engine.resolve_adapter("pricing")  # confirmed less than 0.5 s ago
     with pytest.raises(RegistryUnavailableError, match="pricing"):
         never.engine.resolve_adapter("pricing")  # 0: no fallback at all

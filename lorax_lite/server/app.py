@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -49,13 +50,17 @@ async def health(request: Request) -> JSONResponse:
 
 async def ready(request: Request) -> JSONResponse:
     """Readiness: 200 when this server should get new requests; 503 (with each check's state) while the engine
-    is not running or the server drains."""
+    is not running, the server drains, or the adapter registry is unreachable. The registry is pinged in a
+    worker thread (at most registry_timeout_s; at once while it is known to be down), which also lets the
+    server notice by itself that it came back."""
     state: ServerState = request.app.state.server
+    registry = await run_in_threadpool(state.llm.check_registry)
     checks = {
         "engine": "ok" if state.llm.is_running else "stopped",
         "draining": state.draining,
+        "registry": "ok" if registry.reachable else registry.message if registry.configured else "none",
     }
-    is_ready = checks["engine"] == "ok" and not state.draining
+    is_ready = checks["engine"] == "ok" and not state.draining and checks["registry"] in ("ok", "none")
     if is_ready:
         return JSONResponse({"status": "ready", "checks": checks})
     return JSONResponse({"error": "not ready", "error_type": "unavailable", "status": "not_ready",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import math
 from typing import cast
 
 from fastapi import FastAPI, Request
@@ -31,7 +32,7 @@ from lorax_lite.lora.errors import (
     UnsupportedAdapterError,
 )
 from lorax_lite.lora.naming import InvalidAdapterIdError
-from lorax_lite.registry.base import RegistryError
+from lorax_lite.registry.base import RegistryError, RegistryUnavailableError
 from lorax_lite.server.schemas import UnsupportedParameterError
 
 logger = logging.getLogger(__name__)
@@ -104,19 +105,21 @@ def as_server_error(exc: BaseException, adapter_id: str | None = None) -> Server
     if isinstance(exc, EngineDeadError):
         return ServerError(503, "the engine is not running; the server is restarting or shutting down",
                            "unavailable", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
-    if isinstance(exc, RegistryError):  # its message names the registry's URL: for the log only
+    if isinstance(exc, RegistryError):  # the log has its message; the client a URL-free one
         logger.warning("request %s: adapter registry: %s", REQUEST_ID.get(), exc)
-        return registry_unavailable()
+        retry_after = getattr(exc, "retry_after_s", None) if isinstance(exc, RegistryUnavailableError) else None
+        return registry_unavailable(retry_after)
     logger.error("request %s failed: %r", REQUEST_ID.get(), exc, exc_info=exc)
     return ServerError(500, "generation failed: internal error; the server log has the details "
                        "(look for this response's x-request-id)", "generation")
 
 
-def registry_unavailable() -> ServerError:
-    """503 for a lookup the adapter registry must answer while it cannot be reached (never its URL)."""
-    return ServerError(503, "the adapter registry is unreachable, so this adapter cannot be looked up; "
-                       "retry shortly (adapters already in use keep being served)", "unavailable",
-                       param="model", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+def registry_unavailable(retry_after_s: float | None = None) -> ServerError:
+    """503 for a lookup the adapter registry must answer while it cannot (never its URL)."""
+    retry_after = max(RETRY_AFTER_SECONDS, math.ceil(retry_after_s or 0))
+    return ServerError(503, "the adapter registry is unreachable, so this adapter cannot be looked up now; "
+                       "retry shortly (adapters already in use keep being served)", "registry_unavailable",
+                       param="model", headers={"Retry-After": str(retry_after)})
 
 
 ADAPTER_REASONS = [  # what a client is told; the full message (store paths, ...) goes to the server log

@@ -20,6 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
+from transformers import PreTrainedTokenizerBase
 
 from lorax_lite.engine.async_llm import ResolvedAdapter
 from lorax_lite.engine.request import RequestOutput
@@ -103,11 +104,17 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         text, prompt_ids = prompt, (await run_in_threadpool(tokenizer, prompt)).input_ids
     else:
         text, prompt_ids = None, prompt
-    echo = ("" if not body.echo else text if text is not None
-            else str(await run_in_threadpool(tokenizer.decode, prompt_ids)))
+    echo = "" if not body.echo else text if text is not None else await _decode_prompt(tokenizer, prompt_ids)
     max_tokens = body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
     fmt = CompletionFormat(model, body.include_usage, echo)
     return await _respond(state, request, body, prompt_ids, text, adapter, max_tokens, fmt)
+
+
+async def _decode_prompt(tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int]) -> str:
+    """The text of a prompt given as token ids (for `echo`); ids the tokenizer does not have are a 400."""
+    if any(not 0 <= token_id < len(tokenizer) for token_id in prompt_ids):
+        raise ServerError(400, f"prompt: token ids must be in [0, {len(tokenizer)})", "validation", param="prompt")
+    return str(await run_in_threadpool(tokenizer.decode, prompt_ids))
 
 
 def requested_model(request: Request, model: str, state: ServerState) -> str:
