@@ -18,9 +18,9 @@ from lorax_lite.config import EngineConfig
 from lorax_lite.engine.catalog import AdapterCatalog, ResolvedAdapter
 from lorax_lite.engine.kv_cache import BlockManager, ModelShape, plan_kv_cache
 from lorax_lite.engine.output import OutputProcessor
-from lorax_lite.engine.request import OutputKind, Request, RequestOutput, SamplingParams
-from lorax_lite.engine.runner import ModelRunner
-from lorax_lite.engine.scheduler import Scheduler
+from lorax_lite.engine.request import FinishReason, OutputKind, Request, RequestOutput, SamplingParams
+from lorax_lite.engine.runner import ModelRunner, StepOutput
+from lorax_lite.engine.scheduler import ScheduledBatch, Scheduler
 from lorax_lite.engine.stats import AdapterCacheSnapshot, EngineSnapshot, EngineStats
 from lorax_lite.invariants import debug_invariants
 from lorax_lite.lora.errors import AdapterNotFoundError
@@ -245,14 +245,28 @@ class LLMEngine:
                 self._catalog().manager.wait(timeout=0.05)  # adapters are on their way from disk: do not spin
             return self._finish_step(failed)
         self.stats.observe_step(len(batch.requests), batch.num_tokens)
+        result = self._run(batch)
+        failed += self._fail(batch, result.errors)
+        live = [r for r in batch.sampling_requests if not r.is_finished]
+        updated = self.scheduler.postprocess(batch, *result.tokens_for(live))
+        return self._finish_step(failed + updated)
+
+    def _run(self, batch: ScheduledBatch) -> StepOutput:
         try:
-            sampled = self.runner.run(batch, self.block_manager)
+            return self.runner.run(batch, self.block_manager)
         except Exception as exc:  # a failed forward fails its batch, never the engine
             logger.exception("forward pass failed for %d requests", len(batch.requests))
-            self.scheduler.fail(batch.requests, f"forward pass failed: {exc}")
-            return self._finish_step(failed + batch.requests)
-        updated = self.scheduler.postprocess(batch, sampled.token_ids, sampled.logprobs)
-        return self._finish_step(failed + updated)
+            error = RuntimeError(f"forward pass failed: {exc}")
+            return StepOutput(errors={r.request_id: error for r in batch.requests})
+
+    def _fail(self, batch: ScheduledBatch, errors: dict[str, Exception]) -> list[Request]:
+        """Finish the requests of `batch` that failed this step, each with its own error; the others go on."""
+        failed = [r for r in batch.requests if r.request_id in errors]
+        for req in failed:
+            error = errors[req.request_id]
+            logger.error("request %s failed: %s", req.request_id, error)
+            self.scheduler.finish_request(req, FinishReason.ERROR, error)
+        return failed
 
     def _finish_step(self, requests: list[Request]) -> list[RequestOutput]:
         outputs = self.output_processor.process(requests, self.scheduler.finish_request)

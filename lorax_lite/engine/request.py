@@ -36,13 +36,21 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
+GREEDY_TEMPERATURE = 1e-5  # a temperature below this is greedy
+MIN_REPETITION_PENALTY = 0.01  # logits * 100 or / 100 cannot overflow what a model produces
+MAX_REPETITION_PENALTY = 100.0
+
+
 @dataclass
 class SamplingParams:
     """How to pick tokens for one request. Invalid values raise ValueError naming the field.
 
-    temperature 0 is greedy; top_k 0 (or -1) and top_p 1.0 disable those filters. `seed` makes the
-    sampled output reproducible whatever else is in the batch. `stop` strings end generation and are
-    left out of the text; `stop_token_ids` end it too (the token is kept in `token_ids`).
+    temperature 0 is greedy, and so is any temperature below 1e-5 (`GREEDY_TEMPERATURE`, vLLM's
+    rule: dividing logits by less overflows float32). top_k 0 (or -1) and top_p 1.0 disable those
+    filters; the top token always survives top_p, so a tiny top_p means "the top token only".
+    repetition_penalty is in [0.01, 100]. `seed` makes the sampled output reproducible whatever else
+    is in the batch. `stop` strings end generation and are left out of the text; `stop_token_ids`
+    end it too (the token is kept in `token_ids`).
     """
 
     max_tokens: int = 16
@@ -64,8 +72,13 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not _is_int(self.top_k) or self.top_k < -1:
             raise ValueError(f"top_k must be an integer >= 0 (0 or -1 disables it), got {self.top_k!r}")
-        if not _is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
+        if not _is_real(self.repetition_penalty) or not MIN_REPETITION_PENALTY <= self.repetition_penalty <= (
+            MAX_REPETITION_PENALTY
+        ):
+            raise ValueError(
+                f"repetition_penalty must be a number in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}] "
+                f"(1 = off), got {self.repetition_penalty!r}"
+            )
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         if not isinstance(self.ignore_eos, bool):
@@ -76,7 +89,8 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0
+        """Whether tokens are picked by argmax: temperature below GREEDY_TEMPERATURE (0 included)."""
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 def _is_int(value: object) -> bool:

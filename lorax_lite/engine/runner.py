@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel
@@ -15,6 +15,7 @@ from lorax_lite.engine.attention import (
     register_attention,
 )
 from lorax_lite.engine.kv_cache import BlockManager, KVCache, ModelShape
+from lorax_lite.engine.request import Request
 from lorax_lite.engine.sampler import Sampler, SamplerOutput
 from lorax_lite.engine.scheduler import ScheduledBatch
 from lorax_lite.lora.layers import LoRALayers
@@ -30,6 +31,31 @@ class StepInputs:
     logits_indices: torch.Tensor  # [S] index in T of the last token of each sampling sequence
     attention: AttentionMetadata
     lora: LoRAMapping | None  # None: no token of this step has an adapter
+
+
+@dataclass
+class StepOutput:
+    """What one step produced, per request id: the token (and its logprob) of each sampling request that
+    did not fail, and what failed each request that did."""
+
+    sampled: dict[str, tuple[int, float]] = field(default_factory=dict)  # request id -> (token id, logprob)
+    errors: dict[str, Exception] = field(default_factory=dict)  # request id -> why it failed this step
+
+    @classmethod
+    def of(cls, requests: list[Request], sampled: SamplerOutput) -> StepOutput:
+        """The sampler's rows as results of `requests` (row i is requests[i])."""
+        out = cls()
+        for i, req in enumerate(requests):
+            if i in sampled.errors:
+                out.errors[req.request_id] = sampled.errors[i]
+            else:
+                out.sampled[req.request_id] = (sampled.token_ids[i], sampled.logprobs[i])
+        return out
+
+    def tokens_for(self, requests: list[Request]) -> tuple[list[int], list[float]]:
+        """The token ids and logprobs sampled for `requests`, in their order (none of them failed)."""
+        pairs = [self.sampled[r.request_id] for r in requests]
+        return [t for t, _ in pairs], [lp for _, lp in pairs]
 
 
 class ModelRunner:
@@ -56,8 +82,8 @@ class ModelRunner:
         self.sampler = Sampler()
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch, block_manager: BlockManager) -> SamplerOutput:
-        """Sampled tokens in the order of `batch.sampling_requests`."""
+    def run(self, batch: ScheduledBatch, block_manager: BlockManager) -> StepOutput:
+        """A token for each of `batch.sampling_requests`, or the error of a request whose row could not be sampled."""
         ordered = self._group_by_lora_slot(batch)
         inputs = self._prepare_inputs(ordered, block_manager)
         with forward_context(inputs.attention), lora_context(inputs.lora):
@@ -67,8 +93,8 @@ class ModelRunner:
                 use_cache=False,
                 logits_to_keep=inputs.logits_indices,
             )
-        sampled = self.sampler(out.logits[0], ordered.sampling_requests)
-        return sampled if ordered is batch else sampled.reordered(ordered.sampling_requests, batch.sampling_requests)
+        requests = ordered.sampling_requests
+        return StepOutput.of(requests, self.sampler(out.logits[0], requests))
 
     @staticmethod
     def _group_by_lora_slot(batch: ScheduledBatch) -> ScheduledBatch:

@@ -232,11 +232,14 @@ class Scheduler:
         return not self.running and self.adapter_manager is not None and self.adapter_manager.num_loading > 0
 
     def postprocess(self, batch: ScheduledBatch, sampled: list[int], logprobs: list[float]) -> list[Request]:
-        """Apply a step's results (one token, and its logprob, per sampling request); returns the requests
-        that got a new token (finished or not)."""
+        """Apply a step's results (one token, and its logprob, per sampling request not finished); returns the
+        requests that got a new token (finished or not). Requests that failed this step are finished already
+        and skipped."""
         sampling = iter(zip(sampled, logprobs, strict=True))
         updated = []
         for i, req in enumerate(batch.requests):
+            if req.is_finished:
+                continue
             samples = batch.samples(i)
             req.num_computed_tokens += batch.num_new_tokens[i]
             if samples:
@@ -272,9 +275,3 @@ class Scheduler:
         self.block_manager.free(req.request_id)
         self._release_adapter(req)
         req.finish(reason, error)
-
-    def fail(self, requests: list[Request], error: str) -> None:
-        """Finish these requests with an error (e.g. their forward pass raised)."""
-        for req in requests:
-            if not req.is_finished:
-                self.finish_request(req, FinishReason.ERROR, error)
