@@ -1,10 +1,13 @@
-"""One request never poisons its batch: parameter values at the edges of their ranges, an adapter with NaN
-weights, a forward pass that raises for one request. Each time the bystanders (three adapters and the base
-model, greedy and seeded-sampled) produce exactly the tokens they produce without it, and the engine's
-allocators are back to zero afterwards (LORAX_DEBUG_INVARIANTS=1, set by conftest, checks it when idle)."""
+"""One request never poisons its batch: (i) parameter values at the edges of their ranges, (ii) an adapter
+with NaN weights, (iii) a forward pass that raises for one request or one adapter. Each time the bystanders
+(three adapters and the base model, greedy and seeded-sampled) produce exactly the tokens they produce
+without it, and the engine's allocators are back to zero afterwards (LORAX_DEBUG_INVARIANTS=1, set by
+conftest, checks it when idle)."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +17,9 @@ from lora_helpers import AdapterSpec, make_peft_adapter
 from transformers import AutoModelForCausalLM
 
 from lorax_lite import LLM, SamplingParams
-from lorax_lite.engine.request import RequestOutput
+from lorax_lite.engine.request import Request, RequestOutput
+from lorax_lite.engine.runner import ForwardError
+from lorax_lite.engine.sampler import SamplingError
 
 ENGINE = dict(dtype="float32", device="cpu", max_loras=4, max_lora_rank=8, max_num_batched_tokens=256)
 SPECS = {
@@ -136,3 +141,123 @@ def test_repetition_penalty_outside_its_range_is_refused_and_its_bounds_are_serv
         assert out.finish_reason == "length" and out.exception is None, out.error
         assert out.token_ids == tokens  # served, and as reproducible as any request
     check_idle(llm)
+
+
+# --- (ii) an adapter whose weights are NaN ------------------------------------------------------------------
+
+
+def nan_weights(llm: LLM, path: Path):
+    """The adapter at `path`, read and validated, with one weight of one module set to NaN."""
+    weights = llm.engine.read_adapter(path)
+    name = sorted(weights.modules)[0]
+    lora_a, lora_b = weights.modules[name]
+    corrupt = lora_a.clone()
+    corrupt[0, 0] = float("nan")
+    return dataclasses.replace(weights, modules={**weights.modules, name: (corrupt, lora_b)})
+
+
+def test_an_adapter_with_nan_weights_fails_only_its_own_requests(
+    tiny_llama_dir: Path, adapter_dirs: dict[str, Path], reference: list[list[int]]
+) -> None:
+    # Long prompts are prefilled in chunks, and a small KV cache hands the NaN requests' blocks on at once.
+    llm = make_llm(tiny_llama_dir, adapter_dirs, max_num_batched_tokens=48, num_kv_blocks=24, block_size=16)
+    llm.engine.add_adapter("nan", adapter_dirs["a1"], nan_weights(llm, adapter_dirs["a1"]))
+    long_prompt = " ".join(PROMPTS * 4)
+    # The long one holds block 0 and writes NaN K/V for three steps before it samples; the first bystanders'
+    # prefills share its last step, where their block tables are padded (see ModelRunner._prepare_block_tables).
+    bad = [Job(long_prompt, seeded(7), "nan"), Job(POISON_PROMPT, greedy(), "nan")]
+    outs = run(llm, bad[:1] + BYSTANDERS + bad[1:])
+    assert_bystanders_unaffected(outs[1:-1], reference)
+    for out in (outs[0], outs[-1]):
+        assert out.finish_reason == "error" and out.token_ids == []
+        assert isinstance(out.exception, SamplingError) and "not finite" in (out.error or "")
+    check_idle(llm)
+    # the KV blocks the NaN requests wrote are reused by the next requests, which do not notice
+    assert_bystanders_unaffected(run(llm, BYSTANDERS), reference)
+    outs = run(llm, BYSTANDERS[:4] + bad + BYSTANDERS[4:])
+    assert_bystanders_unaffected(outs[:4] + outs[6:], reference)
+    assert [out.finish_reason for out in outs[4:6]] == ["error", "error"]
+    check_idle(llm)
+
+
+# --- (iii) a forward pass that raises whenever one request, or one adapter, is in the batch ---------------------
+
+
+def inject_forward_failure(
+    llm: LLM, monkeypatch: pytest.MonkeyPatch, fails: Callable[[list[Request]], bool]
+) -> list[int]:
+    """Decoder layer 1 raises (after layer 0 wrote its K/V) whenever `fails(the batch's requests)`; returns a list
+    that gets the size of every batch the forward pass ran for."""
+    runner = llm.engine.runner
+    prepare, layer = runner._prepare_inputs, runner.model.model.layers[1]
+    forward = layer.forward
+    current: list[list[Request]] = []
+    sizes: list[int] = []
+
+    def recording_prepare(batch, block_manager):
+        current[:] = [batch.requests]
+        sizes.append(len(batch.requests))
+        return prepare(batch, block_manager)
+
+    def failing_forward(*args, **kwargs):
+        if fails(current[0]):
+            raise RuntimeError("injected failure")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "_prepare_inputs", recording_prepare)
+    monkeypatch.setattr(layer, "forward", failing_forward)
+    return sizes
+
+
+def assert_failed_in_forward(out: RequestOutput, num_tokens: int) -> None:
+    assert out.finished and out.finish_reason == "error" and len(out.token_ids) == num_tokens
+    assert isinstance(out.exception, ForwardError) and "injected failure" in (out.error or "")
+    assert isinstance(out.exception.__cause__, RuntimeError)
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+@pytest.mark.parametrize("after_tokens", [0, 3])
+def test_a_forward_pass_that_raises_for_one_request_fails_it_alone(
+    adapter: str | None, after_tokens: int, llm: LLM, reference: list[list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It raises from the poison request's first step (its prefill), or once it has 3 tokens (a decode)."""
+    poison = Job(POISON_PROMPT, seeded(9), adapter)
+
+    def fails(requests: list[Request]) -> bool:
+        return any(r.prompt == POISON_PROMPT and r.num_generated_tokens >= after_tokens for r in requests)
+
+    sizes = inject_forward_failure(llm, monkeypatch, fails)
+    outs = run(llm, BYSTANDERS[:3] + [poison] + BYSTANDERS[3:])
+    assert_bystanders_unaffected(outs[:3] + outs[4:], reference)
+    assert_failed_in_forward(outs[3], after_tokens)
+    assert max(sizes) == len(BYSTANDERS) + 1  # they all started in one batch
+    check_idle(llm)
+
+
+def test_a_forward_pass_that_raises_for_one_adapter_fails_only_its_requests(
+    llm: LLM, adapter_dirs: dict[str, Path], reference: list[list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    llm.add_adapter("boom", adapter_dirs["a1"])  # a1's weights under another id: its own slot
+    try:
+        inject_forward_failure(llm, monkeypatch, lambda requests: any(r.adapter_id == "boom" for r in requests))
+        booms = [Job(p, params, "boom") for p, params in ((PROMPTS[0], greedy()), (PROMPTS[1], seeded(4)))]
+        outs = run(llm, booms[:1] + BYSTANDERS + booms[1:])
+    finally:
+        llm.remove_adapter("boom")
+    assert_bystanders_unaffected(outs[1:-1], reference)
+    for out in (outs[0], outs[-1]):
+        assert_failed_in_forward(out, 0)
+    check_idle(llm)
+
+
+def test_a_forward_pass_that_always_raises_fails_every_request_and_the_engine_serves_on(
+    llm: LLM, reference: list[list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as patch:
+        sizes = inject_forward_failure(llm, patch, lambda requests: True)
+        outs = run(llm, BYSTANDERS)
+    for out in outs:
+        assert_failed_in_forward(out, 0)
+    assert len(sizes) < 4 * len(BYSTANDERS)  # halving: at most 2n - 1 forward passes for n requests
+    check_idle(llm)
+    assert_bystanders_unaffected(run(llm, BYSTANDERS), reference)

@@ -72,6 +72,7 @@ class LLMEngine:
             max_seq_len=self.max_seq_len,
             eos_token_ids=eos_token_ids(model, tokenizer),
             adapter_manager=self.adapter_manager,
+            clear_blocks=self.runner.clear_blocks,
         )
         self.output_processor = OutputProcessor(tokenizer)
         self.stats = EngineStats()
@@ -264,7 +265,7 @@ class LLMEngine:
         failed = [r for r in batch.requests if r.request_id in errors]
         for req in failed:
             error = errors[req.request_id]
-            logger.error("request %s failed: %s", req.request_id, error)
+            logger.error("request %s failed: %s", req.request_id, error, exc_info=error)
             self.scheduler.finish_request(req, FinishReason.ERROR, error)
         return failed
 

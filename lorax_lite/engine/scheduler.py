@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lorax_lite.engine.catalog import ResolvedAdapter
@@ -57,6 +58,12 @@ class ScheduledBatch:
     def sampling_requests(self) -> list[Request]:
         return [r for i, r in enumerate(self.requests) if self.samples(i)]
 
+    def split(self) -> tuple[ScheduledBatch, ScheduledBatch]:
+        """Its first and second half, each a batch of its own (to find the request a failed forward pass fails for)."""
+        half = len(self.requests) // 2
+        return (ScheduledBatch(self.requests[:half], self.num_new_tokens[:half]),
+                ScheduledBatch(self.requests[half:], self.num_new_tokens[half:]))
+
 
 class Scheduler:
     """Decides each step's batch and applies its results; owns the waiting and running queues."""
@@ -69,9 +76,15 @@ class Scheduler:
         max_seq_len: int,
         eos_token_ids: set[int],
         adapter_manager: AdapterManager | None = None,
+        clear_blocks: Callable[[list[int]], None] | None = None,
     ) -> None:
         """`max_seq_len` must fit in the KV cache alone (`plan_kv_cache` sees to it), else a long request
-        could preempt itself forever."""
+        could preempt itself forever.
+
+        `clear_blocks` zeroes the K/V of blocks (the runner's `clear_blocks`). It is called on the blocks of
+        a request that leaves before a finished generation vouched for its K/V (failed, aborted, timed out or
+        preempted), before anyone else can get them: padded attention multiplies masked rows by 0, and
+        0 x NaN is NaN, so a NaN one request wrote would reach the next owner of its blocks."""
         capacity = block_manager.num_blocks * block_manager.block_size
         require(max_seq_len <= capacity, f"max_seq_len {max_seq_len} exceeds the KV cache's {capacity} tokens")
         self.block_manager = block_manager
@@ -80,6 +93,7 @@ class Scheduler:
         self.max_seq_len = max_seq_len
         self.eos_token_ids = set(eos_token_ids)
         self.adapter_manager = adapter_manager
+        self.clear_blocks = clear_blocks
         self._failed: list[Request] = []  # finished by the scheduler itself, between steps; see take_failed
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last is the newest
@@ -158,8 +172,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
-        self.block_manager.free(req.request_id)
-        self._release_adapter(req)
+        self._free(req, vouched=False)
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
@@ -272,6 +285,13 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        self._free(req, vouched=reason in (FinishReason.EOS, FinishReason.STOP, FinishReason.LENGTH))
+        req.finish(reason, error)
+
+    def _free(self, req: Request, vouched: bool) -> None:
+        """Give back its blocks and its adapter slot reference. `vouched`: its last step sampled from finite
+        logits, which attended every K/V it wrote, so they are finite; otherwise they are cleared first."""
+        if not vouched and self.clear_blocks is not None and self.block_manager.has(req.request_id):
+            self.clear_blocks(self.block_manager.block_table(req.request_id))
         self.block_manager.free(req.request_id)
         self._release_adapter(req)
-        req.finish(reason, error)
