@@ -7,6 +7,7 @@ import itertools
 import logging
 import os
 import random
+import time
 from collections.abc import Sequence
 from typing import cast
 
@@ -157,10 +158,11 @@ class LLMEngine:
         sampling_params: SamplingParams | None = None,
         request_id: str | None = None,
         adapter_id: str | None = None,
+        timeout: float | None = None,
     ) -> Request:
         """Validate and queue one request; bad input raises ValueError and changes nothing."""
         adapter = self.resolve_adapter(adapter_id) if adapter_id is not None else None
-        request = self.make_request(prompt, sampling_params, request_id, adapter)
+        request = self.make_request(prompt, sampling_params, request_id, adapter, timeout=timeout)
         self.add(request)
         return request
 
@@ -172,10 +174,13 @@ class LLMEngine:
         adapter: ResolvedAdapter | None = None,
         prompt_text: str | None = None,
         output_kind: OutputKind = OutputKind.CUMULATIVE,
+        timeout: float | None = None,
     ) -> Request:
         """Build a validated Request without queueing it (AsyncLLM builds requests outside the engine thread).
 
         `prompt` is text (tokenized here) or token ids; `prompt_text` names token ids' text in outputs.
+        `timeout`: seconds from now after which the request finishes with finish_reason "timeout" (at the
+        next step, waiting or running, with what it generated so far); must be > 0 and finite; None: none.
         """
         params = sampling_params or SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -188,9 +193,8 @@ class LLMEngine:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        request = Request(
-            request_id, token_ids, params, prompt=text or prompt_text, adapter=adapter, output_kind=output_kind
-        )
+        request = Request(request_id, token_ids, params, prompt=text or prompt_text, adapter=adapter,
+                          output_kind=output_kind, timeout=timeout)
         if not params.is_greedy:
             request.seed = params.seed if params.seed is not None else random.getrandbits(63)
             request.generator = torch.Generator().manual_seed(request.seed)
@@ -240,10 +244,10 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One continuous-batching step; returns the outputs of requests that advanced or finished."""
         batch = self.scheduler.schedule()
-        failed = self.scheduler.take_failed()
+        failed = self.scheduler.take_finished()  # adapter load failed, or deadline passed
         if batch.is_empty:
-            if self.scheduler.is_waiting_for_adapters:
-                self._catalog().manager.wait(timeout=0.05)  # adapters are on their way from disk: do not spin
+            if self.scheduler.is_waiting_for_adapters:  # adapters are on their way from disk: do not spin
+                self._catalog().manager.wait(timeout=self._idle_wait())
             return self._finish_step(failed)
         self.stats.observe_step(len(batch.requests), batch.num_tokens)
         result = self._run(batch)
@@ -251,6 +255,11 @@ class LLMEngine:
         live = [r for r in batch.sampling_requests if not r.is_finished]
         updated = self.scheduler.postprocess(batch, *result.tokens_for(live))
         return self._finish_step(failed + updated)
+
+    def _idle_wait(self, longest: float = 0.05) -> float:
+        """How long an idle step may sleep: `longest`, or less when a deadline comes sooner."""
+        deadline = self.scheduler.next_deadline
+        return longest if deadline is None else min(longest, max(deadline - time.monotonic(), 0.0))
 
     def _run(self, batch: ScheduledBatch) -> StepOutput:
         try:

@@ -20,6 +20,7 @@ class FinishReason(str, enum.Enum):
     EOS = "eos"  # the model's end-of-sequence token
     ABORT = "abort"  # the client went away or asked to abort
     ERROR = "error"  # this request failed; `RequestOutput.error` says why
+    TIMEOUT = "timeout"  # its deadline (the `timeout` it was made with) passed first
 
 
 class OutputKind(str, enum.Enum):
@@ -91,6 +92,16 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         """Whether tokens are picked by argmax: temperature below GREEDY_TEMPERATURE (0 included)."""
         return self.temperature < GREEDY_TEMPERATURE
+
+
+def deadline_after(timeout: float | None, start: float | None = None) -> float | None:
+    """The time.monotonic() `timeout` seconds after `start` (default: now); None for None. ValueError naming
+    `timeout` unless it is a finite number > 0."""
+    if timeout is None:
+        return None
+    if not _is_real(timeout) or timeout <= 0:
+        raise ValueError(f"timeout must be a finite number of seconds > 0 (or None), got {timeout!r}")
+    return (time.monotonic() if start is None else start) + timeout
 
 
 def _is_int(value: object) -> bool:
@@ -180,7 +191,11 @@ class Request:
         adapter: ResolvedAdapter | None = None,
         arrival_time: float | None = None,
         output_kind: OutputKind = OutputKind.CUMULATIVE,
+        timeout: float | None = None,
     ) -> None:
+        """`timeout`: seconds from now (its arrival) after which the scheduler finishes it with
+        FinishReason.TIMEOUT, waiting or running; None for no deadline. ValueError unless it is > 0 and finite."""
+        self.deadline = deadline_after(timeout)  # time.monotonic() past which it is finished; None: never
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
@@ -228,6 +243,10 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
+
+    def is_past_deadline(self, now: float) -> bool:
+        """Whether its deadline has passed at `now` (time.monotonic())."""
+        return self.deadline is not None and now >= self.deadline
 
     @property
     def all_token_ids(self) -> list[int]:

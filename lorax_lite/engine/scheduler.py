@@ -15,6 +15,9 @@ When every slot is busy, the oldest request waiting for a slot gets one reserved
 `AdapterManager.reserve`), so a hot adapter cannot starve cold ones. A request whose adapter fails
 to load finishes with that error; nothing else is affected.
 
+Deadlines: each step first finishes the requests whose deadline has passed (`Request.deadline`),
+waiting or running, with FinishReason.TIMEOUT; their blocks and slot references are freed at once.
+
 The scheduler keeps the books only: tokens, budgets, blocks, slots, and the finish conditions it
 can see from token ids (eos, stop token ids, max_tokens, max_seq_len). Text and stop strings are
 the output stage's (`engine/output.py`), which finishes a request through `finish_request`.
@@ -94,7 +97,7 @@ class Scheduler:
         self.eos_token_ids = set(eos_token_ids)
         self.adapter_manager = adapter_manager
         self.clear_blocks = clear_blocks
-        self._failed: list[Request] = []  # finished by the scheduler itself, between steps; see take_failed
+        self._finished: list[Request] = []  # finished by the scheduler itself, between steps; see take_finished
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last is the newest
         self.num_preemptions = 0
@@ -105,7 +108,7 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         """Requests are waiting or running, or finished by the scheduler with outputs not yet taken."""
-        return bool(self.waiting or self.running or self._failed)
+        return bool(self.waiting or self.running or self._finished)
 
     def abort(self, request_id: str) -> Request | None:
         """Finish a request wherever it is, freeing its blocks. Unknown or finished ids: None."""
@@ -119,16 +122,30 @@ class Scheduler:
         """Finish the waiting requests for `adapter_key` with `error` (its adapter was removed)."""
         for req in [r for r in self.waiting if r.adapter_key == adapter_key]:
             self.finish_request(req, FinishReason.ERROR, error)
-            self._failed.append(req)
+            self._finished.append(req)
 
-    def take_failed(self) -> list[Request]:
-        """The requests the scheduler finished itself since the last call (adapter load failed or removed)."""
-        failed, self._failed = self._failed, []
-        return failed
+    def take_finished(self) -> list[Request]:
+        """The requests the scheduler finished itself since the last call (adapter load failed or removed,
+        deadline passed)."""
+        finished, self._finished = self._finished, []
+        return finished
+
+    @property
+    def next_deadline(self) -> float | None:
+        """The earliest deadline (time.monotonic()) of a waiting or running request; None if none has one."""
+        deadlines = [r.deadline for r in (*self.waiting, *self.running) if r.deadline is not None]
+        return min(deadlines, default=None)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for req in [r for r in (*self.waiting, *self.running) if r.is_past_deadline(now)]:
+            self.finish_request(req, FinishReason.TIMEOUT)
+            self._finished.append(req)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         self._preempted_this_step = False
+        self._expire()
         self._fail_adapter_loads()
         budget = self._schedule_running(batch, self.max_num_batched_tokens)
         if not self._preempted_this_step:  # memory is tight: admit nobody new this step
