@@ -271,5 +271,6 @@ class Request:
 
 
 __all__ = [
-    "FinishReason", "OutputKind", "Request", "RequestMetrics", "RequestOutput", "RequestStatus", "SamplingParams",
+    "GREEDY_TEMPERATURE", "MAX_REPETITION_PENALTY", "MIN_REPETITION_PENALTY", "FinishReason", "OutputKind", "Request",
+    "RequestMetrics", "RequestOutput", "RequestStatus", "SamplingParams", "deadline_after",
 ]
