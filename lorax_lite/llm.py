@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerBase
 from lorax_lite.config import EngineConfig
 from lorax_lite.engine.catalog import ResolvedAdapter
 from lorax_lite.engine.engine import LLMEngine, Prompt
-from lorax_lite.engine.request import OutputKind, Request, RequestOutput, SamplingParams
+from lorax_lite.engine.request import OutputKind, Request, RequestOutput, SamplingParams, deadline_after
 from lorax_lite.lora.naming import check_adapter_id
 from lorax_lite.registry.base import Registry
 from lorax_lite.registry.factory import as_registry, as_store
@@ -58,17 +58,22 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         adapter_ids: str | None | Sequence[str | None] = None,
+        *,
+        timeout: float | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); outputs come back in prompt order.
 
         `adapter_ids`: one adapter id for all prompts, or one per prompt; None means the base model.
-        A request whose adapter fails to load finishes with finish_reason "error" (its `exception`
-        says why); the others are unaffected.
+        A request that fails (its adapter fails to load, say) finishes with finish_reason "error" (its
+        `exception` says why); the others are unaffected. `timeout`: seconds from this call after which
+        every request not done yet finishes with finish_reason "timeout" and what it has so far.
         """
         prompts = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompts))
         resolved = self._resolve(_as_per_prompt(adapter_ids, len(prompts), "adapter_ids"))
-        requests = [self._make_request(p, sp, a) for p, sp, a in zip(prompts, params, resolved, strict=True)]
+        deadline = deadline_after(timeout)
+        requests = [self._make_request(p, sp, a, deadline=deadline)
+                    for p, sp, a in zip(prompts, params, resolved, strict=True)]
         return self._run(requests)
 
     def chat(
@@ -76,18 +81,22 @@ class LLM:
         messages: list[Message] | list[list[Message]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         adapter_id: str | None | Sequence[str | None] = None,
+        *,
+        timeout: float | None = None,
     ) -> list[RequestOutput]:
         """Answer one conversation (a list of {"role", "content"}) or a list of them, via the chat template.
 
         `adapter_id`: one for all conversations or one per conversation; None means the base model.
+        `timeout`: as in `generate`.
         """
         conversations = _as_conversations(messages)
         params = _as_params_list(sampling_params, len(conversations))
         resolved = self._resolve(_as_per_prompt(adapter_id, len(conversations), "adapter_id"))
+        deadline = deadline_after(timeout)
         requests = []
         for conversation, sp, a in zip(conversations, params, resolved, strict=True):
             text, token_ids = render_chat(self.tokenizer, conversation)
-            requests.append(self._make_request(token_ids, sp, a, prompt_text=text))
+            requests.append(self._make_request(token_ids, sp, a, prompt_text=text, deadline=deadline))
         return self._run(requests)
 
     def _resolve(self, adapter_ids: list[str | None]) -> list[ResolvedAdapter | None]:
@@ -96,9 +105,11 @@ class LLM:
         return [resolved[a] if a is not None else None for a in adapter_ids]
 
     def _make_request(self, prompt: Prompt, params: SamplingParams, adapter: ResolvedAdapter | None,
-                      prompt_text: str | None = None) -> Request:
-        return self.engine.make_request(prompt, params, adapter=adapter, prompt_text=prompt_text,
-                                        output_kind=OutputKind.FINAL_ONLY)
+                      prompt_text: str | None = None, deadline: float | None = None) -> Request:
+        request = self.engine.make_request(prompt, params, adapter=adapter, prompt_text=prompt_text,
+                                           output_kind=OutputKind.FINAL_ONLY)
+        request.deadline = deadline  # one for the whole call, counted from its start
+        return request
 
     def _run(self, requests: list[Request]) -> list[RequestOutput]:
         for req in requests:

@@ -121,6 +121,9 @@ def test_chat_uses_the_chat_template(llm):
         ({"top_k": -2}, "top_k"),
         ({"top_k": 2.5}, "top_k"),
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"repetition_penalty": 1e-300}, r"repetition_penalty must be a number in \[0.01, 100\]"),
+        ({"repetition_penalty": 0.0099}, "repetition_penalty"),
+        ({"repetition_penalty": 100.5}, "repetition_penalty"),
         ({"seed": "abc"}, "seed"),
         ({"stop": [""]}, "stop"),
         ({"stop": 5}, "stop"),
@@ -131,6 +134,12 @@ def test_chat_uses_the_chat_template(llm):
 def test_bad_sampling_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("temperature, greedy", [(0, True), (1e-300, True), (5e-324, True), (9.9e-6, True),
+                                                 (1e-5, False), (0.7, False), (1e300, False)])
+def test_a_temperature_below_1e_5_is_greedy(temperature, greedy):
+    assert SamplingParams(temperature=temperature).is_greedy is greedy
 
 
 def test_bad_prompts_raise_and_engine_keeps_serving(llm):

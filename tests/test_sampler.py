@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import RepetitionPenaltyLogitsProcessor
 
 from lorax_lite.engine.request import Request, SamplingParams
@@ -180,3 +182,119 @@ def test_greedy_with_penalty_matches_hf_generate():
             eos_token_id=None, pad_token_id=0,
         )[0, len(prompt):]
     assert req.output_token_ids == expected.tolist()
+
+
+# --- fault isolation: no valid parameters break a row, a broken row breaks only itself ------------------
+
+
+@pytest.mark.parametrize(
+    "params", [{"temperature": 1e-300}, {"temperature": 1e-38}, {"temperature": 5e-324}, {"temperature": 9e-6}],
+)
+def test_a_temperature_below_1e_5_is_greedy(params):
+    logits = random_logits(4, seed=3)
+    requests = [make_request(seed=None if SamplingParams(**params).is_greedy else s, **params) for s in range(4)]
+    out = Sampler()(logits, requests)
+    assert not out.errors
+    assert out.token_ids == logits.argmax(-1).tolist()
+
+
+def test_the_smallest_temperature_that_samples_does_not_overflow():
+    logits = random_logits(2, seed=4) * 1e34  # / 1e-5 overflows float32
+    requests = [make_request(seed=s, temperature=1e-5) for s in range(2)]
+    assert SamplingParams(temperature=1e-5).is_greedy is False
+    out = Sampler()(logits, requests)
+    assert not out.errors and out.token_ids == logits.argmax(-1).tolist()
+    assert all(math.isfinite(lp) for lp in out.logprobs)
+
+
+@pytest.mark.parametrize("top_p", [1e-300, 5e-324, 1e-45])
+def test_a_tiny_top_p_keeps_the_top_token(top_p):
+    logits = random_logits(3, seed=5)
+    out = Sampler()(logits, [make_request(seed=s, top_p=top_p) for s in range(3)])
+    assert not out.errors and out.token_ids == logits.argmax(-1).tolist()
+    assert out.logprobs == pytest.approx([0.0] * 3, abs=1e-6)
+
+
+@pytest.mark.parametrize("penalty", [0.01, 100.0])
+def test_repetition_penalty_at_its_bounds_on_huge_logits(penalty):
+    logits = torch.tensor([[3e38, -3e38, 1.0, -1.0, 2e37, -2e37]])
+    seen = [0, 1, 2, 3, 4, 5]
+    for temperature in (0.0, 0.7):
+        req = make_request(seed=None if temperature == 0 else 1, output=seen, temperature=temperature,
+                           repetition_penalty=penalty)
+        out = Sampler()(logits, [req])
+        assert not out.errors and 0 <= out.token_ids[0] < 6 and not math.isnan(out.logprobs[0])
+
+
+def test_rows_with_non_finite_logits_fail_alone_and_seeded_rows_are_untouched():
+    logits = random_logits(4, seed=6)
+    requests = [make_request(seed=1), make_request(temperature=0), make_request(seed=2), make_request(seed=3)]
+    clean = Sampler()(logits, [make_request(seed=1), make_request(temperature=0), make_request(seed=2),
+                               make_request(seed=3)])
+    logits[0, 5] = float("nan")
+    logits[2, 7] = float("inf")
+    logits[3] = float("-inf")
+    out = Sampler()(logits, requests)
+    assert sorted(out.errors) == [0, 2, 3]
+    assert all("not finite" in str(e) for e in out.errors.values())
+    assert out.token_ids[1] == clean.token_ids[1] and out.logprobs[1] == clean.logprobs[1]
+    # a failed row's generator is never drawn from: the request would continue as if nothing happened
+    assert torch.equal(requests[0].generator.get_state(), torch.Generator().manual_seed(1).get_state())
+
+
+def test_a_row_whose_draw_raises_fails_alone():
+    logits = random_logits(3, seed=7)
+    broken = make_request(seed=5)
+    broken.generator = "not a generator"
+    out = Sampler()(logits, [make_request(seed=1), broken, make_request(seed=2)])
+    reference = Sampler()(logits[[0, 2]], [make_request(seed=1), make_request(seed=2)])
+    assert list(out.errors) == [1]
+    assert [out.token_ids[0], out.token_ids[2]] == reference.token_ids
+
+
+_VOCAB_SMALL = 8
+_finite = st.floats(width=32, allow_nan=False, allow_infinity=False, allow_subnormal=True)  # any finite float32
+_logit = st.one_of(_finite, st.sampled_from([0.0, -0.0, 1e-45, -1e-45, 3.4e38, -3.4e38, float("-inf")]))
+_temperature = st.one_of(
+    st.sampled_from([0.0, 5e-324, 1e-300, 1e-38, 9.99e-6, 1e-5, 1.0, 1e38, 1e300, 1.7e308]),
+    st.floats(min_value=0.0, max_value=1.7e308, allow_nan=False, allow_infinity=False, allow_subnormal=True),
+)
+_top_p = st.one_of(
+    st.sampled_from([5e-324, 1e-300, 1e-45, 0.5, 1.0 - 1e-16, 1.0]),
+    st.floats(min_value=5e-324, max_value=1.0, allow_subnormal=True),
+)
+_row = st.fixed_dictionaries({
+    "logits": st.lists(_logit, min_size=_VOCAB_SMALL, max_size=_VOCAB_SMALL),
+    "temperature": _temperature,
+    "top_p": _top_p,
+    "top_k": st.one_of(st.sampled_from([-1, 0, 1, _VOCAB_SMALL, 10**30]), st.integers(-1, 20)),
+    "repetition_penalty": st.one_of(st.sampled_from([0.01, 1.0, 100.0]), st.floats(min_value=0.01, max_value=100.0)),
+    "seen": st.lists(st.integers(0, _VOCAB_SMALL + 2), max_size=6),
+    "corrupt": st.sampled_from([None, None, None, "nan", "inf"]),
+})
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(rows=st.lists(_row, min_size=1, max_size=4))
+def test_no_valid_parameters_and_logits_break_the_sampler(rows):
+    logits = torch.tensor([r["logits"] for r in rows], dtype=torch.float32)
+    for i, r in enumerate(rows):
+        if all(math.isinf(x) for x in r["logits"]):
+            logits[i, 0] = 1.0  # a row of -inf only is a broken row: corrupt covers those
+        if r["corrupt"] is not None:
+            logits[i, 3] = float(r["corrupt"])
+    requests = []
+    for r in rows:
+        params = dict(temperature=r["temperature"], top_p=r["top_p"], top_k=r["top_k"],
+                      repetition_penalty=r["repetition_penalty"])
+        seed = None if SamplingParams(**params).is_greedy else 1
+        requests.append(make_request(seed=seed, output=r["seen"], **params))
+    out = Sampler()(logits, requests)  # never raises
+    for i, r in enumerate(rows):
+        if r["corrupt"] is not None:
+            assert i in out.errors
+            continue
+        assert i not in out.errors, out.errors.get(i)
+        token = out.token_ids[i]
+        assert 0 <= token < _VOCAB_SMALL and logits[i, token] != float("-inf")
+        assert not math.isnan(out.logprobs[i]) and out.logprobs[i] <= 1e-5

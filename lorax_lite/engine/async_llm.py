@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from lorax_lite.config import EngineConfig
 from lorax_lite.engine.catalog import ResolvedAdapter
 from lorax_lite.engine.engine import LLMEngine, Prompt
-from lorax_lite.engine.request import OutputKind, Request, RequestOutput, SamplingParams
+from lorax_lite.engine.request import OutputKind, Request, RequestOutput, SamplingParams, deadline_after
 from lorax_lite.engine.stats import BATCH_SIZE_BUCKETS, AdapterCacheSnapshot, EngineSnapshot, EngineStats
 from lorax_lite.lora.naming import check_adapter_id
 from lorax_lite.lora.weights import LoRAWeights
@@ -156,14 +156,18 @@ class AsyncLLM:
         *,
         adapter: ResolvedAdapter | None = None,
         output_kind: OutputKind = OutputKind.CUMULATIVE,
+        timeout: float | None = None,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Stream one request. Bad input raises ValueError (an unknown adapter: AdapterNotFoundError); leaving
         the loop early aborts the request. The adapter is `adapter_id` (resolved here, in a worker thread) or
-        an `adapter` already resolved with `resolve_adapter`; neither means the base model."""
+        an `adapter` already resolved with `resolve_adapter`; neither means the base model. `timeout`: seconds
+        from this call after which the request ends with finish_reason "timeout" and what it generated so
+        far, waiting or running (> 0 and finite; None: no deadline)."""
         if not self.is_running:
             raise EngineDeadError(f"the engine is not running: {self._error or 'shut down'}")
         if adapter_id is not None and adapter is not None:
             raise ValueError("give adapter_id or a resolved adapter, not both")
+        deadline = deadline_after(timeout)  # counts from now, not from when a worker thread built the request
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         if request_id is not None:
             self._claim(request_id, stream)  # the id is taken from now on, across the worker-thread hop
@@ -179,6 +183,7 @@ class AsyncLLM:
             raise
         if request_id is None:
             self._claim(request.request_id, stream)
+        request.deadline = deadline
         self._submit(request, stream)
         finished = False
         try:

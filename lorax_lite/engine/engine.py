@@ -7,6 +7,7 @@ import itertools
 import logging
 import os
 import random
+import time
 from collections.abc import Sequence
 from typing import cast
 
@@ -18,9 +19,9 @@ from lorax_lite.config import EngineConfig
 from lorax_lite.engine.catalog import AdapterCatalog, ResolvedAdapter
 from lorax_lite.engine.kv_cache import BlockManager, ModelShape, plan_kv_cache
 from lorax_lite.engine.output import OutputProcessor
-from lorax_lite.engine.request import OutputKind, Request, RequestOutput, SamplingParams
-from lorax_lite.engine.runner import ModelRunner
-from lorax_lite.engine.scheduler import Scheduler
+from lorax_lite.engine.request import FinishReason, OutputKind, Request, RequestOutput, SamplingParams
+from lorax_lite.engine.runner import ModelRunner, StepOutput
+from lorax_lite.engine.scheduler import ScheduledBatch, Scheduler
 from lorax_lite.engine.stats import AdapterCacheSnapshot, EngineSnapshot, EngineStats
 from lorax_lite.invariants import debug_invariants
 from lorax_lite.lora.errors import AdapterNotFoundError
@@ -73,6 +74,7 @@ class LLMEngine:
             max_seq_len=self.max_seq_len,
             eos_token_ids=eos_token_ids(model, tokenizer),
             adapter_manager=self.adapter_manager,
+            clear_blocks=self.runner.clear_blocks,
         )
         self.output_processor = OutputProcessor(tokenizer)
         self.stats = EngineStats()
@@ -167,10 +169,11 @@ class LLMEngine:
         sampling_params: SamplingParams | None = None,
         request_id: str | None = None,
         adapter_id: str | None = None,
+        timeout: float | None = None,
     ) -> Request:
         """Validate and queue one request; bad input raises ValueError and changes nothing."""
         adapter = self.resolve_adapter(adapter_id) if adapter_id is not None else None
-        request = self.make_request(prompt, sampling_params, request_id, adapter)
+        request = self.make_request(prompt, sampling_params, request_id, adapter, timeout=timeout)
         self.add(request)
         return request
 
@@ -182,10 +185,13 @@ class LLMEngine:
         adapter: ResolvedAdapter | None = None,
         prompt_text: str | None = None,
         output_kind: OutputKind = OutputKind.CUMULATIVE,
+        timeout: float | None = None,
     ) -> Request:
         """Build a validated Request without queueing it (AsyncLLM builds requests outside the engine thread).
 
         `prompt` is text (tokenized here) or token ids; `prompt_text` names token ids' text in outputs.
+        `timeout`: seconds from now after which the request finishes with finish_reason "timeout" (at the
+        next step, waiting or running, with what it generated so far); must be > 0 and finite; None: none.
         """
         params = sampling_params or SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -198,9 +204,8 @@ class LLMEngine:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        request = Request(
-            request_id, token_ids, params, prompt=text or prompt_text, adapter=adapter, output_kind=output_kind
-        )
+        request = Request(request_id, token_ids, params, prompt=text or prompt_text, adapter=adapter,
+                          output_kind=output_kind, timeout=timeout)
         if not params.is_greedy:
             request.seed = params.seed if params.seed is not None else random.getrandbits(63)
             request.generator = torch.Generator().manual_seed(request.seed)
@@ -250,20 +255,39 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One continuous-batching step; returns the outputs of requests that advanced or finished."""
         batch = self.scheduler.schedule()
-        failed = self.scheduler.take_failed()
+        failed = self.scheduler.take_finished()  # adapter load failed, or deadline passed
         if batch.is_empty:
-            if self.scheduler.is_waiting_for_adapters:
-                self._catalog().manager.wait(timeout=0.05)  # adapters are on their way from disk: do not spin
+            if self.scheduler.is_waiting_for_adapters:  # adapters are on their way from disk: do not spin
+                self._catalog().manager.wait(timeout=self._idle_wait())
             return self._finish_step(failed)
         self.stats.observe_step(len(batch.requests), batch.num_tokens)
+        result = self._run(batch)
+        failed += self._fail(batch, result.errors)
+        live = [r for r in batch.sampling_requests if not r.is_finished]
+        updated = self.scheduler.postprocess(batch, *result.tokens_for(live))
+        return self._finish_step(failed + updated)
+
+    def _idle_wait(self, longest: float = 0.05) -> float:
+        """How long an idle step may sleep: `longest`, or less when a deadline comes sooner."""
+        deadline = self.scheduler.next_deadline
+        return longest if deadline is None else min(longest, max(deadline - time.monotonic(), 0.0))
+
+    def _run(self, batch: ScheduledBatch) -> StepOutput:
         try:
-            sampled = self.runner.run(batch, self.block_manager)
+            return self.runner.run(batch, self.block_manager)
         except Exception as exc:  # a failed forward fails its batch, never the engine
             logger.exception("forward pass failed for %d requests", len(batch.requests))
-            self.scheduler.fail(batch.requests, f"forward pass failed: {exc}")
-            return self._finish_step(failed + batch.requests)
-        updated = self.scheduler.postprocess(batch, sampled.token_ids, sampled.logprobs)
-        return self._finish_step(failed + updated)
+            error = RuntimeError(f"forward pass failed: {exc}")
+            return StepOutput(errors={r.request_id: error for r in batch.requests})
+
+    def _fail(self, batch: ScheduledBatch, errors: dict[str, Exception]) -> list[Request]:
+        """Finish the requests of `batch` that failed this step, each with its own error; the others go on."""
+        failed = [r for r in batch.requests if r.request_id in errors]
+        for req in failed:
+            error = errors[req.request_id]
+            logger.error("request %s failed: %s", req.request_id, error, exc_info=error)
+            self.scheduler.finish_request(req, FinishReason.ERROR, error)
+        return failed
 
     def _finish_step(self, requests: list[Request]) -> list[RequestOutput]:
         outputs = self.output_processor.process(requests, self.scheduler.finish_request)

@@ -20,6 +20,7 @@ class FinishReason(str, enum.Enum):
     EOS = "eos"  # the model's end-of-sequence token
     ABORT = "abort"  # the client went away or asked to abort
     ERROR = "error"  # this request failed; `RequestOutput.error` says why
+    TIMEOUT = "timeout"  # its deadline (the `timeout` it was made with) passed first
 
 
 class OutputKind(str, enum.Enum):
@@ -36,13 +37,21 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
+GREEDY_TEMPERATURE = 1e-5  # a temperature below this is greedy
+MIN_REPETITION_PENALTY = 0.01  # logits * 100 or / 100 cannot overflow what a model produces
+MAX_REPETITION_PENALTY = 100.0
+
+
 @dataclass
 class SamplingParams:
     """How to pick tokens for one request. Invalid values raise ValueError naming the field.
 
-    temperature 0 is greedy; top_k 0 (or -1) and top_p 1.0 disable those filters. `seed` makes the
-    sampled output reproducible whatever else is in the batch. `stop` strings end generation and are
-    left out of the text; `stop_token_ids` end it too (the token is kept in `token_ids`).
+    temperature 0 is greedy, and so is any temperature below 1e-5 (`GREEDY_TEMPERATURE`, vLLM's
+    rule: dividing logits by less overflows float32). top_k 0 (or -1) and top_p 1.0 disable those
+    filters; the top token always survives top_p, so a tiny top_p means "the top token only".
+    repetition_penalty is in [0.01, 100]. `seed` makes the sampled output reproducible whatever else
+    is in the batch. `stop` strings end generation and are left out of the text; `stop_token_ids`
+    end it too (the token is kept in `token_ids`).
     """
 
     max_tokens: int = 16
@@ -64,8 +73,13 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not _is_int(self.top_k) or self.top_k < -1:
             raise ValueError(f"top_k must be an integer >= 0 (0 or -1 disables it), got {self.top_k!r}")
-        if not _is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
+        if not _is_real(self.repetition_penalty) or not MIN_REPETITION_PENALTY <= self.repetition_penalty <= (
+            MAX_REPETITION_PENALTY
+        ):
+            raise ValueError(
+                f"repetition_penalty must be a number in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}] "
+                f"(1 = off), got {self.repetition_penalty!r}"
+            )
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         if not isinstance(self.ignore_eos, bool):
@@ -76,7 +90,18 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0
+        """Whether tokens are picked by argmax: temperature below GREEDY_TEMPERATURE (0 included)."""
+        return self.temperature < GREEDY_TEMPERATURE
+
+
+def deadline_after(timeout: float | None, start: float | None = None) -> float | None:
+    """The time.monotonic() `timeout` seconds after `start` (default: now); None for None. ValueError naming
+    `timeout` unless it is a finite number > 0."""
+    if timeout is None:
+        return None
+    if not _is_real(timeout) or timeout <= 0:
+        raise ValueError(f"timeout must be a finite number of seconds > 0 (or None), got {timeout!r}")
+    return (time.monotonic() if start is None else start) + timeout
 
 
 def _is_int(value: object) -> bool:
@@ -166,7 +191,11 @@ class Request:
         adapter: ResolvedAdapter | None = None,
         arrival_time: float | None = None,
         output_kind: OutputKind = OutputKind.CUMULATIVE,
+        timeout: float | None = None,
     ) -> None:
+        """`timeout`: seconds from now (its arrival) after which the scheduler finishes it with
+        FinishReason.TIMEOUT, waiting or running; None for no deadline. ValueError unless it is > 0 and finite."""
+        self.deadline = deadline_after(timeout)  # time.monotonic() past which it is finished; None: never
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
@@ -215,6 +244,10 @@ class Request:
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
+    def is_past_deadline(self, now: float) -> bool:
+        """Whether its deadline has passed at `now` (time.monotonic())."""
+        return self.deadline is not None and now >= self.deadline
+
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
@@ -238,5 +271,6 @@ class Request:
 
 
 __all__ = [
-    "FinishReason", "OutputKind", "Request", "RequestMetrics", "RequestOutput", "RequestStatus", "SamplingParams",
+    "GREEDY_TEMPERATURE", "MAX_REPETITION_PENALTY", "MIN_REPETITION_PENALTY", "FinishReason", "OutputKind", "Request",
+    "RequestMetrics", "RequestOutput", "RequestStatus", "SamplingParams", "deadline_after",
 ]

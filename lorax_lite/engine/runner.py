@@ -1,8 +1,17 @@
-"""ModelRunner: one scheduled batch -> one flattened forward pass of the HF model -> one token per sampling request."""
+"""ModelRunner: one scheduled batch -> one flattened forward pass of the HF model -> one token per sampling request.
+
+A request never fails its batch. A row the sampler cannot sample fails its own request only (see
+engine/sampler.py). A forward pass that raises is run again in halves, recursively, until the
+requests whose forward fails even alone are found: they fail, and every other request gets the
+token it would have got anyway (running a sequence's tokens again rewrites the same K/V rows with
+the same values; no sequence reads another's rows). A failure that only a large batch hits (out of
+memory, say) thus costs no request at all.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel
@@ -15,10 +24,17 @@ from lorax_lite.engine.attention import (
     register_attention,
 )
 from lorax_lite.engine.kv_cache import BlockManager, KVCache, ModelShape
+from lorax_lite.engine.request import Request
 from lorax_lite.engine.sampler import Sampler, SamplerOutput
 from lorax_lite.engine.scheduler import ScheduledBatch
 from lorax_lite.lora.layers import LoRALayers
 from lorax_lite.lora.ops import LoRAMapping, lora_context
+
+logger = logging.getLogger(__name__)
+
+
+class ForwardError(RuntimeError):
+    """The forward pass raised for a request even when it ran alone (its cause is what was raised)."""
 
 
 @dataclass
@@ -30,6 +46,34 @@ class StepInputs:
     logits_indices: torch.Tensor  # [S] index in T of the last token of each sampling sequence
     attention: AttentionMetadata
     lora: LoRAMapping | None  # None: no token of this step has an adapter
+
+
+@dataclass
+class StepOutput:
+    """What one step produced, per request id: the token (and its logprob) of each sampling request that
+    did not fail, and what failed each request that did."""
+
+    sampled: dict[str, tuple[int, float]] = field(default_factory=dict)  # request id -> (token id, logprob)
+    errors: dict[str, Exception] = field(default_factory=dict)  # request id -> why it failed this step
+
+    @classmethod
+    def of(cls, requests: list[Request], sampled: SamplerOutput) -> StepOutput:
+        """The sampler's rows as results of `requests` (row i is requests[i])."""
+        out = cls()
+        for i, req in enumerate(requests):
+            if i in sampled.errors:
+                out.errors[req.request_id] = sampled.errors[i]
+            else:
+                out.sampled[req.request_id] = (sampled.token_ids[i], sampled.logprobs[i])
+        return out
+
+    def merged(self, other: StepOutput) -> StepOutput:
+        return StepOutput({**self.sampled, **other.sampled}, {**self.errors, **other.errors})
+
+    def tokens_for(self, requests: list[Request]) -> tuple[list[int], list[float]]:
+        """The token ids and logprobs sampled for `requests`, in their order (none of them failed)."""
+        pairs = [self.sampled[r.request_id] for r in requests]
+        return [t for t, _ in pairs], [lp for _, lp in pairs]
 
 
 class ModelRunner:
@@ -56,8 +100,45 @@ class ModelRunner:
         self.sampler = Sampler()
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch, block_manager: BlockManager) -> SamplerOutput:
-        """Sampled tokens in the order of `batch.sampling_requests`."""
+    def run(self, batch: ScheduledBatch, block_manager: BlockManager) -> StepOutput:
+        """A token for each of `batch.sampling_requests`, or the error of each request that failed: its row could
+        not be sampled, or its forward pass raised even alone (ForwardError)."""
+        try:
+            return self._run_once(batch, block_manager)
+        except Exception as exc:
+            if len(batch.requests) == 1:
+                return self._failed_alone(batch, exc)
+            logger.warning("forward pass of %d requests failed (%s: %s); running it again in halves to find the "
+                           "requests it fails for", len(batch.requests), type(exc).__name__, exc)
+            return self._bisect(batch, block_manager)
+
+    def _bisect(self, batch: ScheduledBatch, block_manager: BlockManager) -> StepOutput:
+        outputs = []
+        for half in batch.split():
+            try:
+                outputs.append(self._run_once(half, block_manager))
+            except Exception as exc:
+                many = len(half.requests) > 1
+                outputs.append(self._bisect(half, block_manager) if many else self._failed_alone(half, exc))
+        return outputs[0].merged(outputs[1])
+
+    @staticmethod
+    def _failed_alone(batch: ScheduledBatch, exc: Exception) -> StepOutput:
+        error = ForwardError(f"forward pass failed: {type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        return StepOutput(errors={batch.requests[0].request_id: error})
+
+    def clear_blocks(self, blocks: list[int]) -> None:
+        """Zero the K/V rows of `blocks` in every layer."""
+        if not blocks:
+            return
+        bs = self.block_size
+        rows = (torch.tensor(blocks)[:, None] * bs + torch.arange(bs)).flatten().to(self.device)  # [len(blocks) * bs]
+        for key, value in zip(self.kv_cache.key, self.kv_cache.value, strict=True):
+            key.index_fill_(0, rows, 0)
+            value.index_fill_(0, rows, 0)
+
+    def _run_once(self, batch: ScheduledBatch, block_manager: BlockManager) -> StepOutput:
         ordered = self._group_by_lora_slot(batch)
         inputs = self._prepare_inputs(ordered, block_manager)
         with forward_context(inputs.attention), lora_context(inputs.lora):
@@ -67,8 +148,8 @@ class ModelRunner:
                 use_cache=False,
                 logits_to_keep=inputs.logits_indices,
             )
-        sampled = self.sampler(out.logits[0], ordered.sampling_requests)
-        return sampled if ordered is batch else sampled.reordered(ordered.sampling_requests, batch.sampling_requests)
+        requests = ordered.sampling_requests
+        return StepOutput.of(requests, self.sampler(out.logits[0], requests))
 
     @staticmethod
     def _group_by_lora_slot(batch: ScheduledBatch) -> ScheduledBatch:
@@ -115,9 +196,11 @@ class ModelRunner:
 
     @staticmethod
     def _prepare_block_tables(reqs: list, block_manager: BlockManager) -> torch.Tensor:
+        """[S, max_blocks]; a short table is padded with its own first block: attention masks the padding, but
+        its rows still enter the matmul (0 x NaN is NaN), so they must be rows no other request wrote."""
         tables = [block_manager.block_table(r.request_id) for r in reqs]
         width = max(len(t) for t in tables)
-        return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+        return torch.tensor([t + t[:1] * (width - len(t)) for t in tables], dtype=torch.long)
 
     def _prepare_group(
         self,

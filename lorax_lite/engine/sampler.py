@@ -4,15 +4,28 @@ Order of operations follows transformers' `generate`: repetition penalty -> temp
 top_p -> softmax -> draw. Filters run batched over the rows; only the final draw loops over the
 sampled rows, each with its own `torch.Generator`, so a seeded request draws the same tokens
 whatever else shares its batch.
+
+One row never breaks another. A row whose logits are unusable (NaN, +inf, or nothing above -inf:
+a corrupt adapter's output, say) or whose draw raises is reported in `SamplerOutput.errors`, and
+every other row is computed, and drawn from its own generator, exactly as without it. No parameter
+in its accepted range (see SamplingParams) makes a valid row inf/nan: logits are divided by the
+temperature after the row's max is subtracted (nothing can overflow upwards), a value the penalty
+pushes past float32's range is clamped to the largest float, and top_p always keeps the top token.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from lorax_lite.engine.request import Request
+
+FLOAT_MAX = torch.finfo(torch.float32).max
+
+
+class SamplingError(RuntimeError):
+    """No token can be sampled for a request (its logits are not finite)."""
 
 
 @dataclass
@@ -26,32 +39,45 @@ class SamplerOutput:
 
     token_ids: list[int]
     logprobs: list[float]
-
-    def reordered(self, sampled_for: list, wanted: list) -> SamplerOutput:
-        """The same results for the requests `wanted`, given they were sampled for `sampled_for` (same set)."""
-        index = {id(r): i for i, r in enumerate(sampled_for)}
-        order = [index[id(r)] for r in wanted]
-        return SamplerOutput([self.token_ids[i] for i in order], [self.logprobs[i] for i in order])
+    errors: dict[int, Exception] = field(default_factory=dict)  # row -> why it failed (its entries above are 0)
 
 
 class Sampler:
     """Picks one token per row of `logits`, following each request's `sampling_params`."""
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
-        """logits: [N, V], row i belongs to requests[i]; any float dtype/device (computed in fp32)."""
+        """logits: [N, V], row i belongs to requests[i]; any float dtype/device (computed in fp32).
+
+        A failed row is in the output's `errors`; the call raises only for a wrongly shaped `logits`.
+        """
         if logits.dim() != 2 or logits.shape[0] != len(requests):
             raise ValueError(f"logits must be [N, V] with N={len(requests)}, got {tuple(logits.shape)}")
-        raw = logits.float()  # [N, V]
+        raw, errors = self._check_rows(logits.float())  # [N, V], failed rows zeroed
         penalized = self._apply_repetition_penalty(raw, requests)  # [N, V]
-        token_ids = torch.empty(len(requests), dtype=torch.long)
-        logprobs = torch.empty(len(requests), dtype=torch.float32)
-        greedy = [i for i, r in enumerate(requests) if r.sampling_params.is_greedy]
-        sampled = [i for i, r in enumerate(requests) if not r.sampling_params.is_greedy]
+        token_ids = torch.zeros(len(requests), dtype=torch.long)
+        logprobs = torch.zeros(len(requests), dtype=torch.float32)
+        live = [i for i in range(len(requests)) if i not in errors]
+        greedy = [i for i in live if requests[i].sampling_params.is_greedy]
+        sampled = [i for i in live if not requests[i].sampling_params.is_greedy]
         if greedy:
             self._pick_greedy(raw, penalized, greedy, token_ids, logprobs)
         if sampled:
-            self._pick_sampled(penalized, [requests[i] for i in sampled], sampled, token_ids, logprobs)
-        return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs.tolist())
+            self._pick_sampled(penalized, [requests[i] for i in sampled], sampled, token_ids, logprobs, errors)
+        return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs.tolist(), errors=errors)
+
+    @staticmethod
+    def _check_rows(logits: torch.Tensor) -> tuple[torch.Tensor, dict[int, Exception]]:
+        """Fail the rows with no usable logits (a NaN, a +inf, or only -inf); they are zeroed so that the
+        batched steps below stay finite for everyone."""
+        bad = ~torch.isfinite(logits.amax(dim=-1))  # [N]; amax is NaN when the row has one
+        if not bool(bad.any()):
+            return logits, {}
+        errors: dict[int, Exception] = {
+            i: SamplingError("the model's logits for this request are not finite (NaN or inf), so no token can "
+                             "be sampled; an adapter with NaN or inf weights does this")
+            for i in bad.nonzero().flatten().tolist()
+        }
+        return logits.masked_fill(bad[:, None], 0.0), errors
 
     # -- repetition penalty ---------------------------------------------------------------------
 
@@ -68,6 +94,7 @@ class Sampler:
         index = torch.tensor(rows, device=logits.device)
         sub = logits[index]  # [R, V]
         penalized = torch.where(sub < 0, sub * penalty, sub / penalty)
+        penalized = torch.where(torch.isneginf(sub), sub, penalized.clamp(-FLOAT_MAX, FLOAT_MAX))  # overflow: clamp
         out = logits.clone()
         out[index] = torch.where(seen, penalized, sub)
         return out
@@ -105,20 +132,32 @@ class Sampler:
         rows: list[int],
         token_ids: torch.Tensor,
         logprobs: torch.Tensor,
+        errors: dict[int, Exception],
     ) -> None:
         device = penalized.device
         params = [r.sampling_params for r in requests]
-        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
-        logits = penalized[torch.tensor(rows, device=device)] / temperature[:, None]  # [S, V]
+        # temperature >= GREEDY_TEMPERATURE here; a huge one is capped so that it stays finite in float32
+        temperature = torch.tensor([min(p.temperature, FLOAT_MAX) for p in params], dtype=torch.float32, device=device)
+        unscaled = penalized[torch.tensor(rows, device=device)]  # [S, V], each row's max finite
+        shifted = unscaled - unscaled.amax(dim=-1, keepdim=True)  # <= 0, the top token 0: "/ temperature" cannot
+        logits = shifted / temperature[:, None]  # overflow (a tiny one sends the others to -inf, as its limit does)
         logits = self._apply_top_k_top_p(logits, [p.top_k for p in params], [p.top_p for p in params])
         log_probs = torch.log_softmax(logits, dim=-1).cpu()  # [S, V], on CPU for the per-row draw
         probs = log_probs.exp()
         for s, (row, request) in enumerate(zip(rows, requests, strict=True)):
-            if request.generator is None:
-                raise RuntimeError(f"request {request.request_id} samples but has no generator")
-            token = int(torch.multinomial(probs[s], 1, generator=request.generator))
+            try:
+                token = self._draw(probs[s], request)
+            except Exception as exc:  # this row fails; the others are drawn as if it were not there
+                errors[row] = exc
+                continue
             token_ids[row] = token
             logprobs[row] = log_probs[s, token]
+
+    @staticmethod
+    def _draw(probs: torch.Tensor, request: Request) -> int:
+        if request.generator is None:
+            raise RuntimeError(f"request {request.request_id} samples but has no generator")
+        return int(torch.multinomial(probs, 1, generator=request.generator))
 
     @staticmethod
     def _apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
@@ -132,13 +171,15 @@ class Sampler:
         k = torch.tensor([min(k, vocab_size) if k > 0 else vocab_size for k in top_k], device=device)
         kth = sorted_logits.gather(1, (k - 1)[:, None])  # [S, 1]
         sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
-        # top_p: drop a token once the mass strictly above it already reaches top_p (top token stays).
+        # top_p: drop a token once the mass strictly above it already reaches top_p. The top token always
+        # stays, even when top_p rounds to 0 in float32.
         p = torch.tensor(top_p, dtype=torch.float32, device=device)
         sorted_probs = sorted_logits.softmax(dim=-1)
         mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs  # [S, V]
         drop = (mass_above >= p[:, None]) & (p < 1.0)[:, None]
+        drop[:, 0] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         return torch.empty_like(logits).scatter_(1, sorted_index, sorted_logits)
 
 
-__all__ = ["Sampler", "SamplerOutput"]
+__all__ = ["FLOAT_MAX", "Sampler", "SamplerOutput", "SamplingError"]

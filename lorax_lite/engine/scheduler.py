@@ -15,6 +15,9 @@ When every slot is busy, the oldest request waiting for a slot gets one reserved
 `AdapterManager.reserve`), so a hot adapter cannot starve cold ones. A request whose adapter fails
 to load finishes with that error; nothing else is affected.
 
+Deadlines: each step first finishes the requests whose deadline has passed (`Request.deadline`),
+waiting or running, with FinishReason.TIMEOUT; their blocks and slot references are freed at once.
+
 The scheduler keeps the books only: tokens, budgets, blocks, slots, and the finish conditions it
 can see from token ids (eos, stop token ids, max_tokens, max_seq_len). Text and stop strings are
 the output stage's (`engine/output.py`), which finishes a request through `finish_request`.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lorax_lite.engine.catalog import ResolvedAdapter
@@ -57,6 +61,12 @@ class ScheduledBatch:
     def sampling_requests(self) -> list[Request]:
         return [r for i, r in enumerate(self.requests) if self.samples(i)]
 
+    def split(self) -> tuple[ScheduledBatch, ScheduledBatch]:
+        """Its first and second half, each a batch of its own (to find the request a failed forward pass fails for)."""
+        half = len(self.requests) // 2
+        return (ScheduledBatch(self.requests[:half], self.num_new_tokens[:half]),
+                ScheduledBatch(self.requests[half:], self.num_new_tokens[half:]))
+
 
 class Scheduler:
     """Decides each step's batch and applies its results; owns the waiting and running queues."""
@@ -69,9 +79,15 @@ class Scheduler:
         max_seq_len: int,
         eos_token_ids: set[int],
         adapter_manager: AdapterManager | None = None,
+        clear_blocks: Callable[[list[int]], None] | None = None,
     ) -> None:
         """`max_seq_len` must fit in the KV cache alone (`plan_kv_cache` sees to it), else a long request
-        could preempt itself forever."""
+        could preempt itself forever.
+
+        `clear_blocks` zeroes the K/V of blocks (the runner's `clear_blocks`). It is called on the blocks of
+        a request that leaves before a finished generation vouched for its K/V (failed, aborted, timed out or
+        preempted), before anyone else can get them: padded attention multiplies masked rows by 0, and
+        0 x NaN is NaN, so a NaN one request wrote would reach the next owner of its blocks."""
         capacity = block_manager.num_blocks * block_manager.block_size
         require(max_seq_len <= capacity, f"max_seq_len {max_seq_len} exceeds the KV cache's {capacity} tokens")
         self.block_manager = block_manager
@@ -80,7 +96,8 @@ class Scheduler:
         self.max_seq_len = max_seq_len
         self.eos_token_ids = set(eos_token_ids)
         self.adapter_manager = adapter_manager
-        self._failed: list[Request] = []  # finished by the scheduler itself, between steps; see take_failed
+        self.clear_blocks = clear_blocks
+        self._finished: list[Request] = []  # finished by the scheduler itself, between steps; see take_finished
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last is the newest
         self.num_preemptions = 0
@@ -91,7 +108,7 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         """Requests are waiting or running, or finished by the scheduler with outputs not yet taken."""
-        return bool(self.waiting or self.running or self._failed)
+        return bool(self.waiting or self.running or self._finished)
 
     def abort(self, request_id: str) -> Request | None:
         """Finish a request wherever it is, freeing its blocks. Unknown or finished ids: None."""
@@ -105,16 +122,30 @@ class Scheduler:
         """Finish the waiting requests for `adapter_key` with `error` (its adapter was removed)."""
         for req in [r for r in self.waiting if r.adapter_key == adapter_key]:
             self.finish_request(req, FinishReason.ERROR, error)
-            self._failed.append(req)
+            self._finished.append(req)
 
-    def take_failed(self) -> list[Request]:
-        """The requests the scheduler finished itself since the last call (adapter load failed or removed)."""
-        failed, self._failed = self._failed, []
-        return failed
+    def take_finished(self) -> list[Request]:
+        """The requests the scheduler finished itself since the last call (adapter load failed or removed,
+        deadline passed)."""
+        finished, self._finished = self._finished, []
+        return finished
+
+    @property
+    def next_deadline(self) -> float | None:
+        """The earliest deadline (time.monotonic()) of a waiting or running request; None if none has one."""
+        deadlines = [r.deadline for r in (*self.waiting, *self.running) if r.deadline is not None]
+        return min(deadlines, default=None)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for req in [r for r in (*self.waiting, *self.running) if r.is_past_deadline(now)]:
+            self.finish_request(req, FinishReason.TIMEOUT)
+            self._finished.append(req)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         self._preempted_this_step = False
+        self._expire()
         self._fail_adapter_loads()
         budget = self._schedule_running(batch, self.max_num_batched_tokens)
         if not self._preempted_this_step:  # memory is tight: admit nobody new this step
@@ -158,8 +189,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
-        self.block_manager.free(req.request_id)
-        self._release_adapter(req)
+        self._free(req, vouched=False)
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
@@ -232,11 +262,14 @@ class Scheduler:
         return not self.running and self.adapter_manager is not None and self.adapter_manager.num_loading > 0
 
     def postprocess(self, batch: ScheduledBatch, sampled: list[int], logprobs: list[float]) -> list[Request]:
-        """Apply a step's results (one token, and its logprob, per sampling request); returns the requests
-        that got a new token (finished or not)."""
+        """Apply a step's results (one token, and its logprob, per sampling request not finished); returns the
+        requests that got a new token (finished or not). Requests that failed this step are finished already
+        and skipped."""
         sampling = iter(zip(sampled, logprobs, strict=True))
         updated = []
         for i, req in enumerate(batch.requests):
+            if req.is_finished:
+                continue
             samples = batch.samples(i)
             req.num_computed_tokens += batch.num_new_tokens[i]
             if samples:
@@ -269,12 +302,13 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self.block_manager.free(req.request_id)
-        self._release_adapter(req)
+        self._free(req, vouched=reason in (FinishReason.EOS, FinishReason.STOP, FinishReason.LENGTH))
         req.finish(reason, error)
 
-    def fail(self, requests: list[Request], error: str) -> None:
-        """Finish these requests with an error (e.g. their forward pass raised)."""
-        for req in requests:
-            if not req.is_finished:
-                self.finish_request(req, FinishReason.ERROR, error)
+    def _free(self, req: Request, vouched: bool) -> None:
+        """Give back its blocks and its adapter slot reference. `vouched`: its last step sampled from finite
+        logits, which attended every K/V it wrote, so they are finite; otherwise they are cleared first."""
+        if not vouched and self.clear_blocks is not None and self.block_manager.has(req.request_id):
+            self.clear_blocks(self.block_manager.block_table(req.request_id))
+        self.block_manager.free(req.request_id)
+        self._release_adapter(req)
