@@ -171,8 +171,8 @@ def test_sigterm_lets_streams_finish_refuses_new_requests_and_exits(deployment):
 
 
 def test_requests_left_at_the_shutdown_deadline_are_stopped_with_a_clear_reason(deployment):
-    with serve_process(*deployment, "--shutdown-timeout", "1", "--max-model-len", "8192") as (base, proc):
-        body = {"inputs": "Go on", "parameters": {"max_new_tokens": 8000, "ignore_eos_token": True}}
+    with serve_process(*deployment, "--shutdown-timeout", "0") as (base, proc):  # stop everything at once
+        body = {"inputs": "Go on", "parameters": {"max_new_tokens": 480, "ignore_eos_token": True}}
         with httpx.stream("POST", f"{base}/generate_stream", json=body, timeout=60) as resp:
             lines = resp.iter_lines()
             next(line for line in lines if line.startswith("data:"))
@@ -180,8 +180,9 @@ def test_requests_left_at_the_shutdown_deadline_are_stopped_with_a_clear_reason(
             proc.send_signal(signal.SIGTERM)
             events = [json.loads(line[5:]) for line in lines if line.startswith("data:")]
         assert events[-1]["error_type"] == "shutting_down" and "retry" in events[-1]["error"]
+        assert len(events) < 480
         assert proc.wait(timeout=20) == 0
-        assert time.monotonic() - signalled < 1 + 2 + 3  # the deadline, the grace for last bytes, slack
+        assert time.monotonic() - signalled < 2 + 3  # the grace for last bytes, and slack
 
 
 # ---- the engine dies ------------------------------------------------------------------------------
