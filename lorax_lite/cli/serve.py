@@ -35,7 +35,7 @@ def serve_command(
 ) -> None:
     """Serve the base model and every registered adapter over HTTP (LoRAX-native and OpenAI-compatible APIs).
 
-    SIGTERM drains: in-flight requests finish (for at most --shutdown-timeout seconds) while new ones get a 503;
+    SIGTERM drains: in-flight requests finish (within the shutdown timeout) while new ones get a 503;
     the exit status is 0 after a drain, 1 if the engine died."""
     from lorax_lite.engine.async_llm import AsyncLLM
     from lorax_lite.registry.base import RegistryError
