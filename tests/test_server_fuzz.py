@@ -40,6 +40,7 @@ NATIVE_ROUTES = ("/generate", "/generate_stream", "/")
 OPENAI_REFUSED = {"n", "frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs", "suffix",
                   "best_of", "response_format", "tools", "tool_choice", "functions", "max_completion_tokens"}
 HTML_ROUTES = ("/chat",)  # the chat pages answer in HTML, errors included
+VANISHING_FIELDS = ("temperature", "top_p", "repetition_penalty")  # see test_a_vanishing_sampling_value_...
 SERVER_ERROR_TYPES = {"generation", "unavailable", "server_error", "service_unavailable"}  # 5xx classes (errors.py)
 
 
@@ -61,8 +62,9 @@ def fuzz_server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def api_schema(fuzz_server: ServerProcess):
-    # Streams are read to the end (at most 64 tokens): an error event at the end is seen too.
-    config = schemathesis.Config.from_dict({"max-stream-events": 1000})
+    # Streams are read to the end (at most 64 tokens): an error event at the end is seen too. Reports show the
+    # values sent (schemathesis masks fields that look secret, and max_tokens does).
+    config = schemathesis.Config.from_dict({"max-stream-events": 1000, "output": {"sanitization": {"enabled": False}}})
     schema = schemathesis.openapi.from_url(f"{fuzz_server.url}/openapi.json", config=config)
     schema.hook("before_generate_case")(_steer_towards_the_engine)
     return schema
@@ -116,8 +118,8 @@ def _fuzz(operation: APIOperation, mode: GenerationMode, statuses: Counter) -> l
               suppress_health_check=list(HealthCheck))
     @given(case=operation.as_strategy(mode))
     def run(case: schemathesis.Case) -> None:
-        if _echoes_token_ids_out_of_range(case):
-            reject()  # a known bug, pinned by test_completions_echo_of_token_ids_out_of_range_is_a_400
+        if _echoes_token_ids_out_of_range(case) or _samples_with_a_vanishing_value(case):
+            reject()  # known bugs, each pinned by an xfail test below
         response = case.call(timeout=60)
         statuses[operation.label, response.status_code] += 1
         _check(case, response)
@@ -163,6 +165,13 @@ def _echoes_token_ids_out_of_range(case: schemathesis.Case) -> bool:
             and any(isinstance(t, int) and not 0 <= t < 2**32 for t in prompt))
 
 
+def _samples_with_a_vanishing_value(case: schemathesis.Case) -> bool:
+    body = case.body if isinstance(case.body, dict) else {}
+    fields = body.get("parameters") if isinstance(body.get("parameters"), dict) else body
+    values = [fields.get(name) for name in VANISHING_FIELDS]
+    return any(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1e-30 for v in values)
+
+
 @pytest.mark.xfail(strict=True, reason="server bug: POST /v1/completions with echo and a token id outside [0, 2**32) "
                    "reaches tokenizer.decode unchecked (OverflowError): 500 text/plain instead of a 400. Once fixed, "
                    "drop this mark and the reject() of these cases in the fuzz test")
@@ -172,3 +181,26 @@ def test_completions_echo_of_token_ids_out_of_range_is_a_400(fuzz_server: Server
     resp = httpx.post(f"{fuzz_server.url}/v1/completions", json=body, timeout=60)
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["code"] == "validation"
+
+
+VANISHING = [  # (id, path, body): the minimal request the fuzzer found (LORAX_FUZZ_EXAMPLES=500), and siblings
+    ("chat top_p", "/v1/chat/completions", {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}],
+                                            "max_tokens": 4, "top_p": 2.272465887675192e-234}),
+    ("completions temperature", "/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 4,
+                                                    "temperature": 1e-300}),
+    ("completions repetition_penalty", "/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 4,
+                                                           "repetition_penalty": 1e-300}),
+    ("native temperature", "/generate", {"inputs": "hi", "parameters": {"max_new_tokens": 4, "temperature": 1e-300}}),
+    ("native top_p", "/generate", {"inputs": "hi", "parameters": {"max_new_tokens": 4, "top_p": 1e-300,
+                                                                 "do_sample": True}}),
+]
+
+
+@pytest.mark.xfail(strict=True, reason="server bug: a temperature, top_p or repetition_penalty that is positive but "
+                   "vanishes in float32 (e.g. 1e-300) makes the sampler's probabilities inf/nan: 500 'forward pass "
+                   "failed', and every request in the same batch fails with it (test_soak.py pins that). It should be "
+                   "a 4xx or sampled as its limit. Once fixed, drop this mark and the reject() in the fuzz test")
+@pytest.mark.parametrize("path, body", [case[1:] for case in VANISHING], ids=[case[0] for case in VANISHING])
+def test_a_vanishing_sampling_value_is_no_server_error(fuzz_server: ServerProcess, path: str, body: dict):
+    resp = httpx.post(f"{fuzz_server.url}{path}", json=body, timeout=60)
+    assert resp.status_code < 500, resp.text
