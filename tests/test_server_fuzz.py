@@ -34,7 +34,7 @@ from lorax_lite.registry.store import AdapterStore
 
 MODEL_NAME = "tiny"
 ADAPTERS = ("pricing", "logistics")
-# Requests per operation and mode (valid, invalid); more with LORAX_FUZZ_EXAMPLES=500 (about 2 min on 2 cores).
+# Requests per operation and mode (valid, invalid); more with LORAX_FUZZ_EXAMPLES=500 (about 90 s on 2 cores).
 MAX_EXAMPLES = int(os.environ.get("LORAX_FUZZ_EXAMPLES", "50"))
 NATIVE_ROUTES = ("/generate", "/generate_stream", "/")
 OPENAI_REFUSED = {"n", "frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs", "suffix",
