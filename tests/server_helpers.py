@@ -1,6 +1,7 @@
 """Reaching a server in tests: `serve` runs `lorax-lite serve` as a subprocess on a free port until
-it is healthy; `serve_in_thread` runs an app with uvicorn in a thread of this process; `call` sends
-one request to an app in-process through httpx's ASGI transport."""
+it is healthy (`serve_process` too, exposing the process and its log); `serve_in_thread` runs an app
+with uvicorn in a thread of this process; `call` sends one request to an app in-process through
+httpx's ASGI transport."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -75,6 +78,55 @@ def server_output(proc: subprocess.Popen) -> str:
     text = log.read()
     log.seek(0, 2)
     return text
+
+
+@dataclass
+class ServerProcess:
+    """A running `lorax-lite serve`: its base URL, its Popen, and its log (stdout and stderr) in a file."""
+
+    url: str
+    proc: subprocess.Popen
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_tail(self, num_chars: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-num_chars:]
+
+
+@contextmanager
+def serve_process(*args: str, log: Path, startup_timeout: float = 180.0) -> Iterator[ServerProcess]:
+    """`serve`, yielding a ServerProcess; its output goes to the file `log`, not a pipe, so a long run that
+    logs every request never blocks on a full pipe nobody reads."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "lorax_lite.cli", "serve", *args, "--port", str(port)]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
+    server = ServerProcess(f"http://127.0.0.1:{port}", proc, log)
+    deadline = time.time() + startup_timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}: {server.log_tail()}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"server did not become healthy in {startup_timeout:.0f} s: {server.log_tail()}")
+        time.sleep(0.2)
+    try:
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def call(app, method: str, url: str, **kw) -> httpx.Response:
