@@ -36,7 +36,7 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, attempts: int = 3) -> "RedisServer":
+    def start(self, attempts: int = 3) -> RedisServer:
         """Start and wait until it answers PING; a port taken in between is retried with another."""
         self._dir = tempfile.TemporaryDirectory(prefix="lorax-redis-")
         for _ in range(attempts):
@@ -81,7 +81,7 @@ class RedisServer:
         self._process = self._spawn(Path(self._dir.name))
         assert self._wait_ready()
 
-    def __enter__(self) -> "RedisServer":
+    def __enter__(self) -> RedisServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -31,53 +31,8 @@ def free_port() -> int:
 @contextmanager
 def serve(*args: str, startup_timeout: float = 180.0) -> Iterator[str]:
     """Run `lorax-lite serve ARGS --port P`; yields its base URL; terminates it (and fails loudly if it died)."""
-    with serve_process(*args, startup_timeout=startup_timeout) as (base, _):
-        yield base
-
-
-@contextmanager
-def serve_process(*args: str, startup_timeout: float = 180.0) -> Iterator[tuple[str, subprocess.Popen]]:
-    """Like `serve`, yielding (base URL, the server's Popen) for tests that signal it or read its output."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "lorax_lite.cli", "serve", *args, "--port", str(port)]
-    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a pipe nobody reads would block a chatty server
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
-    proc.log = log  # type: ignore[attr-defined]  # server_output(proc) reads it
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + startup_timeout
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}: {server_output(proc)[-3000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not become healthy in {startup_timeout:.0f} s: {server_output(proc)[-3000:]}")
-        time.sleep(0.2)
-    try:
-        yield base, proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-def server_output(proc: subprocess.Popen) -> str:
-    """Everything a server started by `serve_process` printed so far."""
-    log = proc.log  # type: ignore[attr-defined]
-    log.flush()
-    log.seek(0)
-    text = log.read()
-    log.seek(0, 2)
-    return text
+    with serve_process(*args, startup_timeout=startup_timeout) as server:
+        yield server.url
 
 
 @dataclass
@@ -97,36 +52,44 @@ class ServerProcess:
 
 
 @contextmanager
-def serve_process(*args: str, log: Path, startup_timeout: float = 180.0) -> Iterator[ServerProcess]:
-    """`serve`, yielding a ServerProcess; its output goes to the file `log`, not a pipe, so a long run that
-    logs every request never blocks on a full pipe nobody reads."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "lorax_lite.cli", "serve", *args, "--port", str(port)]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
-    server = ServerProcess(f"http://127.0.0.1:{port}", proc, log)
+def serve_process(*args: str, log: Path | None = None, startup_timeout: float = 180.0) -> Iterator[ServerProcess]:
+    """`serve`, yielding a ServerProcess (to signal it, read its pid or its output). Its output goes to the file
+    `log` (default: a temporary one), not a pipe, so a long run that logs every request never blocks on a full
+    pipe nobody reads."""
+    with tempfile.TemporaryDirectory(prefix="lorax-serve-") as scratch:
+        log = log or Path(scratch) / "server.log"
+        port = free_port()
+        cmd = [sys.executable, "-m", "lorax_lite.cli", "serve", *args, "--port", str(port)]
+        with open(log, "w") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
+        server = ServerProcess(f"http://127.0.0.1:{port}", proc, log)
+        try:
+            _wait_healthy(server, startup_timeout)
+            yield server
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_healthy(server: ServerProcess, startup_timeout: float) -> None:
     deadline = time.time() + startup_timeout
     while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}: {server.log_tail()}")
+        if server.proc.poll() is not None:
+            pytest.fail(f"server exited with {server.proc.returncode}: {server.log_tail()}")
         try:
             if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
-                break
+                return
         except httpx.HTTPError:
             pass
         if time.time() > deadline:
-            proc.kill()
+            server.proc.kill()
             pytest.fail(f"server did not become healthy in {startup_timeout:.0f} s: {server.log_tail()}")
         time.sleep(0.2)
-    try:
-        yield server
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def call(app, method: str, url: str, **kw) -> httpx.Response:

@@ -16,9 +16,10 @@ import httpx
 import pytest
 import torch
 import uvicorn
+from lora_helpers import AdapterSpec, make_peft_adapter
+from server_helpers import call, serve_process
 from transformers import AutoModelForCausalLM
 
-from lora_helpers import AdapterSpec, make_peft_adapter
 from lorax_lite import AsyncLLM
 from lorax_lite.config import ServerLimits
 from lorax_lite.registry import admin
@@ -26,7 +27,6 @@ from lorax_lite.registry.sqlite import SQLiteRegistry
 from lorax_lite.registry.store import AdapterStore
 from lorax_lite.server import create_app
 from lorax_lite.server.serving import DrainingServer, guarded_protocol
-from server_helpers import call, serve_process, server_output
 
 BASE = "tiny-llama"
 ADAPTERS = ("pricing", "supply", "legal")
@@ -75,21 +75,22 @@ POISON = [  # inside the ranges the API accepted, but overflowing or vanishing i
 
 def test_poison_sampling_values_never_disturb_streaming_bystanders(deployment):
     bystanders = [(adapter, f"Bystander {i} asks about the price.") for i, adapter in enumerate([*ADAPTERS, None])]
-    with serve_process(*deployment) as (base, proc), httpx.Client() as client:
+    with serve_process(*deployment) as server, httpx.Client() as client:
+        base = server.url
         solo = {key: stream_tokens(client, base, *key, n=48) for key in bystanders}
         with ThreadPoolExecutor(len(bystanders) + len(POISON)) as pool:
             streams = {key: pool.submit(stream_tokens, httpx.Client(), base, *key, n=48) for key in bystanders}
             time.sleep(0.2)  # the bystanders are streaming: the poison lands in their batches
             poisoned = [pool.submit(client.post, f"{base}/generate", timeout=60, headers={"adapter_id": adapter},
                                     json={"inputs": "Poison", "parameters": {"max_new_tokens": 16, **params}})
-                        for adapter, params in zip([*ADAPTERS, *ADAPTERS], POISON)]
+                        for adapter, params in zip([*ADAPTERS, *ADAPTERS], POISON, strict=False)]
             answers = [f.result() for f in poisoned]
             together = {key: f.result() for key, f in streams.items()}
         assert together == solo
-        for params, resp in zip(POISON, answers):
+        for params, resp in zip(POISON, answers, strict=True):
             assert resp.status_code in (200, 422), (params, resp.status_code, resp.text)  # served, or refused
         assert client.get(f"{base}/health").status_code == 200
-        assert "forward pass failed" not in server_output(proc)
+        assert "forward pass failed" not in server.log_tail(10**6)
 
 
 # ---- slow clients, too many clients, huge prompts -------------------------------------------------
@@ -109,7 +110,8 @@ def read_all(sock: socket.socket) -> bytes:
 
 def test_slow_and_stalled_clients_are_timed_out_and_connections_are_capped(deployment):
     args = [*deployment, "--header-timeout", "1", "--body-timeout", "1", "--max-connections", "6"]
-    with serve_process(*args) as (base, _):
+    with serve_process(*args) as server:
+        base = server.url
         half_headers = raw_connection(base)
         half_headers.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-")  # and never more
         half_body = raw_connection(base)
@@ -133,7 +135,8 @@ def test_slow_and_stalled_clients_are_timed_out_and_connections_are_capped(deplo
 
 def test_huge_prompts_are_refused_without_stalling_the_server(deployment):
     huge = "word " * 180_000  # 900 KB: under the body limit, far over max_prompt_chars
-    with serve_process(*deployment) as (base, _), ThreadPoolExecutor(8) as pool:
+    with serve_process(*deployment) as server, ThreadPoolExecutor(8) as pool:
+        base = server.url
         refusals = [pool.submit(httpx.post, f"{base}/v1/completions", timeout=60,
                                 json={"model": BASE, "prompt": huge, "max_tokens": 4}) for _ in range(4)]
         slowest_health = 0.0
@@ -150,7 +153,8 @@ def test_huge_prompts_are_refused_without_stalling_the_server(deployment):
 
 
 def test_sigterm_lets_streams_finish_refuses_new_requests_and_exits(deployment):
-    with serve_process(*deployment, "--shutdown-timeout", "30") as (base, proc), ThreadPoolExecutor(4) as pool:
+    with serve_process(*deployment, "--shutdown-timeout", "30") as server, ThreadPoolExecutor(4) as pool:
+        base, proc = server.url, server.proc
         streams = [pool.submit(stream_tokens, httpx.Client(), base, adapter, "Long answer please", 400)
                    for adapter in ("pricing", None)]
         stalled = raw_connection(base)  # a client that never finishes its body
@@ -171,7 +175,8 @@ def test_sigterm_lets_streams_finish_refuses_new_requests_and_exits(deployment):
 
 
 def test_requests_left_at_the_shutdown_deadline_are_stopped_with_a_clear_reason(deployment):
-    with serve_process(*deployment, "--shutdown-timeout", "0") as (base, proc):  # stop everything at once
+    with serve_process(*deployment, "--shutdown-timeout", "0") as server:  # stop everything at once
+        base, proc = server.url, server.proc
         body = {"inputs": "Go on", "parameters": {"max_new_tokens": 480, "ignore_eos_token": True}}
         with httpx.stream("POST", f"{base}/generate_stream", json=body, timeout=60) as resp:
             lines = resp.iter_lines()

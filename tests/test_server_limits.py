@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from lora_helpers import AdapterSpec, make_peft_adapter
+from server_helpers import call
 from transformers import AutoModelForCausalLM
 
-from lora_helpers import AdapterSpec, make_peft_adapter
 from lorax_lite import AsyncLLM
 from lorax_lite.config import ServerLimits
 from lorax_lite.registry import admin
 from lorax_lite.registry.sqlite import SQLiteRegistry
 from lorax_lite.registry.store import AdapterStore
 from lorax_lite.server import create_app
-from server_helpers import call
 
 MODEL_NAME = "tiny-llama"
 ENGINE = dict(dtype="float32", device="cpu", max_num_batched_tokens=64, max_model_len=512)
@@ -119,7 +119,8 @@ def test_a_prompt_over_max_prompt_chars_is_refused_before_it_is_tokenized(app, l
     tokenized = []
     tokenizer_type = type(llm.tokenizer)
     original = tokenizer_type.__call__
-    monkeypatch.setattr(tokenizer_type, "__call__", lambda self, *a, **k: tokenized.append(1) or original(self, *a, **k))
+    monkeypatch.setattr(tokenizer_type, "__call__",
+                        lambda self, *a, **k: tokenized.append(1) or original(self, *a, **k))
     huge = "x" * (LIMITS.max_prompt_chars + 1)
     resp = call(app, "POST", "/v1/completions", json={"model": MODEL_NAME, "prompt": huge, "max_tokens": 2})
     assert resp.status_code == 400 and "max_prompt_chars" in resp.json()["error"]["message"]

@@ -45,8 +45,8 @@ def server(redis: RedisServer, tiny_llama_dir: Path, tmp_path: Path) -> Iterator
     registry.close()
     args = ["--model", str(tiny_llama_dir), "--registry", redis.url, "--store", str(tmp_path / "store"),
             "--served-model-name", BASE, "--dtype", "float32", "--device", "cpu", "--max-model-len", "512"]
-    with serve_process(*args) as (base, _):
-        yield base
+    with serve_process(*args) as server:
+        yield server.url
 
 
 def generate(base: str, adapter: str | None = None, **kw) -> httpx.Response:
