@@ -26,16 +26,19 @@ Message = dict[str, str]
 
 class LoraxLiteError(Exception):
     """A request failed: `status` is the HTTP status (None for a failure mid-stream or without an
-    answer), `error_type` the server's error type, `param` the field to blame when the server names one."""
+    answer), `error_type` the server's error type, `param` the field to blame when the server names one,
+    `retry_after` the seconds the server asked to wait before retrying (None when not said)."""
 
     def __init__(
         self, message: str, status: int | None = None, error_type: str | None = None, param: str | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.error_type = error_type
         self.param = param
+        self.retry_after = retry_after
 
 
 class UnknownAdapterError(LoraxLiteError):
@@ -49,23 +52,24 @@ class InvalidRequestError(LoraxLiteError):
 class OverloadedError(LoraxLiteError):
     """429: the server's queue is full; retry after `retry_after` seconds (None when not said)."""
 
-    def __init__(
-        self, message: str, status: int | None = None, error_type: str | None = None, param: str | None = None,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(message, status, error_type, param)
-        self.retry_after = retry_after
-
 
 class ServerUnavailableError(LoraxLiteError):
-    """503, or no answer at all: the server cannot be reached or its engine is not running."""
+    """503, or no answer at all: the server cannot be reached, its engine is not running, it is shutting down,
+    its adapter registry is unreachable, or the adapter's stored files are damaged; retry (after
+    `retry_after` seconds when said), on another replica if you have one."""
+
+
+class RequestTimeoutError(LoraxLiteError):
+    """504: the request passed its timeout before its first token (or 408: the body was sent too slowly)."""
 
 
 _BY_STATUS = {404: UnknownAdapterError, 400: InvalidRequestError, 413: InvalidRequestError, 422: InvalidRequestError,
-              429: OverloadedError, 503: ServerUnavailableError}
+              429: OverloadedError, 503: ServerUnavailableError, 408: RequestTimeoutError, 504: RequestTimeoutError}
 _BY_ERROR_TYPE = {"not_found": UnknownAdapterError, "validation": InvalidRequestError, "adapter": InvalidRequestError,
                   "payload_too_large": InvalidRequestError, "overloaded": OverloadedError,
-                  "unavailable": ServerUnavailableError}
+                  "unavailable": ServerUnavailableError, "registry_unavailable": ServerUnavailableError,
+                  "adapter_unavailable": ServerUnavailableError, "shutting_down": ServerUnavailableError,
+                  "timeout": RequestTimeoutError}
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,7 @@ class Token:
 
 @dataclass(frozen=True)
 class Details:
-    """finish_reason is "length", "eos_token" or "stop_sequence"; `tokens` is empty in stream details."""
+    """finish_reason is "length", "eos_token", "stop_sequence" or "timeout"; `tokens` is empty in stream details."""
 
     finish_reason: str
     prompt_tokens: int
@@ -111,7 +115,7 @@ class Usage:
 
 @dataclass(frozen=True)
 class ChatResult:
-    """finish_reason is "stop" (end of turn or a stop sequence) or "length"."""
+    """finish_reason is "stop" (end of turn or a stop sequence), "length" or "timeout"."""
 
     content: str
     finish_reason: str
@@ -428,9 +432,7 @@ def _error(body: Any, status: int | None, retry_after: float | None = None) -> L
     if cls is UnknownAdapterError and error_type != "not_found":  # a route, not an adapter, is missing: a wrong URL
         cls = LoraxLiteError
     prefix = f"HTTP {status}: " if status else ""
-    if cls is OverloadedError:
-        return OverloadedError(prefix + message, status, error_type, param, retry_after=retry_after)
-    return cls(prefix + message, status, error_type, param)
+    return cls(prefix + message, status, error_type, param, retry_after=retry_after)
 
 
 @contextmanager

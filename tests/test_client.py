@@ -23,6 +23,7 @@ from lorax_lite.client import (
     InvalidRequestError,
     LoraxLiteError,
     OverloadedError,
+    RequestTimeoutError,
     ServerUnavailableError,
     UnknownAdapterError,
 )
@@ -284,3 +285,18 @@ def test_overloaded_carries_retry_after_503_is_unavailable_and_a_missing_route_i
         with pytest.raises(LoraxLiteError, match="HTTP 404: Not Found") as info:
             client.models()
         assert type(info.value) is LoraxLiteError
+
+
+@pytest.mark.parametrize("status, body, error", [
+    (503, {"error": "the server is shutting down", "error_type": "shutting_down"}, ServerUnavailableError),
+    (503, {"error": {"message": "the adapter registry is unreachable", "type": "service_unavailable",
+                     "param": "model", "code": "registry_unavailable"}}, ServerUnavailableError),
+    (504, {"error": "the request timed out before its first token", "error_type": "timeout"}, RequestTimeoutError),
+    (408, {"error": "the request body did not arrive", "error_type": "request_timeout"}, RequestTimeoutError),
+])
+def test_unavailable_and_timeout_answers_carry_their_type_and_retry_after(status, body, error):
+    answer = lambda request: httpx.Response(status, json=body, headers={"Retry-After": "3"})  # noqa: E731
+    with Client(transport=httpx.MockTransport(answer)) as client:
+        with pytest.raises(error) as info:
+            client.generate(PROMPT)
+    assert info.value.status == status and info.value.retry_after == 3.0

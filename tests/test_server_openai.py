@@ -268,15 +268,15 @@ def test_metrics_count_requests_tokens_and_the_adapter_cache(app):
     assert "nope-404" not in text  # label values are adapters the engine accepted, never raw input
 
 
-def test_a_damaged_adapter_is_a_400_that_shows_no_paths_and_disturbs_nothing(app, registry, adapters, tiny_llama_dir, tmp_path):
+def test_a_damaged_adapter_is_a_503_that_shows_no_paths_and_disturbs_nothing(app, registry, adapters, tiny_llama_dir, tmp_path):
     record, _ = admin.register(registry, AdapterStore(tmp_path / "store"), "damaged", adapters["logistics"], tiny_llama_dir)
     weights = Path(record.store_path) / "adapter_model.safetensors"
     weights.chmod(0o644)
     weights.write_bytes(weights.read_bytes()[:-8] + b"tampered")  # the checksum no longer matches
     resp = call(app, "POST", "/v1/chat/completions", json=chat_body("damaged"))
-    assert resp.status_code == 400, resp.text
+    assert resp.status_code == 503, resp.text  # the store's fault, not the client's: alerts fire on 5xx
     message = resp.json()["error"]["message"]
-    assert "'damaged' cannot be served" in message and "damaged or changed" in message and str(tmp_path) not in message
+    assert "'damaged' is unavailable" in message and "damaged or changed" in message and str(tmp_path) not in message
     assert call(app, "POST", "/v1/chat/completions", json=chat_body("logistics")).status_code == 200
     registry.remove("damaged")
 

@@ -30,7 +30,7 @@ class AttentionGroup:
     """Sequences padded into one attention batch of B sequences, Q queries and L keys each."""
 
     q_index: torch.Tensor | None  # [B, Q] index of each query in the flat batch (padding: 0); None = all, in order
-    block_tables: torch.Tensor  # [B, NB] cache blocks of each sequence (padding: block 0, masked out)
+    block_tables: torch.Tensor  # [B, NB] cache blocks of each sequence (padded with its own first block, masked out)
     q_pos: torch.Tensor  # [B, Q] position of each query in its sequence
     valid: torch.Tensor | None  # [B * Q] bool, which padded queries are real; None = all
     dest: torch.Tensor | None  # [n_valid] index in the flat batch of each real query; None = all, in order
