@@ -47,3 +47,21 @@ def rewrite_config(adapter_dir: Path, **changes: object) -> None:
     config = json.loads(path.read_text())
     config.update(changes)
     path.write_text(json.dumps(config))
+
+
+def register_adapters(model_dir: Path, root: Path, adapter_ids: tuple[str, ...], first_seed: int = 1) -> list[str]:
+    """Register a random rank-4 adapter per id (seeds first_seed, first_seed + 1, ...; owner = id, with a system
+    prompt) in a SQLite registry and a store under `root`; the `serve` options that serve them."""
+    from lorax_lite.registry import admin
+    from lorax_lite.registry.sqlite import SQLiteRegistry
+    from lorax_lite.registry.store import AdapterStore
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    registry, store = SQLiteRegistry(root / "registry.db"), AdapterStore(root / "store")
+    for seed, adapter_id in enumerate(adapter_ids, start=first_seed):
+        source = make_peft_adapter(model, root / "sources" / adapter_id, AdapterSpec(rank=4, alpha=8, seed=seed))
+        admin.register(registry, store, adapter_id, source, model_dir, owner=adapter_id,
+                       system_prompt=f"You are the {adapter_id} assistant.")
+    registry.close()
+    registry_url = f"sqlite:///{root / 'registry.db'}"
+    return ["--model", str(model_dir), "--registry", registry_url, "--store", str(root / "store")]

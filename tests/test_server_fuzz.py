@@ -19,18 +19,12 @@ from pathlib import Path
 import httpx
 import pytest
 import schemathesis
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
-from lora_helpers import AdapterSpec, make_peft_adapter
+from lora_helpers import register_adapters
 from schemathesis import APIOperation, GenerationMode
 from server_helpers import ServerProcess, serve_process
-from transformers import AutoModelForCausalLM
-
-from lorax_lite.registry import admin
-from lorax_lite.registry.sqlite import SQLiteRegistry
-from lorax_lite.registry.store import AdapterStore
 
 MODEL_NAME = "tiny"
 ADAPTERS = ("pricing", "logistics")
@@ -46,15 +40,8 @@ SERVER_ERROR_TYPES = {"generation", "unavailable", "server_error", "service_unav
 @pytest.fixture(scope="module")
 def fuzz_server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("fuzz")
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    registry = SQLiteRegistry(root / "registry.db")
-    for seed, adapter_id in enumerate(ADAPTERS, start=1):
-        source = make_peft_adapter(model, root / f"{adapter_id}-src", AdapterSpec(rank=4, alpha=8, seed=seed))
-        admin.register(registry, AdapterStore(root / "store"), adapter_id, source, tiny_llama_dir, owner=adapter_id,
-                       system_prompt=f"You are the {adapter_id} assistant.")
-    registry.close()
-    args = ("--model", str(tiny_llama_dir), "--registry", f"sqlite:///{root / 'registry.db'}", "--served-model-name",
-            MODEL_NAME, "--dtype", "float32", "--device", "cpu", "--max-model-len", "64", "--max-loras", "1")
+    args = (*register_adapters(tiny_llama_dir, root, ADAPTERS), "--served-model-name", MODEL_NAME, "--dtype",
+            "float32", "--device", "cpu", "--max-model-len", "64", "--max-loras", "1")
     with serve_process(*args, log=root / "server.log") as server:
         yield server
 

@@ -14,17 +14,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 import uvicorn
-from lora_helpers import AdapterSpec, make_peft_adapter
+from lora_helpers import register_adapters
 from server_helpers import call, serve_process
-from transformers import AutoModelForCausalLM
 
 from lorax_lite import AsyncLLM
 from lorax_lite.config import ServerLimits
-from lorax_lite.registry import admin
-from lorax_lite.registry.sqlite import SQLiteRegistry
-from lorax_lite.registry.store import AdapterStore
 from lorax_lite.server import create_app
 from lorax_lite.server.serving import DrainingServer, guarded_protocol
 
@@ -36,14 +31,8 @@ ADAPTERS = ("pricing", "supply", "legal")
 def deployment(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """`serve` arguments for the tiny model with three registered adapters."""
     root = tmp_path_factory.mktemp("lifecycle")
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    registry = SQLiteRegistry(root / "registry.db")
-    for seed, name in enumerate(ADAPTERS):
-        source = make_peft_adapter(model, root / "sources" / name, AdapterSpec(rank=4, alpha=8, seed=10 + seed))
-        admin.register(registry, AdapterStore(root / "store"), name, source, tiny_llama_dir, owner=name)
-    registry.close()
-    return ["--model", str(tiny_llama_dir), "--registry", f"sqlite:///{root / 'registry.db'}", "--store",
-            str(root / "store"), "--served-model-name", BASE, "--dtype", "float32", "--device", "cpu",
+    return [*register_adapters(tiny_llama_dir, root, ADAPTERS, first_seed=10), "--served-model-name", BASE,
+            "--dtype", "float32", "--device", "cpu",
             "--max-model-len", "512", "--max-num-batched-tokens", "128"]
 
 

@@ -25,15 +25,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 from conftest import TINY_MODEL_SIZES, save_tiny_model
-from lora_helpers import AdapterSpec, make_peft_adapter
+from lora_helpers import register_adapters
 from server_helpers import ServerProcess, serve_process
-from transformers import AutoModelForCausalLM, LlamaConfig
-
-from lorax_lite.registry import admin
-from lorax_lite.registry.sqlite import SQLiteRegistry
-from lorax_lite.registry.store import AdapterStore
+from transformers import LlamaConfig
 
 SOAK_SECONDS = float(os.environ.get("LORAX_SOAK_SECONDS", "50"))
 WARMUP_SECONDS = 10.0
@@ -109,17 +104,10 @@ def soak_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def soak_server(soak_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("soak")
-    model = AutoModelForCausalLM.from_pretrained(soak_model_dir, dtype=torch.float32)
-    registry = SQLiteRegistry(root / "registry.db")
-    for seed, adapter_id in enumerate(ADAPTERS, start=11):
-        source = make_peft_adapter(model, root / f"{adapter_id}-src", AdapterSpec(rank=4, alpha=8, seed=seed))
-        admin.register(registry, AdapterStore(root / "store"), adapter_id, source, soak_model_dir, owner=adapter_id,
-                       system_prompt=f"You are the {adapter_id} assistant.")
-    registry.close()
     # Two adapter slots for three adapters, and a KV cache of 48 blocks (768 tokens) for 24 clients: adapters
     # are loaded and evicted, and requests wait for memory or are preempted, while others generate.
-    args = ("--model", str(soak_model_dir), "--registry", f"sqlite:///{root / 'registry.db'}", "--served-model-name",
-            MODEL_NAME, "--dtype", "float32", "--device", "cpu", "--max-model-len", "256", "--max-loras", "2",
+    args = (*register_adapters(soak_model_dir, root, ADAPTERS, first_seed=11), "--served-model-name", MODEL_NAME,
+            "--dtype", "float32", "--device", "cpu", "--max-model-len", "256", "--max-loras", "2",
             "--num-kv-blocks", "48")
     with serve_process(*args, log=root / "server.log") as server:
         yield server

@@ -107,8 +107,7 @@ def as_server_error(exc: BaseException, adapter_id: str | None = None) -> Server
                            "unavailable", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
     if isinstance(exc, RegistryError):  # the log has its message; the client a URL-free one
         logger.warning("request %s: adapter registry: %s", REQUEST_ID.get(), exc)
-        retry_after = getattr(exc, "retry_after_s", None) if isinstance(exc, RegistryUnavailableError) else None
-        return registry_unavailable(retry_after)
+        return registry_unavailable(exc.retry_after_s if isinstance(exc, RegistryUnavailableError) else None)
     logger.error("request %s failed: %r", REQUEST_ID.get(), exc, exc_info=exc)
     return ServerError(500, "generation failed: internal error; the server log has the details "
                        "(look for this response's x-request-id)", "generation")
