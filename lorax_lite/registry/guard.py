@@ -99,6 +99,11 @@ class GuardedRegistry(Registry):
     def ping(self) -> None:
         self._call(self.registry.ping)
 
+    def call(self, method: Callable[..., T], *args: object) -> T:
+        """`method(*args)` under this registry's deadline and breaker: for other calls to the same backend
+        (the tenant store's keys, usage and rate limits)."""
+        return self._call(method, *args)
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.registry.close()
