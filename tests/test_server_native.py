@@ -17,6 +17,7 @@ from lorax_lite import LLM, AsyncLLM, SamplingParams
 from lorax_lite.server import create_app
 from engine_helpers import wait_until_idle
 from server_helpers import call
+from lorax_lite.server.auth import ANONYMOUS
 from lorax_lite.server.generation import Generation
 from lorax_lite.server.calls import ClientDisconnected, run_to_end_or_abort
 from lorax_lite.server.schemas import GenerateRequest
@@ -239,10 +240,11 @@ def test_health_is_503_once_the_engine_stopped(tiny_llama_dir):
 
 
 class DisconnectingRequest:
-    """Stands in for a Starlette request whose client leaves once `left` is set."""
+    """Stands in for a Starlette request (of a server without keys) whose client leaves once `left` is set."""
 
     def __init__(self) -> None:
         self.left = asyncio.Event()
+        self.scope = {"type": "http", "state": {"principal": ANONYMOUS}}
 
     async def receive(self) -> dict:
         await self.left.wait()
@@ -269,8 +271,9 @@ def test_disconnect_aborts_a_non_streaming_request(app, llm, monkeypatch):
     monkeypatch.setattr(llm.engine, "step", holding_step)
 
     async def go():
-        gen = await Generation.start(app.state.server, GenerateRequest(**body(100, adapter_id="pricing")), "pricing")
         client = DisconnectingRequest()
+        gen = await Generation.start(app.state.server, client, GenerateRequest(**body(100, adapter_id="pricing")),
+                                     "pricing")
 
         def on_output(out):
             gen.advance(out)
@@ -293,7 +296,7 @@ def test_disconnect_aborts_a_non_streaming_request(app, llm, monkeypatch):
 
 def test_leaving_a_stream_early_aborts_the_request(app, llm):
     async def go():
-        gen = await Generation.start(app.state.server, GenerateRequest(**body(100)), None)
+        gen = await Generation.start(app.state.server, DisconnectingRequest(), GenerateRequest(**body(100)), None)
         events = gen.stream_events()
         seen = [await events.__anext__() for _ in range(3)]
         await events.aclose()  # what Starlette does when the client goes away
@@ -311,7 +314,8 @@ def test_every_way_a_request_ends_leaves_the_engine_idle(app, llm):
     assert call(app, "POST", "/generate", json=body(10**6)).status_code == 422
 
     async def leave_a_stream():
-        gen = await Generation.start(app.state.server, GenerateRequest(**body(100, adapter_id="pricing")), "pricing")
+        gen = await Generation.start(app.state.server, DisconnectingRequest(),
+                                     GenerateRequest(**body(100, adapter_id="pricing")), "pricing")
         events = gen.stream_events()
         await events.__anext__()
         await events.aclose()

@@ -1,4 +1,5 @@
-"""GuardedRegistry: every registry call with a deadline, behind a circuit breaker.
+"""Guard and GuardedRegistry: every call to a registry backend with a deadline, behind a circuit breaker (Guard;
+GuardedRegistry is the adapter Registry with each call guarded, and the server guards its tenant store calls).
 
 A call runs in a small pool of threads; the caller waits at most `timeout_s`. A call that fails or
 misses its deadline marks the registry unreachable: from then on calls fail fast with
@@ -54,16 +55,16 @@ class RegistryHealth:
 NO_REGISTRY = RegistryHealth(configured=False, reachable=False, message="no adapter registry is configured")
 
 
-class GuardedRegistry(Registry):
-    """`registry` with a deadline on every call and a circuit breaker (see the module docstring)."""
+class Guard:
+    """Calls to one backend (named by `url`, never with a password) with a deadline each and a circuit breaker
+    (see the module docstring)."""
 
-    def __init__(self, registry: Registry, timeout_s: float = DEFAULT_TIMEOUT_S,
+    def __init__(self, url: str, timeout_s: float = DEFAULT_TIMEOUT_S,
                  probe_interval_s: float = PROBE_INTERVAL_S, max_workers: int = MAX_WORKERS,
                  max_pending: int = MAX_PENDING) -> None:
         if not timeout_s > 0:
             raise ValueError(f"registry timeout must be > 0 seconds, got {timeout_s}")
-        self.registry = registry
-        self.url = registry.url
+        self.url = url
         self.timeout_s = timeout_s
         self.probe_interval_s = probe_interval_s
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="lorax-registry")
@@ -73,40 +74,8 @@ class GuardedRegistry(Registry):
         self._last_error_at: float | None = None
         self._next_probe_at = 0.0
 
-    # ---- the Registry interface, each call guarded ----------------------------------------------
-
-    def add_version(self, record: AdapterRecord) -> bool:
-        return self._call(self.registry.add_version, record)
-
-    def get(self, adapter_id: str) -> AdapterRecord | None:
-        return self._call(self.registry.get, adapter_id)
-
-    def get_version(self, adapter_id: str, version: str) -> AdapterRecord | None:
-        return self._call(self.registry.get_version, adapter_id, version)
-
-    def list_current(self) -> list[AdapterRecord]:
-        return self._call(self.registry.list_current)
-
-    def versions(self, adapter_id: str) -> list[AdapterRecord]:
-        return self._call(self.registry.versions, adapter_id)
-
-    def remove(self, adapter_id: str) -> bool:
-        return self._call(self.registry.remove, adapter_id)
-
-    def set_pinned(self, adapter_id: str, pinned: bool) -> bool:
-        return self._call(self.registry.set_pinned, adapter_id, pinned)
-
-    def ping(self) -> None:
-        self._call(self.registry.ping)
-
-    def call(self, method: Callable[..., T], *args: object) -> T:
-        """`method(*args)` under this registry's deadline and breaker: for other calls to the same backend
-        (the tenant store's keys, usage and rate limits)."""
-        return self._call(method, *args)
-
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self.registry.close()
 
     # ---- state -----------------------------------------------------------------------------------
 
@@ -127,7 +96,9 @@ class GuardedRegistry(Registry):
 
     # ---- one call --------------------------------------------------------------------------------
 
-    def _call(self, method: Callable[..., T], *args: object) -> T:
+    def call(self, method: Callable[..., T], *args: object) -> T:
+        """`method(*args)` in the pool, waiting at most timeout_s; RegistryUnavailableError when it fails, hangs
+        or the breaker is open."""
         is_probe = self._admit()
         future = self._submit(method, *args, is_probe=is_probe)
         if not wait([future], timeout=self.timeout_s).done:
@@ -188,6 +159,46 @@ class GuardedRegistry(Registry):
         if down_since is not None:
             logger.warning("adapter registry %s is reachable again (after %.1f s)", self.url,
                            time.monotonic() - down_since)
+
+
+class GuardedRegistry(Guard, Registry):
+    """`registry` with a deadline on every call and a circuit breaker."""
+
+    def __init__(self, registry: Registry, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 probe_interval_s: float = PROBE_INTERVAL_S, max_workers: int = MAX_WORKERS,
+                 max_pending: int = MAX_PENDING) -> None:
+        super().__init__(registry.url, timeout_s, probe_interval_s, max_workers, max_pending)
+        self.registry = registry
+
+    # ---- the Registry interface, each call guarded ----------------------------------------------
+
+    def add_version(self, record: AdapterRecord) -> bool:
+        return self.call(self.registry.add_version, record)
+
+    def get(self, adapter_id: str) -> AdapterRecord | None:
+        return self.call(self.registry.get, adapter_id)
+
+    def get_version(self, adapter_id: str, version: str) -> AdapterRecord | None:
+        return self.call(self.registry.get_version, adapter_id, version)
+
+    def list_current(self) -> list[AdapterRecord]:
+        return self.call(self.registry.list_current)
+
+    def versions(self, adapter_id: str) -> list[AdapterRecord]:
+        return self.call(self.registry.versions, adapter_id)
+
+    def remove(self, adapter_id: str) -> bool:
+        return self.call(self.registry.remove, adapter_id)
+
+    def set_pinned(self, adapter_id: str, pinned: bool) -> bool:
+        return self.call(self.registry.set_pinned, adapter_id, pinned)
+
+    def ping(self) -> None:
+        self.call(self.registry.ping)
+
+    def close(self) -> None:
+        super().close()
+        self.registry.close()
 
 
 def guarded(registry: Registry, timeout_s: float = DEFAULT_TIMEOUT_S) -> GuardedRegistry:

@@ -1,9 +1,13 @@
-"""The FastAPI app: the native LoRAX routes, the OpenAI routes, the chat pages, /health, /info and
-/metrics over one AsyncLLM, kept with the limits and metrics on `app.state.server` (a ServerState)."""
+"""The FastAPI app: the native LoRAX routes, the OpenAI routes, the chat pages, /health, /ready, /info and
+/metrics over one AsyncLLM, kept with the limits, tenants and metrics on `app.state.server` (a ServerState).
+
+Every request passes BoundaryMiddleware (request id, body limits, drain, last-resort 500), then
+TenantMiddleware (Host allow-list, API keys: server/auth.py), then its route."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -13,19 +17,23 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from lorax_lite.config import ServerLimits
 from lorax_lite.engine.async_llm import AsyncLLM
+from lorax_lite.server.auth import Tenancy, TenantMiddleware, principal_of
 from lorax_lite.server.boundary import BoundaryMiddleware
-from lorax_lite.server.chat_ui import STATIC
 from lorax_lite.server.chat_ui import router as chat_router
 from lorax_lite.server.errors import install_error_handlers
 from lorax_lite.server.native import router as native_router
 from lorax_lite.server.openai import router as openai_router
+from lorax_lite.server.pages import STATIC
 from lorax_lite.server.state import ServerState
 
 
-def create_app(llm: AsyncLLM, served_model_name: str, limits: ServerLimits | None = None) -> FastAPI:
-    """An app serving `llm`; the caller owns the engine (starts it before, shuts it down after)."""
+def create_app(llm: AsyncLLM, served_model_name: str, limits: ServerLimits | None = None,
+               tenancy: Tenancy | None = None) -> FastAPI:
+    """An app serving `llm`; the caller owns the engine and the tenancy (starts them before, shuts them down
+    after). Without a tenancy nobody needs a key."""
     app = FastAPI(title="lorax-lite", version="0.1.0")
-    state = ServerState(llm, served_model_name, limits or ServerLimits())
+    tenancy = tenancy or Tenancy()
+    state = ServerState(llm, served_model_name, limits or ServerLimits(), tenancy)
     app.state.server = state
     install_error_handlers(app)
     app.include_router(native_router)
@@ -37,7 +45,8 @@ def create_app(llm: AsyncLLM, served_model_name: str, limits: ServerLimits | Non
     app.add_api_route("/ready", ready, methods=["GET"])
     app.add_api_route("/info", info, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
-    app.add_middleware(BoundaryMiddleware, state=state)
+    app.add_middleware(TenantMiddleware, tenancy=tenancy)
+    app.add_middleware(BoundaryMiddleware, state=state)  # added last: it runs first
     return app
 
 
@@ -68,20 +77,29 @@ async def ready(request: Request) -> JSONResponse:
 
 
 async def info(request: Request) -> dict:
-    """The served model, the engine's configuration and where adapters are cached (by adapter key)."""
+    """The served model, the engine's configuration and where adapters are cached (by adapter key), as far as
+    the caller's key may use them."""
     state: ServerState = request.app.state.server
+    principal = principal_of(request)
     config = dataclasses.asdict(state.llm.config)
     config.pop("model")  # a filesystem path; the model is named by served_model_name
     adapters = state.llm.snapshot().adapter_cache
+
+    def visible(keys: list[str | None]) -> list[str | None]:
+        """Adapter keys (`<id>@<version>`, `<id>#<n>`) of adapters the key may use; other slots read as empty."""
+        return [k if k is not None and principal.may_use_adapter(re.split("[@#]", k, maxsplit=1)[0]) else None
+                for k in keys]
+
     return {
         "model_id": state.served_model_name,
         "max_model_len": state.llm.max_seq_len,  # the effective value, as vLLM reports it
         "engine_config": config,
         "limits": dataclasses.asdict(state.limits),
+        "auth": {"keys_required": principal.key is not None, "tenant": principal.tenant, "key_id": principal.key_id},
         "adapters": {
-            "added": [] if adapters is None else adapters.added_ids,
-            "slots": [] if adapters is None else adapters.slot_keys,
-            "host": [] if adapters is None else adapters.host_keys,
+            "added": [] if adapters is None else [a for a in adapters.added_ids if principal.may_use_adapter(a)],
+            "slots": [] if adapters is None else visible(list(adapters.slot_keys)),
+            "host": [] if adapters is None else [k for k in visible(list(adapters.host_keys)) if k is not None],
         },
     }
 

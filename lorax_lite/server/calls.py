@@ -23,12 +23,14 @@ from fastapi import Request
 
 from lorax_lite.engine.async_llm import OutputKind, ResolvedAdapter
 from lorax_lite.engine.request import RequestOutput, SamplingParams
+from lorax_lite.server.auth import Principal, audit_denial, principal_of
 from lorax_lite.server.errors import RETRY_AFTER_SECONDS, ServerError, as_server_error, brief
 from lorax_lite.server.state import ServerState
 
 T = TypeVar("T")
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; nobody reads it
 ADAPTER_HEADERS = ("adapter_id", "x-adapter-id")
+LEASE_MARGIN_S = 60.0  # a rate-limit lease outlives its request's deadline by this much (then it expires)
 
 
 class ClientDisconnected(Exception):
@@ -41,10 +43,12 @@ class EngineCall:
 
     def __init__(
         self, state: ServerState, adapter: ResolvedAdapter | None, outputs: AsyncGenerator[RequestOutput, None],
-        first: RequestOutput,
+        first: RequestOutput, principal: Principal, lease: str | None,
     ) -> None:
         self.state = state
         self.adapter = adapter
+        self.principal = principal
+        self.lease = lease  # the rate limiter's, released when the call closes
         self._outputs = outputs
         self.first = first
         self.last = first
@@ -66,6 +70,7 @@ class EngineCall:
     async def start(
         cls,
         state: ServerState,
+        request: Request,
         prompt_ids: list[int],
         params: SamplingParams,
         adapter: ResolvedAdapter | None,
@@ -73,28 +78,42 @@ class EngineCall:
         max_tokens_name: str = "max_new_tokens",
         timeout: float | None = None,
     ) -> EngineCall:
-        """Submit and wait for the first output; raises ServerError with the right status. `timeout`: the
-        request's own, in seconds (capped by max_request_seconds)."""
+        """Admit the request under its key's rate limits, submit it and wait for the first output; raises
+        ServerError with the right status. `timeout`: the request's own, in seconds (capped by
+        max_request_seconds)."""
         state.check_prompt_tokens(len(prompt_ids), "prompt" if max_tokens_name == "max_tokens" else "inputs")
         state.check_max_tokens(params.max_tokens, max_tokens_name)
         check_length(len(prompt_ids), params.max_tokens, state.llm.max_seq_len, max_tokens_name)
         adapter_id = adapter.adapter_id if adapter is not None else None
         adapter_name = adapter_id or state.served_model_name
-        state.admit()
+        principal = principal_of(request)
+        run_for = state.request_timeout(timeout)
         try:
-            outputs = state.llm.generate(prompt_ids, params, adapter=adapter, prompt_text=prompt_text,
-                                         output_kind=OutputKind.DELTA, timeout=state.request_timeout(timeout))
+            lease = await state.tenancy.acquire(principal, len(prompt_ids), run_for + LEASE_MARGIN_S)
+        except ServerError as exc:
+            audit_denial(request, exc.status, f"rate limit: {exc.error_type}", adapter_id)
+            state.metrics.observe_rate_limited(principal.tenant, principal.key_id)
+            raise
+        try:
+            state.admit()
             try:
-                first = await next_output(outputs)
-            except BaseException as exc:
-                await _shielded_close(outputs)
-                state.metrics.observe_unanswered(adapter_name, exc)
-                raise
-        except Exception as exc:
-            raise as_server_error(exc, adapter_id) from exc
-        finally:
-            state.release()
-        call = cls(state, adapter, outputs, first)
+                outputs = state.llm.generate(prompt_ids, params, adapter=adapter, prompt_text=prompt_text,
+                                             output_kind=OutputKind.DELTA, timeout=run_for)
+                try:
+                    first = await next_output(outputs)
+                except BaseException as exc:
+                    await _shielded_close(outputs)
+                    state.metrics.observe_unanswered(adapter_name, exc)
+                    raise
+            except Exception as exc:
+                raise as_server_error(exc, adapter_id) from exc
+            finally:
+                state.release()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await state.tenancy.release(principal, lease, 0)
+            raise
+        call = cls(state, adapter, outputs, first, principal, lease)
         try:
             call.raise_if_failed(first)
         except ServerError:
@@ -124,6 +143,13 @@ class EngineCall:
         await _shielded_close(self._outputs)
         outcome = "shutdown" if self._stopped_for_shutdown else None
         self.state.metrics.observe_finished(self.adapter_name, self.last, outcome)
+        prompt, generated = len(self.last.prompt_token_ids), self.last.num_generated_tokens
+        self.state.metrics.observe_usage(self.principal.tenant, self.principal.key_id, self.adapter_name, prompt,
+                                         generated)
+        self.state.tenancy.usage.add(self.principal.tenant, self.principal.key_id, self.adapter_name, prompt,
+                                     generated)
+        with anyio.CancelScope(shield=True):
+            await self.state.tenancy.release(self.principal, self.lease, generated)
 
     async def stop_for_shutdown(self) -> None:
         """The drain's deadline passed: abort the request; its client is told the server is shutting down."""

@@ -39,9 +39,11 @@ logger = logging.getLogger(__name__)
 
 OPENAI_PATH_PREFIX = "/v1/"
 OPENAI_TYPES = {
-    404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable",
+    401: "authentication_error", 403: "permission_error", 404: "not_found_error", 413: "invalid_request_error",
+    429: "rate_limit_error", 503: "service_unavailable",
     504: "timeout",
 }
+OPENAI_CODES = {"unauthorized": "invalid_api_key"}  # OpenAI's code for a 401
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("lorax_request_id", default="-")  # for the log
 MAX_MESSAGE_CHARS = 1000  # an error body never echoes more of the request than this
 MAX_ECHO_CHARS = 64  # an id, path or value quoted in a message is cut to this
@@ -84,7 +86,7 @@ class ServerError(Exception):
             return {"error": self.message, "error_type": self.error_type}
         default = "invalid_request_error" if self.status < 500 else "server_error"
         return {"error": {"message": self.message, "type": OPENAI_TYPES.get(self.status, default),
-                          "param": self.param, "code": self.error_type}}
+                          "param": self.param, "code": OPENAI_CODES.get(self.error_type, self.error_type)}}
 
 
 def is_openai_route(request: Request) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from transformers import PreTrainedTokenizerBase
 
@@ -38,17 +39,18 @@ class Generation:
     tokens: list[Token] = field(default_factory=list)
 
     @classmethod
-    async def start(cls, state: ServerState, body: GenerateRequest, adapter_id: str | None) -> Generation:
+    async def start(cls, state: ServerState, request: Request, body: GenerateRequest,
+                    adapter_id: str | None) -> Generation:
         """Check the parameters, resolve the adapter and tokenize (each once, in worker threads), and submit."""
         try:
             params = body.parameters.to_sampling_params()
         except Exception as exc:
             raise as_server_error(exc) from exc
         state.check_prompt_chars(len(body.inputs), "inputs")  # before tokenizing: a huge prompt costs nothing
-        adapter = await state.resolve_adapter(adapter_id)
+        adapter = await state.resolve_adapter(request, adapter_id)
         tokenizer = state.llm.tokenizer
         prompt_ids = (await run_in_threadpool(tokenizer, body.inputs)).input_ids
-        call = await EngineCall.start(state, prompt_ids, params, adapter, body.inputs,
+        call = await EngineCall.start(state, request, prompt_ids, params, adapter, body.inputs,
                                       timeout=body.parameters.timeout)
         return cls(body, call, tokenizer, state.special_ids)
 

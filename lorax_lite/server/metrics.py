@@ -51,6 +51,16 @@ class ServerMetrics:
             f"{PREFIX}_timed_out_connections", "Connections closed because a request's headers did not arrive in "
             "header_timeout, or requests answered 408 because the body did not arrive in body_timeout.",
             registry=self.registry)
+        tenant_labels = ["tenant", "key", "adapter"]
+        self.tenant_requests = Counter(f"{PREFIX}_tenant_requests", "Requests that reached the engine, by tenant, "
+                                       "API key and adapter (what `lorax-lite usage` counts).", tenant_labels,
+                                       registry=self.registry)
+        self.tenant_prompt_tokens = Counter(f"{PREFIX}_tenant_prompt_tokens", "Prompt tokens, by tenant, API key "
+                                            "and adapter.", tenant_labels, registry=self.registry)
+        self.tenant_generated_tokens = Counter(f"{PREFIX}_tenant_generated_tokens", "Generated tokens, by tenant, "
+                                               "API key and adapter.", tenant_labels, registry=self.registry)
+        self.rate_limited = Counter(f"{PREFIX}_rate_limited_requests", "Requests refused with a 429 by their API "
+                                    "key's rate limits, by tenant and key.", ["tenant", "key"], registry=self.registry)
         self.queue_time = self._latency("request_queue_seconds", "Time from arrival to first scheduled step.")
         self.ttft = self._latency("time_to_first_token_seconds", "Time from arrival to the first generated token.")
         self.tpot = self._latency("time_per_output_token_seconds",
@@ -69,6 +79,14 @@ class ServerMetrics:
 
     def observe_error_status(self, status: int) -> None:
         self.error_responses.labels(str(status)).inc()
+
+    def observe_usage(self, tenant: str, key: str, adapter: str, prompt_tokens: int, generated_tokens: int) -> None:
+        self.tenant_requests.labels(tenant, key, adapter).inc()
+        self.tenant_prompt_tokens.labels(tenant, key, adapter).inc(prompt_tokens)
+        self.tenant_generated_tokens.labels(tenant, key, adapter).inc(generated_tokens)
+
+    def observe_rate_limited(self, tenant: str, key: str) -> None:
+        self.rate_limited.labels(tenant, key).inc()
 
     def observe_unanswered(self, adapter: str, exc: BaseException) -> None:
         """Count a request that ended before its first output: the client left (aborted), or the engine could

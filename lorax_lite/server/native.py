@@ -58,7 +58,7 @@ async def _respond(body: GenerateRequest, request: Request, stream: bool, as_lis
     state: ServerState = request.app.state.server
     adapter_id = requested_adapter_id(request, body)
     try:
-        gen = await unless_disconnected(Generation.start(state, body, adapter_id), request)
+        gen = await unless_disconnected(Generation.start(state, request, body, adapter_id), request)
     except ClientDisconnected:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     if stream:

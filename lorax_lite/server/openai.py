@@ -54,11 +54,12 @@ STARTED = int(time.time())
 
 @router.get("/models")
 async def list_models(request: Request) -> ModelList:
-    """The base model, then every adapter (added by path, or registered); never a filesystem path."""
+    """The base model, then every adapter (added by path, or registered), as far as the caller's key may use
+    them; never a filesystem path."""
     state: ServerState = request.app.state.server
     base = state.served_model_name
-    cards = [ModelCard(id=base, created=STARTED, owned_by="lorax-lite")]
-    for adapter in await state.list_adapters():
+    cards = [ModelCard(id=base, created=STARTED, owned_by="lorax-lite")] if state.may_use_base_model(request) else []
+    for adapter in await state.list_adapters(request):
         record = adapter.record
         created, owner = (int(record.created_at), record.owner) if record else (STARTED, None)
         cards.append(ModelCard(id=adapter.adapter_id, created=created, owned_by=owner or "lorax-lite", parent=base))
@@ -71,7 +72,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     model = requested_model(request, body.model, state)
     state.check_prompt_chars(sum(len(m.text) for m in body.messages), "messages")
     state.check_max_tokens(body.requested_max_tokens, "max_tokens")
-    adapter = await state.resolve_adapter(model, field="model")
+    adapter = await state.resolve_adapter(request, model, field="model")
     messages = [m.as_template_message() for m in body.messages]
     if adapter is not None and adapter.system_prompt and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": adapter.system_prompt})
@@ -98,7 +99,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     if isinstance(prompt, str):
         state.check_prompt_chars(len(prompt), "prompt")  # before tokenizing: a huge prompt costs nothing
     state.check_max_tokens(body.max_tokens, "max_tokens")
-    adapter = await state.resolve_adapter(model, field="model")
+    adapter = await state.resolve_adapter(request, model, field="model")
     tokenizer = state.llm.tokenizer
     if isinstance(prompt, str):
         text, prompt_ids = prompt, (await run_in_threadpool(tokenizer, prompt)).input_ids
@@ -153,7 +154,7 @@ async def _respond(
         params = body.sampling_params(max_tokens)
     except ValueError as exc:
         raise as_server_error(exc) from exc
-    start = EngineCall.start(state, prompt_ids, params, adapter, prompt_text, max_tokens_name="max_tokens",
+    start = EngineCall.start(state, request, prompt_ids, params, adapter, prompt_text, max_tokens_name="max_tokens",
                              timeout=body.timeout)
     try:
         call = await unless_disconnected(start, request)

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 
 from lorax_lite.config import ServerLimits
 from lorax_lite.engine.async_llm import AsyncLLM, ResolvedAdapter
 from lorax_lite.lora.errors import AdapterNotFoundError
-from lorax_lite.lora.naming import InvalidAdapterIdError
+from lorax_lite.lora.naming import InvalidAdapterIdError, check_adapter_id
 from lorax_lite.registry.base import RegistryError
+from lorax_lite.server.auth import Tenancy, audit_denial, principal_of
 from lorax_lite.server.errors import RETRY_AFTER_SECONDS, ServerError, as_server_error
 from lorax_lite.server.metrics import ServerMetrics
 
@@ -29,10 +31,11 @@ class Stoppable(Protocol):
 class ServerState:
     """Kept on `app.state.server`."""
 
-    def __init__(self, llm: AsyncLLM, served_model_name: str, limits: ServerLimits) -> None:
+    def __init__(self, llm: AsyncLLM, served_model_name: str, limits: ServerLimits, tenancy: Tenancy) -> None:
         self.llm = llm
         self.served_model_name = served_model_name
         self.limits = limits
+        self.tenancy = tenancy
         self.metrics = ServerMetrics(llm.snapshot)
         self.special_ids = frozenset(llm.tokenizer.all_special_ids)  # the native API marks these tokens
         self.num_queued = 0  # requests submitted to the engine that have no output yet
@@ -84,22 +87,34 @@ class ServerState:
 
     # ---- adapters -----------------------------------------------------------------------------
 
-    async def resolve_adapter(self, adapter_id: str | None, field: str = "adapter_id") -> ResolvedAdapter | None:
+    async def resolve_adapter(self, request: Request, adapter_id: str | None,
+                              field: str = "adapter_id") -> ResolvedAdapter | None:
         """The version a request for `adapter_id` gets (None: the base model), looked up once, in a worker
-        thread; an unknown or invalid id is a ServerError (404 / 400 naming the request's `field`), and an
-        unreachable registry a 503."""
+        thread. An invalid id is a 400 naming the request's `field`; an unknown one, or one the caller's key may
+        not use, the same 404; the base model without the key's permission a 403; an unreachable registry a 503."""
+        principal = principal_of(request)
         if adapter_id is None or self.is_base_model(adapter_id):
+            if not principal.may_use_base_model:
+                audit_denial(request, 403, "base model not allowed", self.served_model_name)
+                raise ServerError(403, "this API key may not use the base model without an adapter: name one of its "
+                                  "adapters (GET /v1/models lists them)", "forbidden", param="model")
             return None
         try:
+            check_adapter_id(adapter_id)
+            if not principal.may_use_adapter(adapter_id):  # answered exactly like an unknown id: no oracle
+                audit_denial(request, 404, "adapter not allowed", adapter_id)
+                raise AdapterNotFoundError(adapter_id)
             return await run_in_threadpool(self.llm.resolve_adapter, adapter_id)
         except InvalidAdapterIdError as exc:
             raise ServerError(400, f"{field}: {exc}", "validation", param="model") from exc
         except Exception as exc:
             raise as_server_error(exc, adapter_id) from exc
 
-    async def find_adapter(self, adapter_id: str) -> ResolvedAdapter | None:
-        """Like `resolve_adapter` for a page: None when the id is invalid or unknown (or LoRA is off); an
-        unreachable registry is a 503."""
+    async def find_adapter(self, request: Request, adapter_id: str) -> ResolvedAdapter | None:
+        """Like `resolve_adapter` for a page: None when the id is invalid or unknown, the caller's key may not
+        use it, or LoRA is off; an unreachable registry is a 503."""
+        if not principal_of(request).may_use_adapter(adapter_id):
+            return None
         try:
             return await run_in_threadpool(self.llm.resolve_adapter, adapter_id)
         except (InvalidAdapterIdError, AdapterNotFoundError):
@@ -109,13 +124,18 @@ class ServerState:
         except ValueError:  # LoRA is off
             return None
 
-    async def list_adapters(self) -> list[ResolvedAdapter]:
-        """Every adapter a request can name (added by path first, then registered), read in a worker thread;
-        an unreachable registry is a 503."""
+    async def list_adapters(self, request: Request) -> list[ResolvedAdapter]:
+        """Every adapter the caller's key may use (added by path first, then registered), read in a worker
+        thread; an unreachable registry is a 503."""
+        principal = principal_of(request)
         try:
-            return await run_in_threadpool(self.llm.list_adapters)
+            adapters = await run_in_threadpool(self.llm.list_adapters)
         except RegistryError as exc:
             raise as_server_error(exc) from exc
+        return [adapter for adapter in adapters if principal.may_use_adapter(adapter.adapter_id)]
+
+    def may_use_base_model(self, request: Request) -> bool:
+        return principal_of(request).may_use_base_model
 
     # ---- shutdown -----------------------------------------------------------------------------
 
