@@ -1,20 +1,26 @@
-"""Open a registry from its URL (`LORAX_REGISTRY`, `--registry`)."""
+"""Open a registry, or the tenants' store kept in it, from its URL (`LORAX_REGISTRY`, `--registry`)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from lorax_lite.registry.base import Registry
 from lorax_lite.registry.redis import DEFAULT_PREFIX, RedisRegistry
 from lorax_lite.registry.sqlite import SQLiteRegistry
 from lorax_lite.registry.store import AdapterStore
+from lorax_lite.registry.tenants import TenantStore
+from lorax_lite.registry.tenants_redis import RedisTenantStore
+from lorax_lite.registry.tenants_sqlite import SQLiteTenantStore
 
 DEFAULT_REGISTRY_URL = "sqlite:///data/registry.db"
 URL_FORMS = (
     "sqlite:///relative/path.db, sqlite:////absolute/path.db, "
     "or redis://host:port/db (rediss:// for TLS) with an optional ?prefix=name (default 'lorax')"
 )
+T = TypeVar("T")
 
 
 def default_registry_url() -> str:
@@ -29,31 +35,42 @@ def open_registry(url: str | None = None) -> Registry:
     or `redis://host:port/db[?prefix=name]`. Anything else raises ValueError; a registry that
     cannot be opened or reached raises RegistryError naming the URL.
     """
+    return _open(url, SQLiteRegistry, RedisRegistry)
+
+
+def open_tenant_store(url: str | None = None) -> TenantStore:
+    """The keys and usage kept in the registry at `url` (the same URL forms, file and prefix as `open_registry`)."""
+    return _open(url, SQLiteTenantStore, RedisTenantStore)
+
+
+def _open(url: str | None, sqlite: Callable[[str], T], redis: Callable[[str, str], T]) -> T:
+    """`sqlite(path)` or `redis(url without prefix, prefix)` for `url`, as `open_registry` documents."""
     url = default_registry_url() if url is None else url
     if url.startswith("sqlite:///"):
-        return _open_sqlite(url)
+        return sqlite(_sqlite_path(url))
     if url.startswith(("redis://", "rediss://")):
-        return _open_redis(url)
+        plain_url, prefix = _redis_prefix(url)
+        try:
+            return redis(plain_url, prefix)
+        except ValueError as exc:  # a malformed host, port, db or prefix
+            raise ValueError(f"bad registry URL {url!r} ({exc}): use {URL_FORMS}") from exc
     raise ValueError(f"unsupported registry URL {url!r}: use {URL_FORMS}")
 
 
-def _open_sqlite(url: str) -> Registry:
+def _sqlite_path(url: str) -> str:
     path = url.removeprefix("sqlite:///")
     if not path or path.endswith("/") or path in (":memory:", "/:memory:"):
         raise ValueError(f"registry URL {url!r} names no database file: use {URL_FORMS}")
-    return SQLiteRegistry(path)
+    return path
 
 
-def _open_redis(url: str) -> Registry:
+def _redis_prefix(url: str) -> tuple[str, str]:
+    """(`url` without its `prefix=` query parameters, the last prefix given or the default)."""
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
     prefixes = [value for key, value in query if key == "prefix"]
     rest = urlencode([(key, value) for key, value in query if key != "prefix"])
-    prefix = prefixes[-1] if prefixes else DEFAULT_PREFIX
-    try:
-        return RedisRegistry(parts._replace(query=rest).geturl(), prefix=prefix)
-    except ValueError as exc:  # a malformed host, port, db or prefix
-        raise ValueError(f"bad registry URL {url!r} ({exc}): use {URL_FORMS}") from exc
+    return parts._replace(query=rest).geturl(), prefixes[-1] if prefixes else DEFAULT_PREFIX
 
 
 def as_registry(registry: Registry | str | None) -> Registry | None:

@@ -7,7 +7,8 @@ Every key lives under `<prefix>:` (one prefix per deployment; several can share 
     <prefix>:versions:<id>     list  versions, registration order (oldest first)
     <prefix>:records:<id>      hash  version -> record JSON (immutable once written)
 
-Writes are Lua scripts, so each runs atomically: concurrent registrations are never lost.
+Writes are Lua scripts, so each runs atomically: concurrent registrations are never lost. The tenants'
+keys (`tenants_redis.py`) live under the same prefix, through the same `RedisBackend`.
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ return 1
 """
 
 
-class RedisRegistry(Registry):
-    """Registry on the Redis at `url` (`redis://host:port/db`), every key under `<prefix>:`."""
+class RedisBackend:
+    """A client of the Redis at `url` (`redis://host:port/db`) for keys under `<prefix>:`, shared by the registry and
+    the tenants' store (`tenants_redis.py`): a short socket timeout, the URL kept without its password, and every
+    error a RegistryError naming that URL. Subclasses register their scripts, then call `ping()`."""
 
     def __init__(self, url: str, prefix: str = DEFAULT_PREFIX) -> None:
         if not _PREFIX.match(prefix):
@@ -62,6 +65,27 @@ class RedisRegistry(Registry):
         self._client = redis.Redis.from_url(
             url, decode_responses=True, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S
         )
+
+    def ping(self) -> None:
+        with self._errors():
+            self._client.ping()
+
+    def close(self) -> None:
+        self._client.close()
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except redis.RedisError as exc:
+            raise RegistryError(f"registry {self.url}: {exc}") from exc
+
+
+class RedisRegistry(RedisBackend, Registry):
+    """Registry on the Redis at `url` (`redis://host:port/db`), every key under `<prefix>:`."""
+
+    def __init__(self, url: str, prefix: str = DEFAULT_PREFIX) -> None:
+        super().__init__(url, prefix)
         self._register = self._client.register_script(_REGISTER)
         self._remove = self._client.register_script(_REMOVE)
         self._set_pinned = self._client.register_script(_SET_PINNED)
@@ -113,13 +137,6 @@ class RedisRegistry(Registry):
         with self._errors():
             return bool(self._set_pinned(keys=self._keys(adapter_id)[:2], args=[adapter_id, _flag(pinned)]))
 
-    def ping(self) -> None:
-        with self._errors():
-            self._client.ping()
-
-    def close(self) -> None:
-        self._client.close()
-
     def _key(self, kind: str, adapter_id: str | None = None) -> str:
         return f"{self.prefix}:{kind}" if adapter_id is None else f"{self.prefix}:{kind}:{adapter_id}"
 
@@ -134,13 +151,6 @@ class RedisRegistry(Registry):
             raise CorruptRecordError(f"registry {self.url}: corrupt record: {exc}") from exc
         record.pinned = pinned == "1"  # per adapter id, not per version
         return record
-
-    @contextmanager
-    def _errors(self) -> Iterator[None]:
-        try:
-            yield
-        except redis.RedisError as exc:
-            raise RegistryError(f"registry {self.url}: {exc}") from exc
 
 
 def _flag(pinned: bool) -> str:

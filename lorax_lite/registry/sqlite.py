@@ -3,7 +3,8 @@
 Several processes (the CLI and a server) may write at once: the file is in WAL mode, a writer waits
 up to `BUSY_TIMEOUT_S` for the lock, and every write is one `BEGIN IMMEDIATE` transaction, so a
 read-modify-write never interleaves with another process's. Each thread gets its own connection
-(the engine thread and the server's threads may all call in).
+(the engine thread and the server's threads may all call in). `SQLiteBackend` is that machinery; the
+tenants' store (`tenants_sqlite.py`) keeps its tables in the same file with it.
 """
 
 from __future__ import annotations
@@ -39,10 +40,12 @@ CREATE TABLE IF NOT EXISTS versions (
 _SELECT = "SELECT v.record_json, a.pinned FROM versions v JOIN adapters a ON a.adapter_id = v.adapter_id"
 
 
-class SQLiteRegistry(Registry):
-    """Registry in one SQLite file at `path` (parent directories and schema created on open)."""
+class SQLiteBackend:
+    """One SQLite file at `path` (parent directories and `schema` created on open), shared by the registry's tables
+    and the tenants' (`tenants_sqlite.py`): per-thread connections, WAL, one `BEGIN IMMEDIATE` per write, and
+    every error a RegistryError naming the file's URL."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, schema: str) -> None:
         self.path = Path(path).expanduser().absolute()
         self.url = f"sqlite:///{self.path}"
         self._local = threading.local()
@@ -51,8 +54,58 @@ class SQLiteRegistry(Registry):
         with self._errors():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._write() as db:
-                for statement in _SCHEMA.split(";")[:-1]:  # executescript would commit early
+                for statement in schema.split(";")[:-1]:  # executescript would commit early
                     db.execute(statement)
+
+    def ping(self) -> None:
+        with self._errors():
+            self._connection().execute("SELECT 1").fetchone()
+
+    def close(self) -> None:
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for connection in connections:
+            connection.close()
+        self._local = threading.local()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One `BEGIN IMMEDIATE` transaction: committed if the block returns, rolled back if it raises."""
+        with self._errors():
+            db = self._connection()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+    def _connection(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+            self._local.db = db
+            with self._lock:
+                self._connections.append(db)
+            db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            _enable_wal(db)
+        return db
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except (sqlite3.Error, OSError) as exc:
+            raise RegistryError(f"registry {self.url}: {exc}") from exc
+
+
+class SQLiteRegistry(SQLiteBackend, Registry):
+    """Registry in one SQLite file at `path` (parent directories and schema created on open)."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(path, _SCHEMA)
 
     def add_version(self, record: AdapterRecord) -> bool:
         with self._write() as db:
@@ -98,17 +151,6 @@ class SQLiteRegistry(Registry):
             cursor = db.execute("UPDATE adapters SET pinned = ? WHERE adapter_id = ?", (int(pinned), adapter_id))
             return cursor.rowcount > 0
 
-    def ping(self) -> None:
-        with self._errors():
-            self._connection().execute("SELECT 1").fetchone()
-
-    def close(self) -> None:
-        with self._lock:
-            connections, self._connections = self._connections, []
-        for connection in connections:
-            connection.close()
-        self._local = threading.local()
-
     def _insert_version(self, db: sqlite3.Connection, record: AdapterRecord) -> None:
         """Add the version unless it exists already (versions are immutable: the first record stays)."""
         (seq,) = db.execute(
@@ -126,38 +168,6 @@ class SQLiteRegistry(Registry):
             return [_to_record(record_json, pinned) for record_json, pinned in rows]
         except (ValueError, TypeError) as exc:
             raise CorruptRecordError(f"registry {self.url}: corrupt record: {exc}") from exc
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One `BEGIN IMMEDIATE` transaction: committed if the block returns, rolled back if it raises."""
-        with self._errors():
-            db = self._connection()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-
-    def _connection(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
-            self._local.db = db
-            with self._lock:
-                self._connections.append(db)
-            db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-            _enable_wal(db)
-        return db
-
-    @contextmanager
-    def _errors(self) -> Iterator[None]:
-        try:
-            yield
-        except (sqlite3.Error, OSError) as exc:
-            raise RegistryError(f"registry {self.url}: {exc}") from exc
 
 
 def _to_record(record_json: str, pinned: int) -> AdapterRecord:
