@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -77,6 +78,31 @@ def test_a_chat_page_carries_its_adapter_and_its_assets_are_served(app):
 def test_an_unknown_or_invalid_assistant_is_a_404_page(app, adapter_id):
     resp = call(app, "GET", f"/chat/{adapter_id}")
     assert resp.status_code == 404 and 'href="/chat"' in resp.text
+
+
+STATIC = Path(__file__).resolve().parents[1] / "lorax_lite" / "server" / "static"
+
+
+def test_the_pages_run_under_a_strict_csp():
+    """The HTML pages are sent with `script-src 'self'; style-src 'self'`: no inline script, style or handler."""
+    for page in STATIC.glob("*.html"):
+        text = page.read_text()
+        assert re.findall(r"<script(?![^>]*\bsrc=)", text) == [], page.name
+        assert "<style" not in text and " style=" not in text and not re.search(r"\son[a-z]+=", text), page.name
+    for script in STATIC.glob("*.js"):
+        text = script.read_text()
+        assert "eval(" not in text and "new Function" not in text and ".style." not in text, script.name
+
+
+def test_the_key_page_asks_for_a_key_kept_in_this_tab():
+    page = (STATIC / "key.html").read_text()
+    for part in ('<form id="key-form"', 'type="password" id="api-key"', 'id="key-error" role="alert" hidden',
+                 'type="submit"', "kept in this browser tab only (sessionStorage)", '<script src="/static/auth.js">'):
+        assert part in page
+    auth, chat = (STATIC / "auth.js").read_text(), (STATIC / "chat.js").read_text()
+    assert 'sessionStorage.getItem(STORAGE)' in auth and 'STORAGE = "lorax_api_key"' in auth
+    assert "That key was not accepted." in auth and "history.pushState" in auth and "popstate" in auth
+    assert 'KEY_STORAGE = "lorax_api_key"' in chat and "Authorization = `Bearer ${key}`" in chat
 
 
 def scripted(lines: list[str]):
