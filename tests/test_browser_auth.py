@@ -19,7 +19,8 @@ import pytest
 from lorax_lite.registry.factory import open_tenant_store
 from lorax_lite.registry.tenants import new_key
 from server_helpers import serve
-from test_browser_chat import ADAPTERS_DIR, CHROMIUM, PRICING, QUESTIONS, admin_cli, ask, require_browser, save_screenshot
+from test_browser_chat import (ADAPTERS_DIR, CHROMIUM, PRICING, QUESTIONS, admin_cli, ask, require_browser,
+                               save_screenshot)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -44,7 +45,8 @@ def deployment(browser, default_model_dir: Path, tmp_path_factory: pytest.TempPa
     """Both shipped units registered as `make serve` does, and a key for the pricing unit in the same registry:
     `key` may use pricing only (not supply_chain, not the base model); `unknown_key` is well formed, never stored."""
     root = tmp_path_factory.mktemp("browser-auth")
-    found = {"registry": f"sqlite:///{root / 'registry.db'}", "store": str(root / "store"), "model": str(default_model_dir)}
+    found = {"registry": f"sqlite:///{root / 'registry.db'}", "store": str(root / "store"),
+             "model": str(default_model_dir)}
     admin_cli("register-units", "--adapters-dir", str(ADAPTERS_DIR), "--model", found["model"], deployment=found)
     key, record = new_key("pricing-team", [PRICING.name], name="browser test")
     store = open_tenant_store(found["registry"])
