@@ -1,18 +1,25 @@
 """Python client for a lorax-lite server: `Client` (sync) and `AsyncClient` (async, with `generate_many`).
 
-    with Client("http://127.0.0.1:8080") as client:
+    with Client("http://127.0.0.1:8080", api_key="llk_...") as client:
         result = client.generate("The capital of France is", adapter_id="pricing", max_new_tokens=16)
         print(result.generated_text, result.details.generated_tokens)
 
 `generate`/`generate_stream` use the native LoRAX API (parameters under LoRAX's names: max_new_tokens,
 temperature, top_k, top_p, repetition_penalty, seed, stop, do_sample, ignore_eos_token, ...); `chat`/
-`chat_stream` use the OpenAI API. Every failure raises a LoraxLiteError subclass.
+`chat_stream` use the OpenAI API. On a server with API keys, pass `api_key=` (default: `$LORAX_API_KEY`);
+it is sent as `Authorization: Bearer KEY` on every request and never shown in messages.
+
+Every failure raises a LoraxLiteError subclass: UnknownAdapterError (404, also an adapter the key may not
+use), InvalidRequestError (400/413/422), AuthenticationError (401), PermissionDeniedError (403),
+OverloadedError (429; RateLimitError when the key passed a rate limit), ServerUnavailableError (503 or no
+answer), RequestTimeoutError (504/408).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +28,7 @@ from typing import Any
 import httpx
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8080"
+API_KEY_ENV = "LORAX_API_KEY"
 Message = dict[str, str]
 
 
@@ -53,6 +61,21 @@ class OverloadedError(LoraxLiteError):
     """429: the server's queue is full; retry after `retry_after` seconds (None when not said)."""
 
 
+class RateLimitError(OverloadedError):
+    """429 with error type rate_limited: the API key passed one of its rate limits (requests or tokens per
+    minute, concurrent requests); retry after `retry_after` seconds."""
+
+
+class AuthenticationError(LoraxLiteError):
+    """401: the API key is missing, malformed, unknown, revoked or expired; pass `api_key=` or set
+    LORAX_API_KEY."""
+
+
+class PermissionDeniedError(LoraxLiteError):
+    """403: the API key may not do this (the base model without an adapter, or an admin route with a user
+    key)."""
+
+
 class ServerUnavailableError(LoraxLiteError):
     """503, or no answer at all: the server cannot be reached, its engine is not running, it is shutting down,
     its adapter registry is unreachable, or the adapter's stored files are damaged; retry (after
@@ -63,13 +86,18 @@ class RequestTimeoutError(LoraxLiteError):
     """504: the request passed its timeout before its first token (or 408: the body was sent too slowly)."""
 
 
-_BY_STATUS = {404: UnknownAdapterError, 400: InvalidRequestError, 413: InvalidRequestError, 422: InvalidRequestError,
-              429: OverloadedError, 503: ServerUnavailableError, 408: RequestTimeoutError, 504: RequestTimeoutError}
-_BY_ERROR_TYPE = {"not_found": UnknownAdapterError, "validation": InvalidRequestError, "adapter": InvalidRequestError,
-                  "payload_too_large": InvalidRequestError, "overloaded": OverloadedError,
-                  "unavailable": ServerUnavailableError, "registry_unavailable": ServerUnavailableError,
-                  "adapter_unavailable": ServerUnavailableError, "shutting_down": ServerUnavailableError,
-                  "timeout": RequestTimeoutError}
+_BY_STATUS: dict[int, type[LoraxLiteError]] = {
+    404: UnknownAdapterError, 400: InvalidRequestError, 413: InvalidRequestError, 422: InvalidRequestError,
+    401: AuthenticationError, 403: PermissionDeniedError, 429: OverloadedError, 503: ServerUnavailableError,
+    408: RequestTimeoutError, 504: RequestTimeoutError}
+# Native bodies name the type in `error_type`, OpenAI bodies in `code` (invalid_api_key for a 401).
+_BY_ERROR_TYPE: dict[str, type[LoraxLiteError]] = {
+    "not_found": UnknownAdapterError, "validation": InvalidRequestError, "adapter": InvalidRequestError,
+    "payload_too_large": InvalidRequestError, "overloaded": OverloadedError, "rate_limited": RateLimitError,
+    "unauthorized": AuthenticationError, "invalid_api_key": AuthenticationError, "forbidden": PermissionDeniedError,
+    "unavailable": ServerUnavailableError, "registry_unavailable": ServerUnavailableError,
+    "adapter_unavailable": ServerUnavailableError, "shutting_down": ServerUnavailableError,
+    "timeout": RequestTimeoutError}
 
 
 @dataclass(frozen=True)
@@ -123,14 +151,17 @@ class ChatResult:
 
 
 class Client:
-    """Blocking client; `transport` replaces httpx's network transport (tests, proxies)."""
+    """Blocking client; `api_key` (None: `$LORAX_API_KEY`; empty or unset: none) is sent as a bearer token;
+    `transport` replaces httpx's network transport (tests, proxies)."""
 
     def __init__(
         self, base_url: str = DEFAULT_BASE_URL, timeout: float = 60.0, headers: dict[str, str] | None = None,
-        transport: httpx.BaseTransport | None = None,
+        transport: httpx.BaseTransport | None = None, api_key: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers, transport=transport)
+        self._http = httpx.Client(
+            base_url=self.base_url, timeout=timeout, headers=_with_api_key(headers, api_key), transport=transport
+        )
         self._base_model: str | None = None
 
     def __enter__(self) -> Client:
@@ -210,17 +241,19 @@ class Client:
 
 
 class AsyncClient:
-    """Async client; `transport` replaces httpx's network transport (e.g. httpx.ASGITransport(app=app))."""
+    """Async client; `api_key` as in Client; `transport` replaces httpx's network transport (e.g.
+    httpx.ASGITransport(app=app))."""
 
     def __init__(
         self, base_url: str = DEFAULT_BASE_URL, timeout: float = 60.0, headers: dict[str, str] | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: httpx.AsyncBaseTransport | None = None, api_key: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         # No pool limit: generate_many's semaphore bounds the connections, and a pool wait would time out.
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=32)
         self._http = httpx.AsyncClient(
-            base_url=self.base_url, timeout=timeout, headers=headers, transport=transport, limits=limits
+            base_url=self.base_url, timeout=timeout, headers=_with_api_key(headers, api_key), transport=transport,
+            limits=limits,
         )
         self._base_model: str | None = None
 
@@ -328,6 +361,12 @@ class AsyncClient:
                         yield event
 
 
+def _with_api_key(headers: dict[str, str] | None, api_key: str | None) -> dict[str, str] | None:
+    """`headers` plus `Authorization: Bearer KEY` when there is a key (`api_key`, else `$LORAX_API_KEY`)."""
+    key = os.environ.get(API_KEY_ENV) if api_key is None else api_key
+    return {**(headers or {}), "Authorization": f"Bearer {key}"} if key else headers
+
+
 def _generate_body(prompt: str, params: dict[str, Any]) -> dict:
     # details always: results carry token counts and the finish reason.
     parameters = {name: value for name, value in params.items() if value is not None}
@@ -428,7 +467,10 @@ def _error(body: Any, status: int | None, retry_after: float | None = None) -> L
     else:  # not a lorax-lite body (a proxy's page, FastAPI's own 404, ...)
         message, error_type, param = str(body.get("detail", body) if isinstance(body, dict) else body), None, None
     by_status = _BY_STATUS.get(status) if status is not None else None
-    cls = by_status or (_BY_ERROR_TYPE.get(error_type) if error_type else None) or LoraxLiteError
+    by_type = _BY_ERROR_TYPE.get(error_type) if error_type else None
+    cls = by_status or by_type or LoraxLiteError
+    if by_status and by_type and issubclass(by_type, by_status):  # a 429 that names a rate limit
+        cls = by_type
     if cls is UnknownAdapterError and error_type != "not_found":  # a route, not an adapter, is missing: a wrong URL
         cls = LoraxLiteError
     prefix = f"HTTP {status}: " if status else ""

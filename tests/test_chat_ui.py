@@ -3,12 +3,18 @@ the page's behaviour in a real browser is tests/test_browser_chat.py)."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
 from transformers import AutoModelForCausalLM
 
 from lora_helpers import AdapterSpec, make_peft_adapter
@@ -74,6 +80,31 @@ def test_an_unknown_or_invalid_assistant_is_a_404_page(app, adapter_id):
     assert resp.status_code == 404 and 'href="/chat"' in resp.text
 
 
+STATIC = Path(__file__).resolve().parents[1] / "lorax_lite" / "server" / "static"
+
+
+def test_the_pages_run_under_a_strict_csp():
+    """The HTML pages are sent with `script-src 'self'; style-src 'self'`: no inline script, style or handler."""
+    for page in STATIC.glob("*.html"):
+        text = page.read_text()
+        assert re.findall(r"<script(?![^>]*\bsrc=)", text) == [], page.name
+        assert "<style" not in text and " style=" not in text and not re.search(r"\son[a-z]+=", text), page.name
+    for script in STATIC.glob("*.js"):
+        text = script.read_text()
+        assert "eval(" not in text and "new Function" not in text and ".style." not in text, script.name
+
+
+def test_the_key_page_asks_for_a_key_kept_in_this_tab():
+    page = (STATIC / "key.html").read_text()
+    for part in ('<form id="key-form"', 'type="password" id="api-key"', 'id="key-error" role="alert" hidden',
+                 'type="submit"', "kept in this browser tab only (sessionStorage)", '<script src="/static/auth.js">'):
+        assert part in page
+    auth, chat = (STATIC / "auth.js").read_text(), (STATIC / "chat.js").read_text()
+    assert 'sessionStorage.getItem(STORAGE)' in auth and 'STORAGE = "lorax_api_key"' in auth
+    assert "That key was not accepted." in auth and "history.pushState" in auth and "popstate" in auth
+    assert 'KEY_STORAGE = "lorax_api_key"' in chat and "Authorization = `Bearer ${key}`" in chat
+
+
 def scripted(lines: list[str]):
     """A `read` that answers with `lines` and then EOF, and a `write` that records the output."""
     pending, out = list(lines), []
@@ -129,3 +160,82 @@ def test_lorax_lite_chat_refuses_bad_options(option):
     cmd = [sys.executable, "-m", "lorax_lite.cli", "chat", "--adapter", "pricing", *option]
     done = subprocess.run(cmd, input="", capture_output=True, text=True, timeout=60)
     assert done.returncode in (1, 2) and done.stderr.startswith("error:") and "Traceback" not in done.stderr
+
+
+GOOD_KEY = "llk_0123456789ab_" + "g" * 43
+WRONG_KEY = "llk_0123456789ab_" + "w" * 43
+
+
+def keyed_app(seen: list[str | None]) -> FastAPI:
+    """A stand-in for a server with API keys: a 401 (OpenAI body) unless the request carries GOOD_KEY, then
+    /v1/models and a one-chunk streamed chat answer; records each request's Authorization header."""
+    app = FastAPI()
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        seen.append(request.headers.get("authorization"))
+        if request.headers.get("authorization") != f"Bearer {GOOD_KEY}":
+            error = {"message": "the API key is missing or unknown", "type": "authentication_error", "param": None,
+                     "code": "invalid_api_key"}
+            return JSONResponse({"error": error}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": MODEL_NAME, "object": "model"}, {"id": "pricing", "object": "model"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat() -> Response:
+        chunk = {"choices": [{"index": 0, "delta": {"content": "Hello from pricing"}, "finish_reason": None}]}
+        return Response(f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n", media_type="text/event-stream")
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def keyed_server() -> Iterator[tuple[str, list[str | None]]]:
+    seen: list[str | None] = []
+    with serve_in_thread(keyed_app(seen)) as url:
+        yield url, seen
+
+
+def test_the_terminal_chat_sends_the_key_and_reports_a_missing_or_refused_one(keyed_server, monkeypatch):
+    url, seen = keyed_server
+    monkeypatch.delenv("LORAX_API_KEY", raising=False)
+    with pytest.raises(ChatError, match="needs an API key: pass --api-key or set LORAX_API_KEY") as missing:
+        open_chat(url, "pricing")
+    assert missing.value.code == 2
+    with pytest.raises(ChatError, match="refused the API key.*pass --api-key or set LORAX_API_KEY") as refused:
+        open_chat(url, "pricing", api_key=WRONG_KEY)
+    assert refused.value.code == 2 and WRONG_KEY.rsplit("_", 1)[1] not in str(refused.value)
+    with pytest.raises(ChatError, match="unknown adapter 'nobody'.*available: pricing") as unknown:
+        open_chat(url, "nobody", api_key=GOOD_KEY)
+    assert unknown.value.code == 2
+    seen.clear()
+    monkeypatch.setenv("LORAX_API_KEY", GOOD_KEY)
+    read, write, out = scripted(["Hi"])
+    with open_chat(url, "pricing") as client:  # the key from LORAX_API_KEY
+        run_chat(client, "pricing", read, write)
+    assert "pricing> Hello from pricing" in "".join(out)
+    assert seen == [f"Bearer {GOOD_KEY}"] * 2  # /v1/models, then the question
+
+
+def test_lorax_lite_chat_command_takes_api_key_or_lorax_api_key(keyed_server):
+    url, _ = keyed_server
+    cmd = [sys.executable, "-m", "lorax_lite.cli", "chat", "--adapter", "pricing", "--url", url]
+    env = {k: v for k, v in os.environ.items() if k != "LORAX_API_KEY"}
+    run = lambda args, env: subprocess.run(  # noqa: E731
+        cmd + args, input="Hi\n/exit\n", capture_output=True, text=True, timeout=120, env=env)
+
+    missing = run([], env)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: the server at")
+    assert "needs an API key: pass --api-key or set LORAX_API_KEY" in missing.stderr
+    refused = run(["--api-key", WRONG_KEY], env)
+    assert refused.returncode == 2 and "refused the API key" in refused.stderr and "Traceback" not in refused.stderr
+    assert WRONG_KEY.rsplit("_", 1)[1] not in refused.stderr + refused.stdout
+    for args, with_env in [(["--api-key", GOOD_KEY], env), ([], {**env, "LORAX_API_KEY": GOOD_KEY})]:
+        done = run(args, with_env)
+        assert done.returncode == 0, done.stderr
+        assert "pricing> Hello from pricing" in done.stdout and GOOD_KEY not in done.stdout + done.stderr
+    assert "LORAX_API_KEY" in run(["--help"], {**env, "LORAX_API_KEY": GOOD_KEY}).stdout
+    assert GOOD_KEY not in run(["--help"], {**env, "LORAX_API_KEY": GOOD_KEY}).stdout  # help shows no key

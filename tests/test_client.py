@@ -18,11 +18,14 @@ from lora_helpers import AdapterSpec, make_peft_adapter
 from lorax_lite import LLM, AsyncLLM, SamplingParams
 from lorax_lite.client import (
     AsyncClient,
+    AuthenticationError,
     Client,
     GenerateResult,
     InvalidRequestError,
     LoraxLiteError,
     OverloadedError,
+    PermissionDeniedError,
+    RateLimitError,
     RequestTimeoutError,
     ServerUnavailableError,
     UnknownAdapterError,
@@ -36,6 +39,7 @@ PROMPTS = ["The quick brown fox", "What is the capital of France?", "Pricing: th
 ENGINE = dict(dtype="float32", device="cpu", max_num_batched_tokens=64, max_model_len=128)
 GREEDY = dict(max_new_tokens=6, ignore_eos_token=True)
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+DEFAULT_URL = "http://lorax.test"
 
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -300,3 +304,104 @@ def test_unavailable_and_timeout_answers_carry_their_type_and_retry_after(status
         with pytest.raises(error) as info:
             client.generate(PROMPT)
     assert info.value.status == status and info.value.retry_after == 3.0
+
+
+KEY = "llk_0123456789ab_" + "s" * 43
+MODELS = {"object": "list", "data": [{"id": MODEL_NAME}, {"id": "pricing"}]}
+
+
+def recording_transport(seen: list[httpx.Request], async_: bool = False):
+    """A MockTransport answering /v1/models, recording every request it gets."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=MODELS)
+
+    async def answer_async(request: httpx.Request) -> httpx.Response:
+        return answer(request)
+
+    return httpx.MockTransport(answer_async if async_ else answer)
+
+
+@pytest.mark.parametrize("api_key, env, sent", [
+    (KEY, None, f"Bearer {KEY}"),
+    (None, KEY, f"Bearer {KEY}"),  # LORAX_API_KEY
+    ("llk_ffffffffffff_" + "x" * 43, KEY, "Bearer llk_ffffffffffff_" + "x" * 43),  # api_key= wins
+    (None, None, None),
+    (None, "", None),
+    ("", KEY, None),  # api_key="" sends none even with LORAX_API_KEY set
+])
+def test_the_api_key_is_sent_as_a_bearer_token_on_every_request(monkeypatch, api_key, env, sent):
+    if env is None:
+        monkeypatch.delenv("LORAX_API_KEY", raising=False)
+    else:
+        monkeypatch.setenv("LORAX_API_KEY", env)
+    seen: list[httpx.Request] = []
+    with Client(transport=recording_transport(seen), api_key=api_key, headers={"X-Trace": "1"}) as client:
+        client.models()
+        client.health()
+    run_async(DEFAULT_URL, lambda c: c.models(), transport=recording_transport(seen, async_=True), api_key=api_key)
+    assert len(seen) == 3
+    assert [r.headers.get("authorization") for r in seen] == [sent] * 3
+    assert seen[0].headers["x-trace"] == "1"  # the caller's headers are kept
+
+
+def test_the_api_key_is_in_no_repr_or_error_message(monkeypatch):
+    monkeypatch.delenv("LORAX_API_KEY", raising=False)
+    body = {"error": "the API key is unknown", "error_type": "unauthorized"}
+    refuse = httpx.MockTransport(lambda request: httpx.Response(401, json=body, headers={"WWW-Authenticate": "Bearer"}))
+    with Client(transport=refuse, api_key=KEY) as client, pytest.raises(AuthenticationError) as info:
+        client.generate(PROMPT)
+    secret = KEY.rsplit("_", 1)[1]
+    assert secret not in repr(client)
+    assert secret not in str(info.value) and secret not in repr(info.value)
+
+
+AUTH_ANSWERS = [
+    (401, {"error": "missing API key: send Authorization: Bearer KEY", "error_type": "unauthorized"},
+     AuthenticationError, "unauthorized"),
+    (401, {"error": {"message": "the API key is revoked", "type": "authentication_error", "param": None,
+                     "code": "invalid_api_key"}}, AuthenticationError, "invalid_api_key"),
+    (403, {"error": "this key may not use the base model", "error_type": "forbidden"},
+     PermissionDeniedError, "forbidden"),
+    (403, {"error": {"message": "this key may not use the base model", "type": "permission_error", "param": "model",
+                     "code": "forbidden"}}, PermissionDeniedError, "forbidden"),
+    (429, {"error": "rate limit: 60 requests per minute", "error_type": "rate_limited"},
+     RateLimitError, "rate_limited"),
+    (429, {"error": {"message": "rate limit: 60 requests per minute", "type": "rate_limit_error", "param": None,
+                     "code": "rate_limited"}}, RateLimitError, "rate_limited"),
+    (429, {"error": {"message": "the server is overloaded", "type": "server_error", "param": None,
+                     "code": "overloaded"}}, OverloadedError, "overloaded"),
+]
+
+
+@pytest.mark.parametrize("status, body, error, error_type", AUTH_ANSWERS)
+@pytest.mark.parametrize("method", ["generate", "generate_stream", "chat", "chat_stream"])
+def test_refusals_of_the_key_raise_their_class_in_both_body_formats(status, body, error, error_type, method):
+    answer = lambda request: httpx.Response(status, json=body, headers={"Retry-After": "7"})  # noqa: E731
+    prompt = MESSAGES if method.startswith("chat") else PROMPT
+    with Client(transport=httpx.MockTransport(answer), api_key=KEY) as client, pytest.raises(error) as info:
+        result = getattr(client, method)(prompt, adapter_id="pricing")
+        if method.endswith("stream"):
+            list(result)
+    assert type(info.value) is error and info.value.status == status and info.value.error_type == error_type
+    assert info.value.retry_after == 7.0 and f"HTTP {status}" in str(info.value)
+    assert isinstance(info.value, OverloadedError) == (status == 429)  # code catching OverloadedError still works
+
+
+@pytest.mark.parametrize("status, body, error, error_type", AUTH_ANSWERS[::2])
+def test_the_async_client_raises_the_same_classes(status, body, error, error_type):
+    async def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, json=body)
+
+    with pytest.raises(error) as info:
+        run_async(DEFAULT_URL, lambda c: c.generate(PROMPT), transport=httpx.MockTransport(answer), api_key=KEY)
+    assert info.value.status == status and info.value.error_type == error_type
+
+
+def test_a_rate_limit_event_mid_stream_is_a_rate_limit_error():
+    events = [TOKEN_EVENT, {"error": "rate limit: tokens per minute", "error_type": "rate_limited"}]
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, content=sse(*events)))
+    with Client(transport=transport) as client, pytest.raises(RateLimitError) as info:
+        list(client.generate_stream(PROMPT))
+    assert info.value.status is None

@@ -70,17 +70,21 @@ def server(deployment: dict[str, str]):
         yield base
 
 
-def lorax_client(server: str, calls: list[dict]) -> list[dict]:
-    return _run_client("lorax_client_calls.py", server, calls)
+def lorax_client(server: str, calls: list[dict], api_key: str | None = None) -> list[dict]:
+    return _run_client("lorax_client_calls.py", server, calls, api_key)
 
 
-def openai_sdk(server: str, calls: list[dict]) -> list[dict]:
-    return _run_client("openai_calls.py", server, calls)
+def openai_sdk(server: str, calls: list[dict], api_key: str | None = None) -> list[dict]:
+    return _run_client("openai_calls.py", server, calls, api_key)
 
 
-def _run_client(script: str, server: str, calls: list[dict]) -> list[dict]:
+def _run_client(script: str, server: str, calls: list[dict], api_key: str | None = None) -> list[dict]:
+    """Run the calls through `script` in the clients' venv; `api_key` (LORAX_TEST_API_KEY there) is sent as a
+    bearer token."""
+    env = {name: value for name, value in os.environ.items() if name != "LORAX_TEST_API_KEY"}
     done = subprocess.run([clients_python(), str(CLIENTS_DIR / script), server, json.dumps(calls)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600,
+                          env={**env, "LORAX_TEST_API_KEY": api_key} if api_key else env)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)
 

@@ -1,12 +1,14 @@
 """`lorax-lite chat`: a terminal chat with one business unit's assistant on a running server.
 
 Answers stream as they are generated; the conversation is kept until `/reset`; `/exit` (or Ctrl-D)
-leaves. The server adds the adapter's registered system prompt. Only `lorax_lite.client` is
-imported (no torch), and only when a chat starts, so every command starts at once.
+leaves. The server adds the adapter's registered system prompt. On a server with API keys, pass
+`--api-key` or set LORAX_API_KEY (the key is never echoed). Only `lorax_lite.client` is imported (no
+torch), and only when a chat starts, so every command starts at once.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
@@ -28,6 +30,9 @@ def chat_command(
     url: str = typer.Option("http://127.0.0.1:8080", "--url", help="The lorax-lite server."),
     max_tokens: int = typer.Option(256, "--max-tokens", help="Most tokens in one answer."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 is greedy."),
+    api_key: str | None = typer.Option(
+        None, "--api-key", envvar="LORAX_API_KEY", show_envvar=True, show_default=False,
+        help="The API key, for a server that asks for one."),
 ) -> None:
     """Chat with a business unit's assistant on a running server (streaming; /reset, /exit)."""
     if max_tokens < 1:
@@ -35,7 +40,7 @@ def chat_command(
     if not 0 <= temperature <= 2:
         fail(f"--temperature must be in 0..2, got {temperature}")
     try:
-        client = open_chat(url, adapter)
+        client = open_chat(url, adapter, api_key=api_key)
     except ChatError as error:
         fail(str(error), code=error.code)
 
@@ -48,24 +53,39 @@ def chat_command(
 
 
 class ChatError(Exception):
-    """The chat cannot start (server down, unknown adapter); `code` is the exit status."""
+    """The chat cannot start (server down, key refused, unknown adapter); `code` is the exit status."""
 
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.code = code
 
 
-def open_chat(url: str, adapter: str | None, timeout: float = 120.0) -> Client:
-    """A client for the server at `url`, after checking that it answers and knows `adapter`."""
-    from lorax_lite.client import Client, LoraxLiteError, ServerUnavailableError
+def open_chat(url: str, adapter: str | None, timeout: float = 120.0, api_key: str | None = None) -> Client:
+    """A client for the server at `url`, after checking that it answers, takes the API key (None:
+    $LORAX_API_KEY) and knows `adapter`."""
+    from lorax_lite.client import (
+        AuthenticationError,
+        Client,
+        LoraxLiteError,
+        PermissionDeniedError,
+        ServerUnavailableError,
+    )
 
-    client = Client(url, timeout=timeout)
+    client = Client(url, timeout=timeout, api_key=api_key)
     try:
         models = client.models()
     except ServerUnavailableError as exc:
         client.close()
         hint = "is the server running? start it with `make serve` (or `lorax-lite serve`)"
         raise ChatError(f"{exc}\n  {hint}", code=1) from exc
+    except AuthenticationError as exc:
+        client.close()
+        has_key = bool(os.environ.get("LORAX_API_KEY") if api_key is None else api_key)
+        refused = f"refused the API key ({exc.message})" if has_key else "needs an API key"
+        raise ChatError(f"the server at {url} {refused}: pass --api-key or set LORAX_API_KEY", code=2) from exc
+    except PermissionDeniedError as exc:
+        client.close()
+        raise ChatError(f"the API key may not do this on {url}: {exc.message}", code=2) from exc
     except LoraxLiteError as exc:
         client.close()
         raise ChatError(f"{url} does not look like a lorax-lite server: {exc}", code=1) from exc

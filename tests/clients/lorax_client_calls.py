@@ -2,10 +2,12 @@
 
 Usage: python lorax_client_calls.py BASE_URL CALLS_JSON; prints a JSON list with one result per call.
 A call is {"op": "generate" | "generate_stream", "prompt", "adapter_id", "header_adapter_id", **parameters};
-a client exception becomes {"error": its class name, "message"}.
+a client exception becomes {"error": its class name, "message"}. With LORAX_TEST_API_KEY set, every call
+sends it as `Authorization: Bearer KEY` (for a server with API keys).
 """
 
 import json
+import os
 import sys
 
 from lorax import Client
@@ -15,7 +17,10 @@ def run(base_url: str, call: dict) -> dict:
     call = dict(call)
     op, prompt = call.pop("op"), call.pop("prompt")
     header = call.pop("header_adapter_id", None)
-    client = Client(base_url, headers={"adapter_id": header} if header else None, timeout=120)
+    headers = {"adapter_id": header} if header else {}
+    if api_key := os.environ.get("LORAX_TEST_API_KEY"):
+        headers["Authorization"] = f"Bearer {api_key}"
+    client = Client(base_url, headers=headers or None, timeout=120)
     try:
         if op == "generate":
             resp = client.generate(prompt, **call)

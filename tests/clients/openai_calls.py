@@ -2,10 +2,12 @@
 
 Usage: python openai_calls.py BASE_URL CALLS_JSON; prints a JSON list with one result per call.
 A call is {"op": "chat" | "chat_stream" | "completion" | "models", **create() arguments};
-an SDK exception becomes {"error": its class name, "status", "message"}.
+an SDK exception becomes {"error": its class name, "status", "message"}. With LORAX_TEST_API_KEY set, the SDK
+uses it as its api_key (sent as `Authorization: Bearer KEY`; else the placeholder "unused").
 """
 
 import json
+import os
 import sys
 
 import openai
@@ -38,5 +40,6 @@ def run(client: openai.OpenAI, call: dict) -> dict:
 
 
 if __name__ == "__main__":
-    sdk = openai.OpenAI(base_url=f"{sys.argv[1]}/v1", api_key="unused", max_retries=0, timeout=120)
+    api_key = os.environ.get("LORAX_TEST_API_KEY") or "unused"
+    sdk = openai.OpenAI(base_url=f"{sys.argv[1]}/v1", api_key=api_key, max_retries=0, timeout=120)
     print(json.dumps([run(sdk, c) for c in json.loads(sys.argv[2])]))
