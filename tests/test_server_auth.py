@@ -17,6 +17,7 @@ from lora_helpers import AdapterSpec, make_peft_adapter
 from lorax_lite import AsyncLLM
 from lorax_lite.config import ServerLimits
 from lorax_lite.registry import admin
+from lorax_lite.registry.base import RegistryError
 from lorax_lite.registry.factory import open_tenant_store
 from lorax_lite.registry.sqlite import SQLiteRegistry
 from lorax_lite.registry.store import AdapterStore
@@ -388,3 +389,42 @@ def test_keys_are_required_from_the_first_key_on(llm, tiny_llama_dir, tmp_path):
     finally:
         tenancy.close()
         store.close()
+
+
+class FlakyStore:
+    """A tenant store that fails every call while `down` is set, as an unreachable registry does."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+        self.url = store.url
+        self.down = False
+
+    def __getattr__(self, name: str):
+        method = getattr(self.store, name)
+
+        def call(*args):
+            if self.down:
+                raise RegistryError("registry: connection refused")
+            return method(*args)
+
+        return call
+
+
+def test_while_the_key_store_is_down_known_keys_work_and_others_get_503(llm, store):
+    flaky = FlakyStore(store)
+    tenancy = Tenancy(flaky, stale_s=30)
+    app = create_app(llm, MODEL_NAME, ServerLimits(), tenancy)
+    known, unknown = add_key(store, "pricing", [], base_model=True), add_key(store, "pricing", [], base_model=True)
+    try:
+        assert call(app, "GET", "/v1/models", headers=bearer(known)).status_code == 200
+        flaky.down = True
+        time.sleep(0.6)  # past the key's refresh interval: the server asks the store again, and it fails
+        assert call(app, "GET", "/v1/models", headers=bearer(known)).status_code == 200  # checked 0.6 s ago
+        refused = call(app, "GET", "/v1/models", headers=bearer(unknown))
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "registry_unavailable"
+        assert refused.headers["retry-after"]
+        flaky.down = False
+        time.sleep(1.1)  # the breaker lets a probe through again
+        assert call(app, "GET", "/v1/models", headers=bearer(unknown)).status_code == 200
+    finally:
+        tenancy.close()
