@@ -283,6 +283,13 @@ def test_an_unreachable_registry_exits_1_naming_its_url(deployment: Deployment, 
     assert not d.store.exists()  # register validated the adapter, then stopped at the registry: no store write
 
 
+
+def test_an_unreachable_redis_is_named_without_its_password(deployment: Deployment) -> None:
+    deployment.url = "redis://admin:s3cret@127.0.0.1:1/0"
+    result = deployment.cli("list")
+    assert_one_line_error(result, 1, "registry redis://admin:***@127.0.0.1:1/0")
+    assert "s3cret" not in result.output
+
 # ---- several processes ------------------------------------------------------------------------
 
 

@@ -14,7 +14,7 @@ CLI_DIR = Path(__file__).resolve().parents[1] / "lorax_lite" / "cli"
 ROOT = "lorax_lite.cli"
 # What each module may import from the package; the root (__init__) imports the commands and
 # __main__ imports the root, since `python -m lorax_lite.cli` runs it.
-COMMANDS = ("adapters", "chat", "generate", "serve")
+COMMANDS = ("adapters", "chat", "generate", "keys", "serve")
 ALLOWED = {"common": set(), "options": {"common"}, **dict.fromkeys(COMMANDS, {"common", "options"})}
 
 
@@ -52,16 +52,18 @@ def test_import_check_sees_imports_of_the_root(tmp_path: Path) -> None:
         assert ROOT in imported_modules(path), source
 
 
-def test_admin_and_chat_commands_do_not_import_torch() -> None:
+def test_admin_and_chat_commands_do_not_import_torch(tmp_path: Path) -> None:
     script = (
         "import sys\n"
         "from typer.testing import CliRunner\n"
         "from lorax_lite.cli import app\n"
-        "for args in (['chat', '--help'], ['adapters', 'list', '--help'], ['generate', '--help']):\n"
+        "for args in (['chat', '--help'], ['adapters', 'list', '--help'], ['generate', '--help'], ['usage', '--help'],\n"
+        "             ['keys', 'create', '--tenant', 't', '--adapters', 'a', '--registry', 'sqlite:///' + sys.argv[1]]):\n"
         "    assert CliRunner().invoke(app, args).exit_code == 0, args\n"
         "print(sorted(m for m in ('torch', 'transformers', 'fastapi', 'lorax_lite.server') if m in sys.modules))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "registry.db")], capture_output=True,
+                            text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 

@@ -21,13 +21,13 @@ from typing import Annotated
 
 import typer
 
-from lorax_lite.cli.common import fail, one_line
+from lorax_lite.cli.common import AsJson, RegistryUrl, fail, one_line, opened, table
 from lorax_lite.config import default_model
 from lorax_lite.lora.errors import AdapterError
 from lorax_lite.lora.naming import check_adapter_id
 from lorax_lite.registry import admin
 from lorax_lite.registry.admin import BaseModelError
-from lorax_lite.registry.base import AdapterRecord, Registry, RegistryError
+from lorax_lite.registry.base import AdapterRecord, Registry
 from lorax_lite.registry.store import AdapterStore
 
 adapters_app = typer.Typer(
@@ -40,11 +40,8 @@ adapters_app = typer.Typer(
 
 AdapterId = Annotated[str, typer.Argument(
     help="Adapter id: 1-64 letters, digits, '.', '_' or '-'.", show_default=False)]
-RegistryUrl = Annotated[str | None, typer.Option(
-    "--registry", help="Registry URL: sqlite:///path.db or redis://host:port/db (default: $LORAX_REGISTRY, else sqlite:///data/registry.db).")]
 StoreDir = Annotated[str | None, typer.Option(
     "--store", help="Store directory (default: $LORAX_STORE, else data/store).")]
-AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 ModelDir = Annotated[str | None, typer.Option(
     "--model", help="Base model directory to check shapes against (default: $LORAX_MODEL, else the fetched model).")]
 UNIT_CARD_KEYS = ("owner", "description", "system_prompt")  # what a unit's lorax.json gives its registration
@@ -197,19 +194,8 @@ def _registry(url: str | None, check_id: str | None = None) -> Iterator[Registry
 
     if check_id is not None:
         check_adapter_id(check_id)
-    url = url or default_registry_url()
-    try:
-        registry = open_registry(url)
-    except RegistryError as exc:
-        fail(_naming(exc, url), code=1)
-    except ValueError as exc:
-        fail(one_line(exc))
-    try:
+    with opened(open_registry, url or default_registry_url()) as registry:
         yield registry
-    except RegistryError as exc:
-        fail(_naming(exc, url), code=1)
-    finally:
-        registry.close()
 
 
 def _echo_registered(record: AdapterRecord, created: bool) -> None:
@@ -264,17 +250,11 @@ def _unknown(adapter_id: str, registry: Registry) -> str:
     return f"unknown adapter {adapter_id!r}: not in the registry {registry.url} (see `lorax-lite adapters list`)"
 
 
-def _naming(exc: Exception, url: str) -> str:
-    message = one_line(exc)
-    return message if url in message else f"registry {url}: {message}"
-
-
 def _table(records: list[AdapterRecord]) -> str:
     header = ("ID", "VERSION", "OWNER", "RANK", "PINNED", "SIZE", "CREATED")
     rows = [header] + [(r.adapter_id, r.version[:12], r.owner or "-", str(r.rank), "yes" if r.pinned else "no",
                         _size(r.size_bytes), _time(r.created_at)) for r in records]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+    return table(rows)
 
 
 def _details(record: AdapterRecord, versions: list[dict]) -> str:

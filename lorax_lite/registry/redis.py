@@ -61,7 +61,7 @@ class RedisBackend:
             raise ValueError(f"registry key prefix {prefix!r} must match {_PREFIX.pattern}")
         self.prefix = prefix
         # For messages and logs: never the password.
-        self.url = _redacted(url if prefix == DEFAULT_PREFIX else _with_prefix(url, prefix))
+        self.url = redacted_url(url if prefix == DEFAULT_PREFIX else _with_prefix(url, prefix))
         self._client = redis.Redis.from_url(
             url, decode_responses=True, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S
         )
@@ -157,7 +157,7 @@ def _flag(pinned: bool) -> str:
     return "1" if pinned else "0"
 
 
-def _redacted(url: str) -> str:
+def redacted_url(url: str) -> str:
     """`url` with its password (if any) replaced by ***."""
     parts = urlsplit(url)
     if parts.password is None:
