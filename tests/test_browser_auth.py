@@ -19,25 +19,14 @@ import pytest
 from lorax_lite.registry.factory import open_tenant_store
 from lorax_lite.registry.tenants import new_key
 from server_helpers import serve
-from test_browser_chat import (ADAPTERS_DIR, CHROMIUM, PRICING, QUESTIONS, admin_cli, ask, require_browser,
-                               save_screenshot)
+from test_browser_chat import (ADAPTERS_DIR, PRICING, QUESTIONS, admin_cli, ask,  # noqa: F401 (browser: a fixture)
+                               browser, save_screenshot)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import eval_adapters  # noqa: E402  (the held-out data and the key-fact matching of the adapters' evaluation)
 
 KEY_STORAGE = "lorax_api_key"  # auth.js's sessionStorage item
-
-
-@pytest.fixture(scope="module")
-def browser():
-    require_browser()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")

@@ -80,6 +80,10 @@ def test_the_key_life_cycle(store: TenantStore) -> None:
     assert store.has_keys() is True  # revoking every key never opens the server
     assert [r.status() for r in store.list_keys()] == ["revoked"] * 3
 
+    rotated = dataclasses.replace(first, secret_hash=tenants.new_secret()[1])  # read before the revocation
+    assert store.update_key(rotated) is False  # a rotation racing a revocation cannot revive the key
+    assert store.get_key(first.key_id) == revoked
+
     _, stranger = make_key()
     assert store.update_key(stranger) is False
     assert store.get_key(stranger.key_id) is None and len(store.list_keys()) == 3

@@ -204,7 +204,8 @@ def _get(store: TenantStore, key_id: str) -> KeyRecord:
 
 def _update(store: TenantStore, record: KeyRecord) -> None:
     if not store.update_key(record):
-        fail(f"unknown key {record.display_id}: not in the registry {store.url} (see `lorax-lite keys list`)")
+        fail(f"key {record.display_id} is not in the registry {store.url}, or was revoked meanwhile (see "
+             "`lorax-lite keys list`)")
 
 
 def _check_day(text: str) -> None:

@@ -319,7 +319,8 @@ class TenantStore(ABC):
 
     @abstractmethod
     def update_key(self, record: KeyRecord) -> bool:
-        """Replace a stored key's record (revoke, rotate); False if the id is unknown."""
+        """Replace a stored key's record (revoke, rotate), atomically; False if the id is unknown, or if the stored
+        key is revoked and `record` is not (revocation is final: a rotation racing a revocation cannot undo it)."""
 
     @abstractmethod
     def has_keys(self) -> bool:

@@ -32,7 +32,10 @@ IDLE_EXPIRY_S = 120  # a bucket's keys outlive its full refill by this long, the
 
 # KEYS: apikeys; ARGV: key_id, record_json
 _UPDATE_KEY = """
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+local stored = redis.call('HGET', KEYS[1], ARGV[1])
+if not stored then return 0 end
+local revoked = cjson.decode(stored).revoked_at
+if ARGV[3] == '0' and revoked ~= nil and revoked ~= cjson.null then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
@@ -108,8 +111,8 @@ class RedisTenantStore(RedisBackend, TenantStore):
 
     def update_key(self, record: KeyRecord) -> bool:
         with self._errors():
-            return bool(self._update_key(keys=[self._key("apikeys")],
-                                         args=[record.key_id, json.dumps(record.to_dict())]))
+            return bool(self._update_key(keys=[self._key("apikeys")], args=[
+                record.key_id, json.dumps(record.to_dict()), "1" if record.revoked_at is not None else "0"]))
 
     def has_keys(self) -> bool:
         with self._errors():

@@ -67,9 +67,12 @@ class SQLiteTenantStore(SQLiteBackend, TenantStore):
 
     def update_key(self, record: KeyRecord) -> bool:
         with self._write() as db:
-            cursor = db.execute("UPDATE api_keys SET record_json = ? WHERE key_id = ?",
-                                (json.dumps(record.to_dict()), record.key_id))
-            return cursor.rowcount > 0
+            row = db.execute("SELECT record_json FROM api_keys WHERE key_id = ?", (record.key_id,)).fetchone()
+            if row is None or (record.revoked_at is None and json.loads(row[0]).get("revoked_at") is not None):
+                return False
+            db.execute("UPDATE api_keys SET record_json = ? WHERE key_id = ?",
+                       (json.dumps(record.to_dict()), record.key_id))
+            return True
 
     def has_keys(self) -> bool:
         with self._errors():
