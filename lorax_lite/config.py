@@ -15,6 +15,7 @@ DEFAULT_MODEL_DIR = "models/SmolLM2-135M-Instruct"
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # all but "auto" are torch's names
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+QUANTIZE_MODES = ("none", "int8", "fp8")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -50,6 +51,9 @@ class EngineConfig:
         "help": "Model directory, .gguf file or hub id (default: $LORAX_MODEL, else the fetched model)."})
     dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16."})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N."})
+    quantize: str = field(default="none", metadata={
+        "help": "Base model decoder weights: none; int8 (CPU: int8 activations x int8 weights; CUDA: int8 "
+                "weights); fp8 (CUDA, compute capability 8.9+). Adapters stay in full precision."})
     max_num_seqs: int = field(default=64, metadata={"help": "Most sequences in one step."})
     max_num_batched_tokens: int = field(default=512, metadata={"help": "Most tokens in one step."})
     block_size: int = field(default=16, metadata={"help": "Tokens per KV-cache block."})
@@ -72,6 +76,8 @@ class EngineConfig:
             raise ValueError("model must name a model directory, .gguf file or hub id (leave it out for the default)")
         check_dtype(self.dtype)
         check_device(self.device)
+        if self.quantize not in QUANTIZE_MODES:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {self.quantize!r}")
         _check_positive(self, "max_num_seqs", "max_num_batched_tokens", "block_size")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1 (or unset to size it from kv_cache_memory_gb), "

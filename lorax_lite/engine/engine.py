@@ -30,6 +30,7 @@ from lorax_lite.lora.loader import AdapterReader
 from lorax_lite.lora.manager import AdapterManager
 from lorax_lite.lora.weights import LoRAWeights
 from lorax_lite.model_loader import load_model_and_tokenizer
+from lorax_lite.quantize import quantize_decoder
 from lorax_lite.registry.base import Registry
 from lorax_lite.registry.guard import NO_REGISTRY, RegistryHealth
 from lorax_lite.registry.store import AdapterStore
@@ -63,6 +64,7 @@ class LLMEngine:
         self.dtype = next(model.parameters()).dtype
         self.vocab_size = cast(nn.Embedding, model.get_input_embeddings()).num_embeddings
         self._init_lora(model, registry, store)
+        self.quantization = quantize_decoder(model, config.quantize)  # after LoRA: it quantizes the base layers
         plan = plan_kv_cache(config, ModelShape.of(model), self.dtype)
         self.max_seq_len = plan.max_seq_len  # the longest prompt + output served (see max_model_len)
         self.runner = ModelRunner(model, plan.num_blocks, config.block_size, self.lora_layers)

@@ -57,7 +57,9 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
-        y = F.linear(x, base.weight, base.bias)  # not base(x): this runs for every linear of every step
+        # F.linear, not base(x), for a plain layer: this runs for every linear of every step. A quantized base
+        # (lorax_lite/quantize.py) computes its own output; the delta below always uses the unquantized x.
+        y = F.linear(x, base.weight, base.bias) if type(base) is nn.Linear else base(x)
         mapping = current_mapping()
         if mapping is None:
             return y

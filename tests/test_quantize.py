@@ -1,0 +1,175 @@
+"""The quantized base model (lorax_lite/quantize.py) on the tiny model: each layer kind against fp32, LoRA on a
+quantized base (the delta exact on top of the quantized output), the engine with a quantized base and a mixed
+batch of adapters against a reference computed separately, and refusals of unsupported combinations."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from lora_helpers import AdapterSpec, make_peft_adapter
+from lorax_lite import LLM, SamplingParams
+from lorax_lite.config import EngineConfig
+from lorax_lite.lora.layers import LoRALinear
+from lorax_lite.lora.ops import LoRAMapping, lora_context, select_backend
+from lorax_lite.quantize import (
+    Fp8Linear,
+    Int8DynamicLinear,
+    Int8WeightOnlyLinear,
+    QuantizedLinear,
+    check_supported,
+    linear_weight_bytes,
+    quantize_decoder,
+)
+
+ENGINE = dict(dtype="float32", device="cpu", max_num_batched_tokens=256, max_model_len=128)
+LAYER_KINDS = [Int8DynamicLinear, Int8WeightOnlyLinear, Fp8Linear]
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).norm() / want.norm()).item()
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_each_quantized_layer_is_close_to_fp32_and_about_a_quarter_of_its_bytes(kind, bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 160, bias=bias)
+    x = torch.randn(2, 7, 96)
+    quantized = kind(linear)
+    got, want = quantized(x), linear(x)
+    assert got.shape == want.shape == (2, 7, 160)
+    assert relative_error(got, want) < (0.08 if kind is Fp8Linear else 0.02)
+    fp32_bytes = linear.weight.numel() * 4 + (160 * 4 if bias else 0)
+    assert quantized.weight_bytes <= 0.30 * fp32_bytes
+
+
+def test_int8_activations_are_quantized_per_token_so_a_row_does_not_depend_on_its_batch():
+    torch.manual_seed(0)
+    layer = Int8DynamicLinear(nn.Linear(64, 32, bias=False))
+    small = torch.randn(3, 64) * 0.01
+    alone = layer(small)
+    beside_a_huge_row = layer(torch.cat([small, torch.randn(1, 64) * 1000]))[:3]
+    torch.testing.assert_close(beside_a_huge_row, alone, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rank", [1, 4, 8])
+def test_lora_on_a_quantized_base_adds_the_exact_delta_of_the_unquantized_input(rank):
+    torch.manual_seed(rank)
+    base = nn.Linear(64, 48, bias=False)
+    layer = LoRALinear(base, max_loras=2, max_lora_rank=8, backend=select_backend(torch.device("cpu"), torch.float32))
+    a, b = torch.randn(rank, 64) * 0.1, torch.randn(48, rank) * 0.1
+    layer.set_slot(1, (a, b))
+    layer.base_layer = quantized = Int8DynamicLinear(base)
+    x = torch.randn(1, 6, 64)
+    mapping = LoRAMapping.build([1, None], [4, 2], [0, rank], torch.device("cpu"))  # 4 tokens on slot 1, 2 without
+    with lora_context(mapping):
+        got = layer(x)
+    want = quantized(x).clone()
+    want[0, :4] += x[0, :4] @ a.T @ b.T
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_decoder_replaces_every_decoder_linear_and_keeps_the_head(tiny_llama_dir: Path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    head, before = model.lm_head.weight.clone(), linear_weight_bytes(model)
+    report = quantize_decoder(model, "int8")
+    assert report is not None and report.num_layers == 2 * 7 and report.bytes_before == before
+    assert linear_weight_bytes(model) == report.bytes_after <= 0.30 * before
+    assert not any(type(m) is nn.Linear for m in model.model.layers.modules())
+    assert type(model.lm_head) is nn.Linear and torch.equal(model.lm_head.weight, head)
+    assert quantize_decoder(model, "none") is None
+
+
+@pytest.mark.parametrize("mode, device, dtype, message", [
+    ("int4", "cpu", torch.float32, "quantize must be one of"),
+    ("fp8", "cpu", torch.float32, "compute capability 8.9"),
+    ("int8", "cpu", torch.bfloat16, "computes in float32"),
+])
+def test_unsupported_combinations_are_refused_with_what_to_change(mode, device, dtype, message):
+    with pytest.raises(ValueError, match=message):
+        check_supported(mode, torch.device(device), dtype)
+
+
+def test_the_engine_config_refuses_an_unknown_mode():
+    with pytest.raises(ValueError, match="quantize must be one of none, int8, fp8"):
+        EngineConfig(model="m", quantize="int4")
+
+
+# ---- the engine ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    root = tmp_path_factory.mktemp("quant-adapters")
+    return {f"unit{i}": make_peft_adapter(model, root / f"unit{i}", AdapterSpec(rank=2 + i % 3 * 3, alpha=8, seed=i))
+            for i in range(8)}
+
+
+def reference_model(tiny_llama_dir: Path) -> nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    quantize_decoder(model, "int8")
+    return model
+
+
+def with_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
+    """A copy of the quantized `model` whose quantized layers add the adapter's delta, computed here from the
+    PEFT files: x @ A.T @ B.T * alpha / r (the reference, independent of lorax-lite's LoRA code)."""
+    import json
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    scaling = config["lora_alpha"] / config["r"]
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    copied = copy.deepcopy(model)
+    for name, module in copied.named_modules():
+        if not isinstance(module, QuantizedLinear):
+            continue
+        key = f"base_model.model.{name}.lora_A.weight"
+        if key not in tensors:
+            continue
+        a, b = tensors[key].float(), tensors[key.replace("lora_A", "lora_B")].float()
+        module.register_forward_hook(lambda _m, args, out, a=a, b=b: out + args[0] @ a.T @ b.T * scaling)
+    return copied
+
+
+def greedy_reference(model: nn.Module, prompt_ids: list[int], num_tokens: int) -> tuple[list[int], list[float]]:
+    ids, logprobs = list(prompt_ids), []
+    with torch.no_grad():
+        for _ in range(num_tokens):
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            token = int(logits.argmax())
+            logprobs.append(float(torch.log_softmax(logits, -1)[token]))
+            ids.append(token)
+    return ids[len(prompt_ids):], logprobs
+
+
+def test_a_mixed_batch_of_eight_adapters_on_the_int8_base_equals_the_reference(tiny_llama_dir, adapters):
+    llm = LLM(str(tiny_llama_dir), quantize="int8", max_loras=8, max_lora_rank=8, **ENGINE)
+    for adapter_id, path in adapters.items():
+        llm.add_adapter(adapter_id, path)
+    tokenizer = llm.engine.tokenizer
+    prompts = [f"The price of product {i} is" for i in range(9)]
+    names = [*adapters, None]  # eight adapters and the base model, in one batch
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), adapter_ids=names)
+    base = reference_model(tiny_llama_dir)
+    for prompt, name, out in zip(prompts, names, outputs, strict=True):
+        model = base if name is None else with_adapter(base, adapters[name])
+        tokens, logprobs = greedy_reference(model, tokenizer(prompt).input_ids, 6)
+        assert out.token_ids == tokens, name
+        # an activation a hair from an int8 rounding boundary may round the other way: fp32 noise, amplified a little
+        torch.testing.assert_close(torch.tensor(out.logprobs), torch.tensor(logprobs), rtol=1e-4, atol=1e-4)
+
+
+def test_the_engine_reports_its_quantization(tiny_llama_dir):
+    llm = LLM(str(tiny_llama_dir), quantize="int8", max_loras=0, **ENGINE)
+    report = llm.engine.quantization
+    assert report is not None and report.mode == "int8" and report.ratio <= 0.30
+    out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=4, temperature=0))[0]
+    assert len(out.token_ids) == 4
