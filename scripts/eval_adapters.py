@@ -11,6 +11,7 @@ whitespace normalised and thousands separators ignored ("EUR 20,000" matches "EU
     .venv/bin/python scripts/eval_adapters.py                  # table on stdout
     .venv/bin/python scripts/eval_adapters.py --json           # only JSON on stdout
     .venv/bin/python scripts/eval_adapters.py --check --markdown docs/adapters.md
+    .venv/bin/python scripts/eval_adapters.py --quantize int8  # the adapters on the int8 base model
 
 Exit codes: 0 ok, 1 a bar failed under --check (adapter >= 0.7 on its own unit, base <= 0.2),
 2 bad input (missing or malformed data, no units).
@@ -193,8 +194,10 @@ def evaluate(llm: LLM, units: list[Unit], max_tokens: int = MAX_TOKENS) -> list[
     return results
 
 
-def build_llm(model: str, units: list[Unit], device: str) -> LLM:
-    llm = LLM(model, dtype="float32", device=device, max_lora_rank=max(16, *(adapter_rank(u.path) for u in units)))
+def build_llm(model: str, units: list[Unit], device: str, quantize: str = "none") -> LLM:
+    """An engine with every unit's adapter added; `quantize`: the base model's weights (none, int8, fp8)."""
+    llm = LLM(model, dtype="float32", device=device, quantize=quantize,
+              max_lora_rank=max(16, *(adapter_rank(u.path) for u in units)))
     for unit in units:
         llm.add_adapter(unit.name, unit.path)
     return llm
@@ -300,6 +303,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=DEFAULT_MODEL, help="base model directory (default %(default)s)")
     p.add_argument("--adapters-dir", default="adapters", help="directory of units (default %(default)s)")
     p.add_argument("--device", default="cpu", help="engine device: cpu, cuda, auto (default %(default)s)")
+    p.add_argument("--quantize", default="none", choices=["none", "int8", "fp8"],
+                   help="the base model's weights under the adapters (default %(default)s; see docs/quantization.md)")
     p.add_argument("--json", action="store_true", help="print only the results as JSON on stdout")
     p.add_argument("--show-answers", action="store_true", help="print every question, answer and verdict")
     p.add_argument("--markdown", metavar="PATH", help="write the table and example answers as a section of PATH")
@@ -315,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    results = evaluate(build_llm(str(resolve_path(args.model)), units, args.device), units)
+    results = evaluate(build_llm(str(resolve_path(args.model)), units, args.device, args.quantize), units)
     report = sys.stderr if args.json else sys.stdout
     if args.show_answers:
         for r in results:
