@@ -7,8 +7,8 @@ its weight in 8 bits with one scale per output channel (symmetric), computed by 
 - `int8` on CPU: `Int8DynamicLinear`, dynamic activation int8 × int8 weight: each call quantizes the
   activations per token, multiplies in int8 with exact int32 accumulation through `aten::_int_mm` (oneDNN) and
   rescales to fp32 (torchao's int8 dynamic recipe, on PyTorch's own op; `quantized::linear_dynamic` of
-  `torch.ao`'s dynamic quantization is a little faster but scales activations per tensor, so a token's result
-  would depend on the other tokens of its step).
+  `torch.ao`'s dynamic quantization is a little faster but scales activations per tensor, so one request's large
+  activations would coarsen the quantization of every other request in the step).
 - `int8` on CUDA: `Int8WeightOnlyLinear`, int8 weights dequantized inside the matmul (`aten::_weight_int8pack_mm`)
   with bf16/fp16 activations.
 - `fp8` (CUDA, compute capability 8.9+): `Fp8Linear`, e4m3 weights and activations with row-wise scales
@@ -69,9 +69,9 @@ class Int8DynamicLinear(QuantizedLinear):
     """CPU: int8 weights (per output channel) times int8 activations quantized per token on each call, multiplied
     in int8 with exact int32 accumulation (`aten::_int_mm`, oneDNN on x86) and rescaled to fp32.
 
-    Per-token (not per-tensor) activation scales make a token's result independent of the other tokens in the
-    step: a request's output does not change with what it is batched with. Layers reading the same input (q, k and
-    v; gate and up) quantize it once (`InputQuantizer`)."""
+    Per-token (not per-tensor) activation scales keep a token's quantization independent of the other tokens in
+    the step: with one scale per step, a batch-mate with large activations would coarsen every request's. Layers
+    reading the same input (q, k and v; gate and up) quantize it once (`InputQuantizer`)."""
 
     kind = "int8 dynamic (per-token int8 activations x per-channel int8 weights)"
     qweight_t: torch.Tensor  # [in, out] int8: the weight transposed, as _int_mm reads it

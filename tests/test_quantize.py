@@ -50,7 +50,7 @@ def test_each_quantized_layer_is_close_to_fp32_and_about_a_quarter_of_its_bytes(
     assert quantized.weight_bytes <= 0.30 * fp32_bytes
 
 
-def test_int8_activations_are_quantized_per_token_so_a_row_does_not_depend_on_its_batch():
+def test_int8_activations_are_quantized_per_token_so_a_row_does_not_depend_on_its_batch_mates():
     torch.manual_seed(0)
     layer = Int8DynamicLinear(nn.Linear(64, 32, bias=False))
     small = torch.randn(3, 64) * 0.01
@@ -173,3 +173,84 @@ def test_the_engine_reports_its_quantization(tiny_llama_dir):
     assert report is not None and report.mode == "int8" and report.ratio <= 0.30
     out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=4, temperature=0))[0]
     assert len(out.token_ids) == 4
+
+
+# ---- the server --------------------------------------------------------------------------------------
+
+
+def test_info_reports_the_quantization(tiny_llama_dir):
+    from lorax_lite import AsyncLLM
+    from lorax_lite.server import create_app
+    from server_helpers import call
+
+    llm = AsyncLLM(str(tiny_llama_dir), quantize="int8", **ENGINE)
+    try:
+        app = create_app(llm, "tiny")
+        info = call(app, "GET", "/info").json()
+        assert info["engine_config"]["quantize"] == "int8"
+        quantization = info["quantization"]
+        assert quantization["mode"] == "int8" and quantization["num_layers"] == 14
+        assert quantization["linear_weight_bytes"] <= 0.30 * quantization["linear_weight_bytes_unquantized"]
+        response = call(app, "POST", "/generate", json={"inputs": "The price is", "parameters": {"max_new_tokens": 3}})
+        assert response.status_code == 200
+    finally:
+        llm.shutdown()
+
+
+def test_serve_takes_quantize_and_refuses_an_unknown_mode_before_loading_anything(tmp_path):
+    import subprocess
+    import sys
+
+    help_text = subprocess.run([sys.executable, "-m", "lorax_lite.cli", "serve", "--help"], capture_output=True,
+                               text=True, env={**__import__("os").environ, "COLUMNS": "200"}).stdout
+    assert "--quantize" in help_text
+    refused = subprocess.run([sys.executable, "-m", "lorax_lite.cli", "serve", "--quantize", "int4", "--model",
+                              str(tmp_path / "missing")], capture_output=True, text=True)
+    assert refused.returncode == 2 and "--quantize must be one of none, int8, fp8" in refused.stderr
+
+
+# ---- the default model -----------------------------------------------------------------------------
+
+
+def prefix_agreement(got: list[int], want: list[int]) -> float:
+    """The share of `want`'s tokens that `got` repeats before the first divergence."""
+    same = 0
+    for x, y in zip(got, want, strict=False):
+        if x != y:
+            break
+        same += 1
+    return same / len(want)
+
+
+@pytest.mark.slow
+def test_default_model_int8_agrees_with_fp32_and_survives_preemption_and_chunked_prefill(default_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                             add_generation_prompt=True)
+               for question in ("What is the capital of France?", "Name three primary colours.",
+                                "How many days are in a week?", "What does a supply chain do?",
+                                "Give me a synonym for quick.", "What is 12 times 12?",
+                                "Who wrote Romeo and Juliet?", "What is the boiling point of water?")]
+    greedy = SamplingParams(max_tokens=32, temperature=0)
+    fp32 = LLM(str(default_model_dir), dtype="float32", device="cpu", max_loras=0)
+    want = [o.token_ids for o in fp32.generate(prompts, greedy)]
+    del fp32
+    int8 = LLM(str(default_model_dir), dtype="float32", device="cpu", quantize="int8", max_loras=0)
+    got = [o.token_ids for o in int8.generate(prompts, greedy)]
+    agreement = sum(prefix_agreement(g, w) for g, w in zip(got, want, strict=True)) / len(prompts)
+    # Measured: 0.45 on these prompts (int8 activations are the main error of a 135M model; weight-only int8 gets
+    # 0.73): the answers diverge after a few words but stay answers (docs/quantization.md has the 32-prompt figures)
+    assert agreement >= 0.3, f"int8 agrees with fp32 on {agreement:.0%} of tokens (up to the first divergence)"
+    del int8
+    # A KV cache so small the engine preempts and recomputes, and prefills chunked: every request still finishes,
+    # as close to fp32 as before. (Not token for token the unconstrained int8 run: a recomputed or chunked prefill
+    # changes activations by fp32 rounding noise, and one that crosses an int8 rounding boundary changes a token.)
+    tight = LLM(str(default_model_dir), dtype="float32", device="cpu", quantize="int8", max_loras=0, block_size=8,
+                num_kv_blocks=24, max_num_batched_tokens=32)
+    outputs = tight.generate(prompts, greedy)
+    assert tight.engine.scheduler.num_preemptions > 0
+    assert all(o.finish_reason in ("eos", "length") for o in outputs)
+    squeezed = [o.token_ids for o in outputs]
+    assert sum(prefix_agreement(s, w) for s, w in zip(squeezed, want, strict=True)) / len(prompts) >= 0.3

@@ -28,6 +28,7 @@ from lorax_lite.engine.request import OutputKind, Request, RequestOutput, Sampli
 from lorax_lite.engine.stats import BATCH_SIZE_BUCKETS, AdapterCacheSnapshot, EngineSnapshot, EngineStats
 from lorax_lite.lora.naming import check_adapter_id
 from lorax_lite.lora.weights import LoRAWeights
+from lorax_lite.quantize import QuantizationReport
 from lorax_lite.registry.base import Registry, RegistryUnavailableError
 from lorax_lite.registry.factory import as_registry, as_store
 from lorax_lite.registry.guard import RegistryHealth
@@ -104,6 +105,11 @@ class AsyncLLM:
     @property
     def config(self) -> EngineConfig:
         return self.engine.config
+
+    @property
+    def quantization(self) -> QuantizationReport | None:
+        """What the base model's quantization did (None: full precision); set at start-up, never changes."""
+        return self.engine.quantization
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
