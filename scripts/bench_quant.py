@@ -109,13 +109,15 @@ class QuantWorkload:
     max_tokens: int = 64
     warmup_tokens: int = 4
     repeats: int = 2
-    profile_warm_steps: int = 2  # decode steps run before the profiled one
+    profile_warm_steps: int = 2  # decode steps run before the profiled ones
+    profile_steps: int = 3  # decode steps profiled; the figures are their mean
     ppl_tokens: int = 0  # 0: the whole text
     eval_adapters: bool = True
 
     @classmethod
     def quick(cls) -> QuantWorkload:
-        return cls(num_prompts=4, max_tokens=8, warmup_tokens=2, repeats=1, profile_warm_steps=1, ppl_tokens=96,
+        return cls(num_prompts=4, max_tokens=8, warmup_tokens=2, repeats=1, profile_warm_steps=1, profile_steps=1,
+                   ppl_tokens=96,
                    eval_adapters=False)
 
 
@@ -195,12 +197,37 @@ def memory_child(model_dir: str, mode: str) -> dict[str, Any]:
     engine, model = llm.engine, llm.engine.runner.model
     kv = engine.runner.kv_cache
     slots = lora_slot_bytes(model)
-    served = memory_status()
-    return {"mode": mode, "imports": before, "loaded": loaded, "served": served, "trimmed": trimmed_status(),
-            "linear_weight_bytes": linear_weight_bytes(model), "footprint_bytes": footprint_bytes(model) - slots,
-            "lora_slot_bytes": slots, "kv_cache_bytes": sum(t.numel() * t.element_size() for t in [*kv.key, *kv.value]),
-            "checkpoint_mapped": checkpoint_mapped(model),
-            "quantization": None if engine.quantization is None else engine.quantization.to_dict()}
+    served = memory_status() | {"checkpoint": checkpoint_rss_mib()}
+    out = {"mode": mode, "imports": before, "loaded": loaded, "served": served, "trimmed": trimmed_status(),
+           "linear_weight_bytes": linear_weight_bytes(model), "footprint_bytes": footprint_bytes(model) - slots,
+           "lora_slot_bytes": slots, "kv_cache_bytes": sum(t.numel() * t.element_size() for t in [*kv.key, *kv.value]),
+           "checkpoint_mapped": checkpoint_mapped(model),
+           "quantization": None if engine.quantization is None else engine.quantization.to_dict()}
+    copy_out_of_checkpoint(model, out["checkpoint_mapped"])
+    return out | {"unmapped": (trimmed_status() or memory_status()) | {"checkpoint": checkpoint_rss_mib()}}
+
+
+def checkpoint_rss_mib() -> float:
+    """Resident MiB of this process's mappings of .safetensors files (from /proc/self/smaps)."""
+    total, in_checkpoint = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header line
+            in_checkpoint = fields[-1].endswith(".safetensors")
+        elif in_checkpoint and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total * 1024 / MIB
+
+
+@torch.no_grad()
+def copy_out_of_checkpoint(model: nn.Module, names: list[str]) -> None:
+    """Give the tensors `names` memory of their own: the checkpoint's mapping is unmapped once none is left in it
+    (what a loader that copies the weights would leave resident)."""
+    params = dict(model.named_parameters())
+    for name in names:
+        tensor = params[name] if name in params else model.get_buffer(name)
+        tensor.data = tensor.data.clone()
+    gc.collect()
 
 
 def run_memory_children(model_dir: str, threads: int) -> dict[str, dict[str, Any]]:
@@ -241,7 +268,7 @@ def run_speed(engines: dict[str, LLM], prompts: list[list[int]], w: QuantWorkloa
     runs: dict[str, dict[str, Any]] = {m: {"batch1_seconds": [], "batch32_seconds": []} for m in names}
     for r in range(w.repeats):
         for mode in names[r % len(names):] + names[:r % len(names)]:
-            one, runs[mode]["batch1_tokens"] = generate_tokens(engines[mode], prompts[:1], w.max_tokens)
+            one, (runs[mode]["batch1_tokens"],) = generate_tokens(engines[mode], prompts[:1], w.max_tokens)
             many, tokens = generate_tokens(engines[mode], prompts, w.max_tokens)
             runs[mode]["deterministic"] = runs[mode].get("batch32_tokens", tokens) == tokens
             runs[mode]["batch32_tokens"] = tokens
@@ -250,6 +277,7 @@ def run_speed(engines: dict[str, LLM], prompts: list[list[int]], w: QuantWorkloa
         times = (f"{m} {runs[m]['batch1_seconds'][-1]:.2f}s / {runs[m]['batch32_seconds'][-1]:.2f}s" for m in names)
         print(f"  round {r + 1} (batch 1 / batch {len(prompts)}): " + ", ".join(times), flush=True)
     for run in runs.values():
+        run["alone_vs_batched"] = prefix_share(run["batch1_tokens"], run["batch32_tokens"][0])
         run["batch1_tok_s"] = w.max_tokens / median(run["batch1_seconds"])
         run["batch32_tok_s"] = len(prompts) * w.max_tokens / median(run["batch32_seconds"])
     return runs
@@ -306,7 +334,8 @@ def labelled_regions(model: PreTrainedModel) -> Iterator[None]:
 
 
 def profile_decode_step(llm: LLM, prompts: list[list[int]], w: QuantWorkload) -> dict[str, Any]:
-    """Prefill the prompts, run a few decode steps, then profile one step that decodes all of them."""
+    """Prefill the prompts, run a few decode steps, then profile `w.profile_steps` steps that decode all of them;
+    times are per step (the mean)."""
     engine = llm.engine
     requests = [engine.add_request(p, greedy(w.max_tokens)) for p in prompts]
     while not all(r.num_generated_tokens >= 1 for r in requests):
@@ -314,26 +343,30 @@ def profile_decode_step(llm: LLM, prompts: list[list[int]], w: QuantWorkload) ->
     for _ in range(w.profile_warm_steps):
         engine.step()
     if any(r.is_finished for r in requests):
-        raise RuntimeError("a request finished before the profiled step: raise max_tokens")
+        raise RuntimeError("a request finished before the profiled steps: raise max_tokens")
     with labelled_regions(engine.runner.model), profile(activities=[ProfilerActivity.CPU]) as prof:
-        with record_function(STEP):
-            engine.step()
+        for _ in range(w.profile_steps):
+            with record_function(STEP):
+                engine.step()
+    if any(r.is_finished for r in requests):
+        raise RuntimeError("a request finished during the profiled steps: raise max_tokens")
     for r in requests:
         engine.abort_request(r.request_id)
     while engine.has_unfinished_requests():
         engine.step()
-    return summarize_profile(prof.key_averages()) | {"num_seqs": len(requests)}
+    return summarize_profile(prof.key_averages(), w.profile_steps) | {"num_seqs": len(requests)}
 
 
-def summarize_profile(events: Any) -> dict[str, Any]:
+def summarize_profile(events: Any, steps: int) -> dict[str, Any]:
+    """Per step: the whole step, the labelled regions (inclusive times) and the top ops by self time."""
     by_key = {e.key: e for e in events}
-    step_ms = by_key[STEP].cpu_time_total / 1000
-    regions = {label: by_key[label].cpu_time_total / 1000 if label in by_key else 0.0 for label in REGIONS}
+    step_ms = by_key[STEP].cpu_time_total / 1000 / steps
+    regions = {label: by_key[label].cpu_time_total / 1000 / steps if label in by_key else 0.0 for label in REGIONS}
     regions["[rest]"] = step_ms - regions[LINEARS] - regions[ATTENTION] - regions[LM_HEAD]
     ops = sorted((e for e in events if not e.key.startswith("[")), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total_self = sum(e.self_cpu_time_total for e in ops) / 1000
-    top = [{"op": e.key, "self_ms": e.self_cpu_time_total / 1000, "calls": e.count} for e in ops[:10]]
-    return {"step_ms": step_ms, "regions_ms": regions, "ops_self_ms_total": total_self, "top_ops": top}
+    top = [{"op": e.key, "self_ms": e.self_cpu_time_total / 1000 / steps, "calls": e.count // steps} for e in ops[:10]]
+    return {"step_ms": step_ms, "regions_ms": regions, "steps": steps, "top_ops": top,
+            "ops_self_ms_total": sum(e.self_cpu_time_total for e in ops) / 1000 / steps}
 
 
 # ---------------------------------------------------------------- 3. quality
@@ -352,11 +385,11 @@ def agreement(ref: list[list[int]], got: list[list[int]]) -> dict[str, Any]:
 
 
 @torch.inference_mode()
-def perplexity(model: PreTrainedModel, ids: torch.Tensor) -> float:
-    """exp(mean next-token NLL) of `ids` [1, T] in one plain forward pass."""
-    logits = model(input_ids=ids).logits.float()
+def perplexity(model: PreTrainedModel, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """exp(mean next-token NLL) of `ids` [1, T] in one plain forward pass, and the top-1 prediction at each position."""
+    logits = model(input_ids=ids).logits.float()  # [1, T, vocab]
     nll = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
-    return math.exp(nll.item())
+    return math.exp(nll.item()), logits[0, :-1].argmax(dim=-1)
 
 
 def text_ids(tokenizer: Any, model: PreTrainedModel, w: QuantWorkload) -> torch.Tensor:
@@ -378,8 +411,11 @@ def run_perplexity(model_dir: str, tokenizer: Any, w: QuantWorkload) -> dict[str
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     models = {"fp32": fp32, "int8": int8, HEAD: int8_head, "bf16": bf16}
     tied = fp32.get_output_embeddings().weight is fp32.get_input_embeddings().weight
-    return {"tokens": ids.shape[1], "tied_head": tied,
-            "ppl": {name: perplexity(m, ids) for name, m in models.items()},
+    ppl, top1 = {}, {}
+    for name, model in models.items():
+        ppl[name], top1[name] = perplexity(model, ids)
+    return {"tokens": ids.shape[1], "tied_head": tied, "ppl": ppl,
+            "top1_agreement": {name: (top1[name] == top1["fp32"]).float().mean().item() for name in models},
             "footprint_bytes": {name: footprint_bytes(m) for name, m in models.items()}}
 
 
@@ -390,10 +426,12 @@ def run_head_engine(llm: LLM, prompts: list[list[int]], w: QuantWorkload) -> dic
     warm_up(llm, prompts, w)
     one, many = [], []
     for _ in range(w.repeats):
-        one.append(generate_tokens(llm, prompts[:1], w.max_tokens)[0])
+        seconds, (alone,) = generate_tokens(llm, prompts[:1], w.max_tokens)
+        one.append(seconds)
         seconds, tokens = generate_tokens(llm, prompts, w.max_tokens)
         many.append(seconds)
-    return {"batch1_seconds": one, "batch32_seconds": many, "batch32_tokens": tokens,
+    return {"batch1_seconds": one, "batch32_seconds": many, "batch1_tokens": alone, "batch32_tokens": tokens,
+            "alone_vs_batched": prefix_share(alone, tokens[0]),
             "batch1_tok_s": w.max_tokens / median(one), "batch32_tok_s": len(prompts) * w.max_tokens / median(many)}
 
 
@@ -484,9 +522,11 @@ def _memory_md(res: dict[str, Any]) -> str:
             _memory_row(m, "**process RSS after its first request** (every weight read)", rss("served", "VmRSS")),
             _memory_row(m, "… of which anonymous (RssAnon)", rss("served", "RssAnon")),
             _memory_row(m, "… of which file-backed (RssFile)", rss("served", "RssFile")),
+            _memory_row(m, "… of which pages of the memory-mapped checkpoint", rss("served", "checkpoint")),
             *([_memory_row(m, "anonymous after `malloc_trim(0)` (freed heap handed back)", rss("trimmed", "RssAnon"))]
               if all(m[mode]["trimmed"] for mode in MODES) else []),
-            _memory_row(m, "peak RSS (VmHWM)", rss("served", "VmHWM"))]
+            _memory_row(m, "peak RSS (VmHWM)", rss("served", "VmHWM")),
+            _memory_row(m, "RSS, the still-mapped tensors copied out (mapping released)", rss("unmapped", "VmRSS"))]
     ratio = m["int8"]["linear_weight_bytes"] / m["fp32"]["linear_weight_bytes"]
     ok = verdict(ratio <= BARS["linear_bytes"])
     return f"""
@@ -506,14 +546,18 @@ Bar: decoder linear weights int8 / fp32 ≤ {BARS['linear_bytes']:.2f}× — {ok
 def _mapping_note(m: dict[str, Any]) -> str:
     mapped = {mode: m[mode]["checkpoint_mapped"] for mode in MODES}
     if not any(mapped.values()):
-        return "No tensor of any engine is a memory-mapped page of the checkpoint: the RSS rows are the tensors' own."
-    kept = ", ".join(f"`{n}`" for n in mapped["int8"][:3]) or "none"
+        return "No tensor of any engine lies in a memory-mapped checkpoint: the RSS rows are the tensors' own.\n"
+    kept = ", ".join(f"`{n}`" for n in mapped["int8"][:2]) + (", …" if len(mapped["int8"]) > 2 else "")
+    q = m["int8"]
     return f"""
-transformers loads the checkpoint memory-mapped: {len(mapped['fp32'])} of the fp32 engine's tensors are pages of
-`model.safetensors` (file-backed RSS, paged in when first read), none of them copied. The int8 engine reads every
-decoder weight once to quantize it, and {len(mapped['int8'])} tensor(s) still in the mapping ({kept}) keep the whole
-mapping alive, so those fp32 pages stay resident as clean file-backed pages (the kernel may drop them under
-memory pressure) beside the int8 copies: compare the anonymous rows for the memory the int8 engine owns."""
+transformers memory-maps the checkpoint: {len(mapped['fp32'])} of the fp32 engine's tensors are pages of
+`model.safetensors` (file-backed, paged in when first read, so “after loading” understates fp32). The int8 engine
+reads every decoder weight once to quantize it, and the {len(mapped['int8'])} tensors still in the mapping
+({kept}) keep the whole mapping alive: the fp32 pages quantization read stay resident
+({q['served']['checkpoint']:.0f} MiB of checkpoint pages beside the int8 copies), clean pages the kernel may drop
+under memory pressure. The last row gives each of those tensors memory of its own, which unmaps the checkpoint:
+what a loader that copies (or frees) the weights would leave resident.
+"""
 
 
 def _cells(s: dict[str, Any], names: Sequence[str], key: str) -> str:
@@ -537,6 +581,7 @@ def _speed_md(res: dict[str, Any]) -> str:
     n, pt = w["num_prompts"], res["prompt_tokens"]
     b1, bn = _speedup(s, "int8", "batch1_tok_s"), _speedup(s, "int8", "batch32_tok_s")
     ok1, okn = verdict(b1 >= BARS["batch1"]), verdict(bn >= BARS["batch32"])
+    alone = " | ".join(f"{s[m]['alone_vs_batched']:.2f}" for m in names)
     return f"""
 ### 2. Speed
 
@@ -544,7 +589,7 @@ Workload: {n} chat-formatted prompts (the model's chat template; a context sente
 question; {min(pt)}–{max(pt)} tokens). Batch 1 = the first prompt alone; batch {n} = all of them in one `generate`
 call; {w['max_tokens']} greedy tokens each (`ignore_eos`). Every engine is warmed up, then the modes run alternately,
 {w['repeats']} rounds; medians. “int8 + int8 head” is the int8 engine with its LM head quantized by hand as well
-(measured for section 3; the library keeps the head fp32).
+(for section 3; the library keeps the head fp32), timed after the other modes' rounds, not alternated with them.
 
 | | fp32 | int8 | bf16 | int8 + int8 head |
 |---|---:|---:|---:|---:|
@@ -554,6 +599,7 @@ call; {w['max_tokens']} greedy tokens each (`ignore_eos`). Every engine is warme
 | batch {n}: tokens/s | {_cells(s, names, 'batch32_tok_s')} |
 | batch {n}: vs fp32 | {_ratios(s, names, 'batch32_tok_s')} |
 | batch {n}: all runs (s) | {_runs(s, names, 'batch32_seconds')} |
+| prompt 0 alone vs in the batch: identical prefix | {alone} |
 
 Bars: int8 ≥ {BARS['batch1']}× fp32 at batch 1 — {ok1} ({b1:.2f}×); int8 ≥ {BARS['batch32']}× fp32 at batch {n} —
 {okn} ({bn:.2f}×).
@@ -573,21 +619,21 @@ def _profile_md(res: dict[str, Any]) -> str:
         return f"{ms:.1f} ({100 * ms / p[mode]['step_ms']:.0f}%)"
 
     rows = [f"| {text} | " + " | ".join(cell(m, key) for m in MODES) + " |" for key, text in PROFILE_ROWS]
-    steps = " | ".join(f"**{p[m]['step_ms']:.1f}**" for m in MODES)
-    warm = res["workload"]["profile_warm_steps"]
+    step_ms = " | ".join(f"**{p[m]['step_ms']:.1f}**" for m in MODES)
+    warm, steps = res["workload"]["profile_warm_steps"], res["workload"]["profile_steps"]
     return f"""
 ### Where the time goes: one decode step at batch {n}
 
-torch.profiler (CPU) over one engine step that decodes all {n} sequences, after {warm} decode steps
-unprofiled; ms under the profiler (it adds a little per op). The regions are labels the script puts around the
-modules' calls (`record_function`).
+torch.profiler (CPU) over {steps} engine steps that each decode all {n} sequences, after {warm} decode steps
+unprofiled; ms per step (the mean), under the profiler (it adds a little per op). The regions are labels the script
+puts around the modules' calls (`record_function`); the time outside them is “the rest”.
 
 | region | fp32 | int8 | bf16 |
 |---|---:|---:|---:|
-| **whole step (ms)** | {steps} |
+| **whole step (ms)** | {step_ms} |
 {chr(10).join(rows)}
 
-Top 10 ops by self CPU time:
+Top 10 ops by self CPU time, per step:
 
 {chr(10).join(_top_ops_md(m, p[m]) for m in MODES)}"""
 
@@ -611,14 +657,16 @@ QUALITY_ROWS = (("fp32", "fp32 (reference)"), ("int8", "**int8 (shipped: LM head
 def _quality_row(q: dict[str, Any], name: str, text: str) -> str:
     a, pp = q["agreement"].get(name), q["perplexity"]
     agree = "– | – | –" if a is None else f"{a['mean']:.3f} | {a['min']:.3f} | {a['identical']}/{a['n']}"
-    ppl = pp["ppl"][name]
-    return f"| {text} | {agree} | {ppl:.3f} | {ppl / pp['ppl']['fp32']:.4f}× | {_mib(pp['footprint_bytes'][name])} |"
+    ppl, top1 = pp["ppl"][name], pp["top1_agreement"][name]
+    return (f"| {text} | {agree} | {top1:.3f} | {ppl:.3f} | {ppl / pp['ppl']['fp32']:.4f}× | "
+            f"{_mib(pp['footprint_bytes'][name])} |")
 
 
 def _quality_md(res: dict[str, Any]) -> str:
     q, w = res["quality"], res["workload"]
     n, k = w["num_prompts"], w["max_tokens"]
     tied = "tied to the input embeddings" if q["perplexity"]["tied_head"] else "not tied to the embeddings"
+    vs = q["agreement"]["int8_head_vs_int8"]
     return f"""
 ### 3. Quality
 
@@ -627,11 +675,15 @@ of the identical prefix / {k}. Perplexity of a fixed English text about pricing 
 ({q['perplexity']['tokens']} tokens) in one plain forward pass of the HF model: fp32; the same model after
 `quantize_decoder(model, "int8")` (the engine's layers); that with `model.lm_head` replaced by an
 `Int8DynamicLinear` (the head is {tied}; its int8 copy leaves the embeddings fp32); and the model in bf16.
-“Model MiB”: that HF model's parameters + buffers.
+“Top-1 agreement”: in that forward pass (the same fp32 context at every position), the share of positions
+whose most likely next token is fp32's. “Model MiB”: that HF model's parameters + buffers.
 
-| | agreement: mean | min | fully identical | perplexity | vs fp32 | model MiB |
-|---|---:|---:|---:|---:|---:|---:|
+| | greedy agreement: mean | min | fully identical | top-1 agreement | perplexity | vs fp32 | model MiB |
+|---|---:|---:|---:|---:|---:|---:|---:|
 {chr(10).join(_quality_row(q, name, text) for name, text in QUALITY_ROWS)}
+
+The int8 + int8-head engine against the shipped int8 engine (the head's own effect): greedy agreement mean
+{vs['mean']:.3f}, min {vs['min']:.3f}, {vs['identical']}/{vs['n']} fully identical.
 
 {_adapters_md(res)}"""
 
@@ -671,48 +723,47 @@ def _read_speed(res: dict[str, Any]) -> str:
     b1, bn = _speedup(s, "int8", "batch1_tok_s"), _speedup(s, "int8", "batch32_tok_s")
     return f"""- **Where int8 gains.** In a batch-{n} decode step the decoder linears took {fr[LINEARS]:.1f} ms in fp32
   and {ir[LINEARS]:.1f} ms in int8 (`aten::_int_mm` {int_mm:.1f} ms, the per-token activation quantization
-  {ir[ACT_QUANT]:.1f} ms); the LM head ({fr[LM_HEAD]:.1f} vs {ir[LM_HEAD]:.1f} ms, fp32 in both) and the attention
-  ({fr[ATTENTION]:.1f} vs {ir[ATTENTION]:.1f} ms) are the same work in both, so the step went from {f32['step_ms']:.1f}
-  to {i8['step_ms']:.1f} ms. A batch-1 step reads every weight for one token, and int8 reads about a quarter of the
-  decoder's bytes: int8 ran at {b1:.2f}× fp32's tokens/s at batch 1 and {bn:.2f}× at batch {n}."""
+  {ir[ACT_QUANT]:.1f} ms). The LM head (fp32 in both: {fr[LM_HEAD]:.1f} vs {ir[LM_HEAD]:.1f} ms) and the attention
+  ({fr[ATTENTION]:.1f} vs {ir[ATTENTION]:.1f} ms) do the same arithmetic in both modes; the whole step went from
+  {f32['step_ms']:.1f} to {i8['step_ms']:.1f} ms. At batch 1 a step reads every weight for one token, and int8's decoder
+  weights are a quarter of the bytes: int8 ran at {b1:.2f}× fp32's tokens/s at batch 1 and {bn:.2f}× at batch {n}."""
 
 
 def _read_bf16(res: dict[str, Any]) -> str:
     s, n, env, ppl = res["speed"], res["workload"]["num_prompts"], res["env"], res["quality"]["perplexity"]["ppl"]
     b1, bn = _speedup(s, "bf16", "batch1_tok_s"), _speedup(s, "bf16", "batch32_tok_s")
     vs1, vsn = _speedup(s, "int8", "batch1_tok_s", "bf16"), _speedup(s, "int8", "batch32_tok_s", "bf16")
-    if "bf16" in env["cpu_flags"]:
-        why = f"This CPU has bf16 instructions ({env['cpu_flags']}), so bf16 halves the bytes read at little cost"
-    else:
-        why = "This CPU has no bf16 matmul instructions, so bf16 is converted on the fly"
-    return f"""- **bf16.** {why}: bf16 ran at {b1:.2f}× fp32's tokens/s at batch 1 and {bn:.2f}× at batch {n}. int8
-  ran at {vs1:.2f}× and {vsn:.2f}× bf16's; perplexity int8 {ppl['int8']:.3f}, bf16 {ppl['bf16']:.3f} (fp32
-  {ppl['fp32']:.3f})."""
+    flags = f"this CPU's flags: {env['cpu_flags']}; torch's CPU kernels: {env['cpu_capability']}"
+    return f"""- **bf16** ({flags}) ran at {b1:.2f}× fp32's tokens/s at batch 1 and {bn:.2f}× at batch {n}; int8 ran
+  at {vs1:.2f}× and {vsn:.2f}× bf16's. Perplexity: int8 {ppl['int8']:.3f}, bf16 {ppl['bf16']:.3f}, fp32
+  {ppl['fp32']:.3f}."""
 
 
 def _read_head(res: dict[str, Any]) -> str:
     s, q, n = res["speed"], res["quality"], res["workload"]["num_prompts"]
-    a, h, ppl = q["agreement"]["int8"], q["agreement"][HEAD], q["perplexity"]["ppl"]
-    mem = q["perplexity"]["footprint_bytes"]
+    a, h, vs = q["agreement"]["int8"], q["agreement"][HEAD], q["agreement"]["int8_head_vs_int8"]
+    ppl, top1, mem = q["perplexity"]["ppl"], q["perplexity"]["top1_agreement"], q["perplexity"]["footprint_bytes"]
     b1, bn = _speedup(s, HEAD, "batch1_tok_s", "int8"), _speedup(s, HEAD, "batch32_tok_s", "int8")
-    tied = ("tied to the embeddings, which must stay, the int8 head is an extra copy: the model grows"
-            if q["perplexity"]["tied_head"] else "not tied, the model changes")
-    return f"""- **The LM head.** Quantizing it too moved mean greedy agreement with fp32 from {a['mean']:.3f} to
-  {h['mean']:.3f} (fully identical answers {a['identical']} → {h['identical']} of {a['n']}) and perplexity from
-  {ppl['int8']:.3f} to {ppl[HEAD]:.3f} (fp32 {ppl['fp32']:.3f}); it ran at {b1:.2f}× the shipped int8's tokens/s at
-  batch 1 and {bn:.2f}× at batch {n}; and since the head is {tied} from {_mib(mem['int8'])} to {_mib(mem[HEAD])} MiB."""
+    tied = ("the head is tied to the embeddings, which the input still needs in fp32, so an int8 head is an extra "
+            "copy" if q["perplexity"]["tied_head"] else "the head is not tied")
+    return f"""- **The LM head.** Quantizing it as well moved perplexity from {ppl['int8']:.3f} to {ppl[HEAD]:.3f}
+  (fp32 {ppl['fp32']:.3f}), top-1 agreement from {top1['int8']:.3f} to {top1[HEAD]:.3f}, and mean greedy agreement
+  with fp32 from {a['mean']:.3f} to {h['mean']:.3f} (against the shipped int8 engine: {vs['mean']:.3f},
+  {vs['identical']}/{vs['n']} identical). It ran at {b1:.2f}× the shipped int8's tokens/s at batch 1 and {bn:.2f}× at
+  batch {n}. Memory: {tied}, and the model goes from {_mib(mem['int8'])} to {_mib(mem[HEAD])} MiB."""
 
 
 def _read_memory(res: dict[str, Any]) -> str:
     f, q = res["memory"]["fp32"], res["memory"]["int8"]
-    fs, qs = f["served"], q["served"]
+    fs, qs, fu, qu = f["served"], q["served"], f["unmapped"], q["unmapped"]
     rest = f["footprint_bytes"] - f["linear_weight_bytes"]
     linears, whole = q["linear_weight_bytes"] / f["linear_weight_bytes"], q["footprint_bytes"] / f["footprint_bytes"]
     return f"""- **Memory.** The int8 decoder linears are {linears:.2f}× fp32's bytes and the whole model {whole:.2f}×
-  (the fp32 embeddings, norms and head are
-  {_mib(rest)} of fp32's {_mib(f['footprint_bytes'])} MiB). After a first request the process held {fs['VmRSS']:.0f} MiB
-  (fp32) and {qs['VmRSS']:.0f} MiB (int8) resident, of which anonymous {fs['RssAnon']:.0f} and {qs['RssAnon']:.0f} MiB;
-  the peak was {fs['VmHWM']:.0f} and {qs['VmHWM']:.0f} MiB (the int8 engine quantizes the loaded fp32 checkpoint)."""
+  (the embeddings, norms and head, fp32 in both, are {_mib(rest)} of fp32's {_mib(f['footprint_bytes'])} MiB). After a
+  first request the process held {fs['VmRSS']:.0f} MiB (fp32) and {qs['VmRSS']:.0f} MiB (int8), of which
+  {fs['checkpoint']:.0f} and {qs['checkpoint']:.0f} MiB pages of the memory-mapped checkpoint; with the still-mapped
+  tensors copied out, {fu['VmRSS']:.0f} and {qu['VmRSS']:.0f} MiB ({qu['VmRSS'] / fu['VmRSS']:.2f}×). Both include the
+  same LoRA slots ({_mib(f['lora_slot_bytes'])} MiB), KV cache ({_mib(f['kv_cache_bytes'])} MiB) and libraries."""
 
 
 def _read_noise(res: dict[str, Any]) -> str:
@@ -763,6 +814,7 @@ def run_all(model_dir: str, w: QuantWorkload, threads: int) -> dict[str, Any]:
     del int8
     fp32_tokens = res["speed"]["fp32"]["batch32_tokens"]
     agree = {m: agreement(fp32_tokens, res["speed"][m]["batch32_tokens"]) for m in ("int8", HEAD, "bf16")}
+    agree["int8_head_vs_int8"] = agreement(res["speed"]["int8"]["batch32_tokens"], res["speed"][HEAD]["batch32_tokens"])
     res["quality"] = {"agreement": agree, "perplexity": run_perplexity(model_dir, tok, w)}
     print("4/4 adapters' held-out accuracy" + (" (skipped: --quick)" if not w.eval_adapters else ""), flush=True)
     skipped = {"status": "not measured (--quick)"}
