@@ -603,6 +603,11 @@ call; {w['max_tokens']} greedy tokens each (`ignore_eos`). Every engine is warme
 
 Bars: int8 ≥ {BARS['batch1']}× fp32 at batch 1 — {ok1} ({b1:.2f}×); int8 ≥ {BARS['batch32']}× fp32 at batch {n} —
 {okn} ({bn:.2f}×).
+
+The last row compares prompt 0's greedy tokens alone and in the batch (the identical prefix / {w['max_tokens']}).
+The fp32 parts of every mode (attention over a padded batch, GEMMs of other shapes) need not give bit-identical results
+for another batch; fp32 and bf16 carry such last-bit differences as they are, while int8 rounds each token's
+activations to steps of 1/127 of its largest value, where a last-bit difference can cross a step.
 """
 
 
@@ -734,9 +739,12 @@ def _read_bf16(res: dict[str, Any]) -> str:
     b1, bn = _speedup(s, "bf16", "batch1_tok_s"), _speedup(s, "bf16", "batch32_tok_s")
     vs1, vsn = _speedup(s, "int8", "batch1_tok_s", "bf16"), _speedup(s, "int8", "batch32_tok_s", "bf16")
     flags = f"this CPU's flags: {env['cpu_flags']}; torch's CPU kernels: {env['cpu_capability']}"
+    att = {m: res["profile"][m]["regions_ms"][ATTENTION] for m in ("fp32", "bf16")}
+    lin = {m: res["profile"][m]["regions_ms"][LINEARS] for m in ("fp32", "bf16")}
     return f"""- **bf16** ({flags}) ran at {b1:.2f}× fp32's tokens/s at batch 1 and {bn:.2f}× at batch {n}; int8 ran
-  at {vs1:.2f}× and {vsn:.2f}× bf16's. Perplexity: int8 {ppl['int8']:.3f}, bf16 {ppl['bf16']:.3f}, fp32
-  {ppl['fp32']:.3f}."""
+  at {vs1:.2f}× and {vsn:.2f}× bf16's. In the profiled step bf16's decoder linears took {lin['bf16']:.1f} ms (fp32
+  {lin['fp32']:.1f}) and its attention {att['bf16']:.1f} ms (fp32 {att['fp32']:.1f}). Perplexity: int8
+  {ppl['int8']:.3f}, bf16 {ppl['bf16']:.3f}, fp32 {ppl['fp32']:.3f}."""
 
 
 def _read_head(res: dict[str, Any]) -> str:
