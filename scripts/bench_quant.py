@@ -110,7 +110,7 @@ class QuantWorkload:
     warmup_tokens: int = 4
     repeats: int = 2
     profile_warm_steps: int = 2  # decode steps run before the profiled ones
-    profile_steps: int = 3  # decode steps profiled; the figures are their mean
+    profile_steps: int = 5  # decode steps profiled one by one; the report shows the median one
     ppl_tokens: int = 0  # 0: the whole text
     eval_adapters: bool = True
 
@@ -334,8 +334,8 @@ def labelled_regions(model: PreTrainedModel) -> Iterator[None]:
 
 
 def profile_decode_step(llm: LLM, prompts: list[list[int]], w: QuantWorkload) -> dict[str, Any]:
-    """Prefill the prompts, run a few decode steps, then profile `w.profile_steps` steps that decode all of them;
-    times are per step (the mean)."""
+    """Prefill the prompts, run a few decode steps, then profile `w.profile_steps` steps that decode all of them, one
+    by one; the step whose time is the median, with every step's time."""
     engine = llm.engine
     requests = [engine.add_request(p, greedy(w.max_tokens)) for p in prompts]
     while not all(r.num_generated_tokens >= 1 for r in requests):
@@ -344,29 +344,32 @@ def profile_decode_step(llm: LLM, prompts: list[list[int]], w: QuantWorkload) ->
         engine.step()
     if any(r.is_finished for r in requests):
         raise RuntimeError("a request finished before the profiled steps: raise max_tokens")
-    with labelled_regions(engine.runner.model), profile(activities=[ProfilerActivity.CPU]) as prof:
+    steps = []
+    with labelled_regions(engine.runner.model):
         for _ in range(w.profile_steps):
-            with record_function(STEP):
+            with profile(activities=[ProfilerActivity.CPU]) as prof, record_function(STEP):
                 engine.step()
+            steps.append(summarize_profile(prof.key_averages()))
     if any(r.is_finished for r in requests):
         raise RuntimeError("a request finished during the profiled steps: raise max_tokens")
     for r in requests:
         engine.abort_request(r.request_id)
     while engine.has_unfinished_requests():
         engine.step()
-    return summarize_profile(prof.key_averages(), w.profile_steps) | {"num_seqs": len(requests)}
+    middle = sorted(steps, key=lambda x: x["step_ms"])[len(steps) // 2]
+    return middle | {"num_seqs": len(requests), "all_steps_ms": [x["step_ms"] for x in steps]}
 
 
-def summarize_profile(events: Any, steps: int) -> dict[str, Any]:
-    """Per step: the whole step, the labelled regions (inclusive times) and the top ops by self time."""
+def summarize_profile(events: Any) -> dict[str, Any]:
+    """One profiled step: its time, the labelled regions (inclusive times) and the top ops by self time, in ms."""
     by_key = {e.key: e for e in events}
-    step_ms = by_key[STEP].cpu_time_total / 1000 / steps
-    regions = {label: by_key[label].cpu_time_total / 1000 / steps if label in by_key else 0.0 for label in REGIONS}
+    step_ms = by_key[STEP].cpu_time_total / 1000
+    regions = {label: by_key[label].cpu_time_total / 1000 if label in by_key else 0.0 for label in REGIONS}
     regions["[rest]"] = step_ms - regions[LINEARS] - regions[ATTENTION] - regions[LM_HEAD]
     ops = sorted((e for e in events if not e.key.startswith("[")), key=lambda e: e.self_cpu_time_total, reverse=True)
-    top = [{"op": e.key, "self_ms": e.self_cpu_time_total / 1000 / steps, "calls": e.count // steps} for e in ops[:10]]
-    return {"step_ms": step_ms, "regions_ms": regions, "steps": steps, "top_ops": top,
-            "ops_self_ms_total": sum(e.self_cpu_time_total for e in ops) / 1000 / steps}
+    top = [{"op": e.key, "self_ms": e.self_cpu_time_total / 1000, "calls": e.count} for e in ops[:10]]
+    return {"step_ms": step_ms, "regions_ms": regions, "top_ops": top,
+            "ops_self_ms_total": sum(e.self_cpu_time_total for e in ops) / 1000}
 
 
 # ---------------------------------------------------------------- 3. quality
@@ -626,19 +629,21 @@ def _profile_md(res: dict[str, Any]) -> str:
     rows = [f"| {text} | " + " | ".join(cell(m, key) for m in MODES) + " |" for key, text in PROFILE_ROWS]
     step_ms = " | ".join(f"**{p[m]['step_ms']:.1f}**" for m in MODES)
     warm, steps = res["workload"]["profile_warm_steps"], res["workload"]["profile_steps"]
+    all_steps = "; ".join(f"{m} " + ", ".join(f"{t:.0f}" for t in p[m]["all_steps_ms"]) for m in MODES)
     return f"""
 ### Where the time goes: one decode step at batch {n}
 
-torch.profiler (CPU) over {steps} engine steps that each decode all {n} sequences, after {warm} decode steps
-unprofiled; ms per step (the mean), under the profiler (it adds a little per op). The regions are labels the script
-puts around the modules' calls (`record_function`); the time outside them is “the rest”.
+torch.profiler (CPU) over {steps} engine steps, profiled one by one, that each decode all {n} sequences (after
+{warm} decode steps unprofiled); below, the step whose time is the median (every step, ms: {all_steps}). Times
+are under the profiler, which adds a little per op. The regions are labels the script puts around the modules'
+calls (`record_function`); the time outside them is “the rest”.
 
 | region | fp32 | int8 | bf16 |
 |---|---:|---:|---:|
 | **whole step (ms)** | {step_ms} |
 {chr(10).join(rows)}
 
-Top 10 ops by self CPU time, per step:
+Top 10 ops by self CPU time in that step:
 
 {chr(10).join(_top_ops_md(m, p[m]) for m in MODES)}"""
 
