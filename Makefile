@@ -61,6 +61,7 @@ bench: fetch-model
 	$(PY) scripts/bench_lora.py --model $(MODEL_DIR)
 	$(PY) scripts/bench_workload.py --model $(MODEL_DIR)
 	$(PY) scripts/bench_server.py --model $(MODEL_DIR)
+	$(PY) scripts/bench_quant.py --model $(MODEL_DIR)
 
 clean:
 	rm -rf $(VENV) $(CLIENTS_VENV) build *.egg-info

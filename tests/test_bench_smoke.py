@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+
+import bench_quant  # noqa: E402
 
 
 def run_quick(script: str, model_dir: Path, out_md: Path, out_json: Path) -> None:
@@ -26,11 +29,13 @@ def test_bench_scripts_quick_run_and_share_one_report(default_model_dir, tmp_pat
     run_quick("bench_engine.py", default_model_dir, out_md, tmp_path / "engine.json")
     run_quick("bench_lora.py", default_model_dir, out_md, tmp_path / "lora.json")
     run_quick("bench_server.py", default_model_dir, out_md, tmp_path / "server.json")
+    run_quick("bench_quant.py", default_model_dir, out_md, tmp_path / "quant.json")
     run_quick("bench_engine.py", default_model_dir, out_md, tmp_path / "engine.json")  # rewrites only its section
     report = out_md.read_text()
     assert report.startswith("# Benchmarks")
-    assert all(report.count(f"<!-- section:{name} -->") == 1 for name in ("engine", "lora", "server"))
-    assert report.index("section:engine") < report.index("section:lora") < report.index("section:server")
+    assert all(report.count(f"<!-- section:{name} -->") == 1 for name in ("engine", "lora", "server", "quant"))
+    assert report.index("section:engine") < report.index("section:lora") < report.index("section:server") < \
+        report.index("section:quant")
     assert "Throughput" in report and "100/10/10" in report and "ratio" in report.lower()
     assert "distinct adapters" in report and "PEFT `load_adapter`" in report
     assert "Adapter cold start: request to first token" in report and "cold: registered, never requested" in report
@@ -38,3 +43,32 @@ def test_bench_scripts_quick_run_and_share_one_report(default_model_dir, tmp_pat
     cold = json.loads((tmp_path / "lora.json").read_text())["cold"]
     assert cold["adapter_cache"]["misses"] == len(cold["seconds"]["cold"])  # each cold request loaded from the store
     assert "over HTTP (seed 000)" in report and "`AsyncClient.generate_many(prompts, concurrency=16)`" in report
+    assert "Quantized base model: int8 vs fp32" in report and "`aten::_int_mm`" in report
+    quant = json.loads((tmp_path / "quant.json").read_text())
+    assert quant["memory"]["int8"]["linear_weight_bytes"] <= 0.30 * quant["memory"]["fp32"]["linear_weight_bytes"]
+    assert quant["memory"]["int8"]["quantization"]["num_layers"] == 7 * 30  # SmolLM2-135M: 30 layers of 7 linears
+
+
+def test_bench_quant_quick_on_the_tiny_model(tiny_llama_dir, tmp_path):
+    """bench_quant.py end to end on the tiny random Llama: every mode measured, the report section written."""
+    out_md, out_json = tmp_path / "bench.md", tmp_path / "quant.json"
+    bench_quant.main(["--quick", "--device", "cpu", "--model", str(tiny_llama_dir), "--output", str(out_md),
+                      "--json", str(out_json)])
+    res = json.loads(out_json.read_text())
+    modes = ("fp32", "int8", "bf16")
+    assert set(res["memory"]) == set(modes) and set(res["speed"]) == {*modes, "int8_head"}
+    mem = res["memory"]
+    assert mem["int8"]["linear_weight_bytes"] <= 0.30 * mem["fp32"]["linear_weight_bytes"]
+    assert mem["int8"]["footprint_bytes"] < mem["fp32"]["footprint_bytes"] and mem["fp32"]["quantization"] is None
+    assert all(mem[m]["served"]["VmRSS"] > mem[m]["imports"]["VmRSS"] > 0 for m in modes)
+    assert all(s["batch1_tok_s"] > 0 and s["batch32_tok_s"] > 0 for s in res["speed"].values())
+    ops = {m: [o["op"] for o in res["profile"][m]["top_ops"]] for m in modes}
+    assert "aten::_int_mm" in ops["int8"] and "aten::_int_mm" not in ops["fp32"]
+    assert res["profile"]["int8"]["regions_ms"]["[activation quantization]"] > 0
+    for a in res["quality"]["agreement"].values():
+        assert 0 <= a["min"] <= a["mean"] <= 1 and 0 <= a["identical"] <= a["n"] == 4
+    ppl = res["quality"]["perplexity"]
+    assert ppl["tied_head"] and all(v > 1 for v in ppl["ppl"].values())
+    assert ppl["footprint_bytes"]["int8_head"] > ppl["footprint_bytes"]["int8"]  # an int8 copy beside the embedding
+    report = out_md.read_text()
+    assert report.count("<!-- section:quant -->") == 1 and "not measured (--quick)" in report
