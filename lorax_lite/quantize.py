@@ -246,7 +246,17 @@ def quantize_decoder(model: PreTrainedModel, mode: str) -> QuantizationReport | 
         before += linear.weight.numel() * linear.weight.element_size() + _bias_bytes(linear.bias)
         after += quantized.weight_bytes
         setattr(decoder.get_submodule(parent_name) if parent_name else decoder, leaf, quantized)
+    _own_remaining_weights(model)
     return QuantizationReport(mode, layer_class.kind, len(targets), before, after)
+
+
+def _own_remaining_weights(model: nn.Module) -> None:
+    """Copy the parameters left in full precision (embeddings, norms, the head) out of the checkpoint's memory map:
+    transformers maps the safetensors file, and while any tensor still points into it the whole mapping, fp32
+    decoder weights included, stays resident beside their int8 copies (measured: 1307 MiB resident instead of
+    1006 on the default model)."""
+    for param in model.parameters():
+        param.data = param.data.clone()
 
 
 def linear_weight_bytes(model: nn.Module) -> int:
