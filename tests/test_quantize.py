@@ -17,7 +17,7 @@ from lora_helpers import AdapterSpec, make_peft_adapter
 from lorax_lite import LLM, SamplingParams
 from lorax_lite.config import EngineConfig
 from lorax_lite.lora.layers import LoRALinear
-from lorax_lite.lora.ops import LoRAMapping, lora_context, select_backend
+from lorax_lite.lora.ops import LoRAMapping, current_mapping, lora_context, select_backend
 from lorax_lite.quantize import (
     Fp8Linear,
     Int8DynamicLinear,
@@ -76,15 +76,18 @@ def test_lora_on_a_quantized_base_adds_the_exact_delta_of_the_unquantized_input(
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_quantize_decoder_replaces_every_decoder_linear_and_keeps_the_head(tiny_llama_dir: Path):
+def test_quantize_decoder_replaces_every_decoder_linear_and_the_head(tiny_llama_dir: Path):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    head, before = model.lm_head.weight.clone(), linear_weight_bytes(model)
+    embeddings, before = model.get_input_embeddings().weight.clone(), linear_weight_bytes(model)
     report = quantize_decoder(model, "int8")
     assert report is not None and report.num_layers == 2 * 7 and report.bytes_before == before
     assert linear_weight_bytes(model) == report.bytes_after <= 0.30 * before
     assert not any(type(m) is nn.Linear for m in model.model.layers.modules())
-    assert type(model.lm_head) is nn.Linear and torch.equal(model.lm_head.weight, head)
+    assert isinstance(model.lm_head, Int8DynamicLinear) and report.head_quantized
+    assert torch.equal(model.get_input_embeddings().weight, embeddings)  # the lookup stays fp32
     assert quantize_decoder(model, "none") is None
+    kept = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    assert not quantize_decoder(kept, "int8", head=False).head_quantized and type(kept.lm_head) is nn.Linear
 
 
 @pytest.mark.parametrize("mode, device, dtype, message", [
@@ -114,6 +117,7 @@ def adapters(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def reference_model(tiny_llama_dir: Path) -> nn.Module:
+    """The tiny model quantized as the engine quantizes it (its decoder linears and LM head)."""
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     quantize_decoder(model, "int8")
     return model
@@ -122,20 +126,12 @@ def reference_model(tiny_llama_dir: Path) -> nn.Module:
 def with_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
     """A copy of the quantized `model` whose quantized layers add the adapter's delta, computed here from the
     PEFT files: x @ A.T @ B.T * alpha / r (the reference, independent of lorax-lite's LoRA code)."""
-    import json
-
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    scaling = config["lora_alpha"] / config["r"]
-    tensors = load_file(adapter_dir / "adapter_model.safetensors")
     copied = copy.deepcopy(model)
     for name, module in copied.named_modules():
-        if not isinstance(module, QuantizedLinear):
-            continue
-        key = f"base_model.model.{name}.lora_A.weight"
-        if key not in tensors:
-            continue
-        a, b = tensors[key].float(), tensors[key.replace("lora_A", "lora_B")].float()
-        module.register_forward_hook(lambda _m, args, out, a=a, b=b: out + args[0] @ a.T @ b.T * scaling)
+        delta = peft_delta(adapter_dir, name) if isinstance(module, QuantizedLinear) else None
+        if delta is not None:
+            a, b, scaling = delta
+            module.register_forward_hook(lambda _m, args, out, a=a, b=b, s=scaling: out + args[0] @ a.T @ b.T * s)
     return copied
 
 
@@ -150,7 +146,59 @@ def greedy_reference(model: nn.Module, prompt_ids: list[int], num_tokens: int) -
     return ids[len(prompt_ids):], logprobs
 
 
-def test_a_mixed_batch_of_eight_adapters_on_the_int8_base_equals_the_reference(tiny_llama_dir, adapters):
+def peft_delta(adapter_dir: Path, module_name: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """(A, B, scaling) of one module of a PEFT adapter, read from its files; None when it does not target it."""
+    import json
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    key = f"base_model.model.{module_name}.lora_A.weight"
+    if key not in tensors:
+        return None
+    return tensors[key].float(), tensors[key.replace("lora_A", "lora_B")].float(), config["lora_alpha"] / config["r"]
+
+
+def test_in_a_mixed_batch_of_eight_adapters_each_layer_adds_the_exact_delta_to_the_int8_base(tiny_llama_dir,
+                                                                                              adapters):
+    """Every LoRALinear's output in one prefill step of nine sequences (eight adapters and the base model) equals
+    its int8 base layer's output on the same input plus each sequence's adapter delta computed from the PEFT
+    files, within fp32 tolerance."""
+    llm = LLM(str(tiny_llama_dir), quantize="int8", max_loras=8, max_lora_rank=8, **ENGINE)
+    for adapter_id, path in adapters.items():
+        llm.add_adapter(adapter_id, path)
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor, object]] = {}
+
+    def capture(name):
+        def hook(module, args, out):
+            if name not in seen:  # the first step: the whole batch's prefill
+                seen[name] = (args[0].detach().clone(), out.detach().clone(), current_mapping())
+        return hook
+
+    model = llm.engine.runner.model
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    handles = [m.register_forward_hook(capture(name)) for name, m in layers.items()]
+    prompts = [f"The price of product {i} is" for i in range(9)]
+    llm.generate(prompts, SamplingParams(max_tokens=2, temperature=0), adapter_ids=[*adapters, None])
+    for handle in handles:
+        handle.remove()
+    slot_ids = [key.split("#")[0] if key else None for key in llm.engine.adapter_manager.slot_keys]
+    assert sorted(i for i in slot_ids if i) == sorted(adapters)
+    for name, layer in layers.items():
+        x, y, mapping = seen[name]
+        rows = x.reshape(-1, layer.in_features)
+        want = layer.base_layer(x).reshape(-1, layer.out_features).clone()
+        assert mapping is not None and len(mapping.segments) == 8
+        for slot, start, end in mapping.segments:
+            delta = peft_delta(adapters[slot_ids[slot]], name)
+            if delta is not None:
+                a, b, scaling = delta
+                want[start:end] += rows[start:end] @ a.T @ b.T * scaling
+        torch.testing.assert_close(y.reshape(-1, layer.out_features), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_mixed_batch_of_eight_adapters_on_the_int8_base_gives_the_reference_tokens(tiny_llama_dir, adapters):
+    """End to end: the greedy tokens of each sequence equal a separate reference (the HF model quantized alike,
+    with hooks adding each adapter's delta from the PEFT files, run one sequence at a time)."""
     llm = LLM(str(tiny_llama_dir), quantize="int8", max_loras=8, max_lora_rank=8, **ENGINE)
     for adapter_id, path in adapters.items():
         llm.add_adapter(adapter_id, path)
@@ -163,8 +211,9 @@ def test_a_mixed_batch_of_eight_adapters_on_the_int8_base_equals_the_reference(t
         model = base if name is None else with_adapter(base, adapters[name])
         tokens, logprobs = greedy_reference(model, tokenizer(prompt).input_ids, 6)
         assert out.token_ids == tokens, name
-        # an activation a hair from an int8 rounding boundary may round the other way: fp32 noise, amplified a little
-        torch.testing.assert_close(torch.tensor(out.logprobs), torch.tensor(logprobs), rtol=1e-4, atol=1e-4)
+        # The paged attention and the reference's differ in the last bits; an activation that close to an int8
+        # rounding step may round the other way, which moves a logprob by up to ~1e-3 (the layer test above is exact)
+        torch.testing.assert_close(torch.tensor(out.logprobs), torch.tensor(logprobs), rtol=1e-2, atol=1e-2)
 
 
 def test_the_engine_reports_its_quantization(tiny_llama_dir):
@@ -189,7 +238,7 @@ def test_info_reports_the_quantization(tiny_llama_dir):
         info = call(app, "GET", "/info").json()
         assert info["engine_config"]["quantize"] == "int8"
         quantization = info["quantization"]
-        assert quantization["mode"] == "int8" and quantization["num_layers"] == 14
+        assert quantization["mode"] == "int8" and quantization["num_layers"] == 14 and quantization["lm_head"] == "int8"
         assert quantization["linear_weight_bytes"] <= 0.30 * quantization["linear_weight_bytes_unquantized"]
         response = call(app, "POST", "/generate", json={"inputs": "The price is", "parameters": {"max_new_tokens": 3}})
         assert response.status_code == 200
