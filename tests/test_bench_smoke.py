@@ -56,7 +56,7 @@ def test_bench_quant_quick_on_the_tiny_model(tiny_llama_dir, tmp_path):
                       "--json", str(out_json)])
     res = json.loads(out_json.read_text())
     modes = ("fp32", "int8", "bf16")
-    assert set(res["memory"]) == set(modes) and set(res["speed"]) == {*modes, "int8_head"}
+    assert set(res["memory"]) == set(modes) and set(res["speed"]) == {*modes, "int8_fp32_head"}
     mem = res["memory"]
     assert mem["int8"]["linear_weight_bytes"] <= 0.30 * mem["fp32"]["linear_weight_bytes"]
     assert mem["int8"]["footprint_bytes"] < mem["fp32"]["footprint_bytes"] and mem["fp32"]["quantization"] is None
@@ -69,6 +69,6 @@ def test_bench_quant_quick_on_the_tiny_model(tiny_llama_dir, tmp_path):
         assert 0 <= a["min"] <= a["mean"] <= 1 and 0 <= a["identical"] <= a["n"] == 4
     ppl = res["quality"]["perplexity"]
     assert ppl["tied_head"] and all(v > 1 for v in ppl["ppl"].values())
-    assert ppl["footprint_bytes"]["int8_head"] > ppl["footprint_bytes"]["int8"]  # an int8 copy beside the embedding
+    assert ppl["footprint_bytes"]["int8"] > ppl["footprint_bytes"]["int8_fp32_head"]  # an int8 head beside the embedding
     report = out_md.read_text()
     assert report.count("<!-- section:quant -->") == 1 and "not measured (--quick)" in report
