@@ -62,8 +62,20 @@ def _per_channel_scales(weight: torch.Tensor, max_value: float) -> torch.Tensor:
     return (weight.detach().float().abs().amax(dim=1) / max_value).clamp(min=1e-12)
 
 
+def _int8_weight(linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight [out, in], fp32 scale per output channel) of a linear layer, symmetric."""
+    scales = _per_channel_scales(linear.weight, INT8_MAX)
+    weight = torch.round(linear.weight.detach().float() / scales[:, None]).clamp(-INT8_MAX, INT8_MAX)
+    return weight.to(torch.int8), scales
+
+
 def _bias_bytes(bias: torch.Tensor | None) -> int:
     return 0 if bias is None else bias.numel() * bias.element_size()
+
+
+def _linear_bytes(linear: nn.Linear) -> int:
+    """Bytes of an unquantized linear layer's weight and bias."""
+    return linear.weight.numel() * linear.weight.element_size() + _bias_bytes(linear.bias)
 
 
 class Int8DynamicLinear(QuantizedLinear):
@@ -80,9 +92,8 @@ class Int8DynamicLinear(QuantizedLinear):
 
     def __init__(self, linear: nn.Linear, inputs: InputQuantizer | None = None) -> None:
         super().__init__(linear)
-        scales = _per_channel_scales(linear.weight, INT8_MAX)
-        weight = torch.round(linear.weight.detach().float() / scales[:, None]).clamp(-INT8_MAX, INT8_MAX)
-        self.register_buffer("qweight_t", weight.to(torch.int8).t().contiguous())
+        weight, scales = _int8_weight(linear)
+        self.register_buffer("qweight_t", weight.t().contiguous())
         self.register_buffer("scales", scales)
         self.inputs = inputs or InputQuantizer()
 
@@ -134,9 +145,8 @@ class Int8WeightOnlyLinear(QuantizedLinear):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__(linear)
-        scales = _per_channel_scales(linear.weight, INT8_MAX)
-        weight = torch.round(linear.weight.detach().float() / scales[:, None]).clamp(-INT8_MAX, INT8_MAX)
-        self.register_buffer("qweight", weight.to(torch.int8))
+        weight, scales = _int8_weight(linear)
+        self.register_buffer("qweight", weight)
         self.register_buffer("scales", scales.to(self.compute_dtype))
 
     @property
@@ -242,25 +252,28 @@ def quantize_decoder(model: PreTrainedModel, mode: str, head: bool = True) -> Qu
     targets = [(name, module) for name, module in decoder.named_modules() if type(module) is nn.Linear]
     if not targets:
         raise ValueError(f"{type(model).__name__}: no linear layers in its decoder layers to quantize")
+    inputs = InputQuantizer()  # one per model: the layers share the quantized input of q/k/v and gate/up
+
+    def quantized(linear: nn.Linear) -> QuantizedLinear:
+        return Int8DynamicLinear(linear, inputs) if layer_class is Int8DynamicLinear else layer_class(linear)
+
     before = after = 0
-    inputs = InputQuantizer()
     for name, linear in targets:
         parent_name, _, leaf = name.rpartition(".")
-        quantized = Int8DynamicLinear(linear, inputs) if layer_class is Int8DynamicLinear else layer_class(linear)
-        before += linear.weight.numel() * linear.weight.element_size() + _bias_bytes(linear.bias)
-        after += quantized.weight_bytes
-        setattr(decoder.get_submodule(parent_name) if parent_name else decoder, leaf, quantized)
+        layer = quantized(linear)
+        before += _linear_bytes(linear)
+        after += layer.weight_bytes
+        setattr(decoder.get_submodule(parent_name) if parent_name else decoder, leaf, layer)
     output = model.get_output_embeddings()
     head_quantized = head and type(output) is nn.Linear
     if head_quantized:
-        model.set_output_embeddings(Int8DynamicLinear(output, inputs) if layer_class is Int8DynamicLinear
-                                    else layer_class(output))
+        model.set_output_embeddings(quantized(output))
     _own_remaining_weights(model)
     return QuantizationReport(mode, layer_class.kind, len(targets), before, after, head_quantized)
 
 
 def _own_remaining_weights(model: nn.Module) -> None:
-    """Copy the parameters left in full precision (embeddings, norms, the head) out of the checkpoint's memory map:
+    """Copy the parameters left in full precision (embeddings, norms) out of the checkpoint's memory map:
     transformers maps the safetensors file, and while any tensor still points into it the whole mapping, fp32
     decoder weights included, stays resident beside their int8 copies (measured: 1307 MiB resident instead of
     1006 on the default model)."""
@@ -275,7 +288,7 @@ def linear_weight_bytes(model: nn.Module) -> int:
         if isinstance(module, QuantizedLinear):
             total += module.weight_bytes
         elif type(module) is nn.Linear:
-            total += module.weight.numel() * module.weight.element_size() + _bias_bytes(module.bias)
+            total += _linear_bytes(module)
     return total
 
 
