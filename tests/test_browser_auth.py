@@ -11,16 +11,14 @@ default model).
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from lorax_lite.registry.factory import open_tenant_store
 from lorax_lite.registry.tenants import new_key
-from server_helpers import serve
-from test_browser_chat import (ADAPTERS_DIR, PRICING, QUESTIONS, admin_cli, ask,  # noqa: F401 (browser: a fixture)
-                               browser, save_screenshot)
+from test_browser_chat import (ADAPTERS_DIR, PRICING, QUESTIONS, admin_cli, ask,  # noqa: F401 (fixtures: browser,
+                               browser, save_screenshot, server)  # server, over this module's deployment)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -45,13 +43,6 @@ def deployment(browser, default_model_dir: Path, tmp_path_factory: pytest.TempPa
         store.close()
     unknown_key, _ = new_key("nobody", [PRICING.name])
     return {**found, "key": key, "unknown_key": unknown_key}
-
-
-@pytest.fixture(scope="module")
-def server(deployment: dict) -> Iterator[str]:
-    with serve("--model", deployment["model"], "--registry", deployment["registry"], "--store", deployment["store"],
-               "--dtype", "float32", "--device", "cpu") as base:
-        yield base
 
 
 @pytest.fixture

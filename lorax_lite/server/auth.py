@@ -232,6 +232,16 @@ class Tenancy:
             return method(*args)
         return self.guard.call(method, *args)
 
+    def audit_denied(self, scope: Scope, status: int, reason: str, principal: Principal, adapter: str | None = None,
+                     key_id: str | None = None) -> None:
+        """The audit line of a refused request: its route and client from the ASGI `scope`, the key (when one was
+        recognised: `principal`, or only the id `key_id` of a key whose secret did not match) and the adapter."""
+        known = principal.key is not None
+        self.audit.denied(status=status, reason=reason, route=scope["path"], method=scope["method"],
+                          key_id=key_id or (principal.key_id if known else None),
+                          tenant=principal.tenant if known else None, adapter=adapter,
+                          client=(scope.get("client") or ("", 0))[0])
+
     # ---- rate limits and usage -----------------------------------------------------------------------------
 
     async def acquire(self, principal: Principal, prompt_tokens: int, lease_ttl_s: float) -> str | None:
@@ -295,7 +305,7 @@ class TenantMiddleware:
         headers = _headers(scope)
         host = headers.get("host", [""])[-1]
         if path not in PUBLIC_PATHS and not self.tenancy.host_allowed(host):
-            self._audit(scope, 400, "host not allowed", ANONYMOUS)
+            self.tenancy.audit_denied(scope, 400, "host not allowed", ANONYMOUS)
             error = ServerError(400, f"the Host header {brief(host)} is not one this server answers to "
                                 "(--allowed-hosts)", "invalid_host")
             await error.to_response(_is_openai(path))(scope, receive, send)
@@ -306,8 +316,7 @@ class TenantMiddleware:
             await error.to_response(_is_openai(path))(scope, receive, send)
             return
         except Unauthorized as denied:
-            denied_principal = Principal(denied.key)
-            self._audit(scope, denied.status, denied.reason, denied_principal, key_id=denied.key_id)
+            self.tenancy.audit_denied(scope, denied.status, denied.reason, Principal(denied.key), key_id=denied.key_id)
             await self._refusal(scope, denied)(scope, receive, send)
             return
         scope.setdefault("state", {})["principal"] = principal
@@ -323,30 +332,19 @@ class TenantMiddleware:
         return Principal(record)
 
     def _refusal(self, scope: Scope, denied: Unauthorized) -> ASGIApp:
-        headers = {"WWW-Authenticate": REALM if denied.status == 401 and denied.reason == "no key"
-                   else f'{REALM}, error="invalid_token"'} if denied.status == 401 else None
-        if denied.status == 401 and scope["method"] == "GET" and _is_page(scope["path"]):
-            return key_page(headers or {})
-        error_type = "unauthorized" if denied.status == 401 else "forbidden"
-        return ServerError(denied.status, denied.message, error_type, headers=headers).to_response(
-            _is_openai(scope["path"]))
-
-    def _audit(self, scope: Scope, status: int, reason: str, principal: Principal, key_id: str | None = None) -> None:
-        self.tenancy.audit.denied(status=status, reason=reason, route=scope["path"], method=scope["method"],
-                                  key_id=key_id or (principal.key_id if principal.key is not None else None),
-                                  tenant=principal.tenant if principal.key is not None else None, adapter=None,
-                                  client=(scope.get("client") or ("", 0))[0])
-
+        if denied.status != 401:  # a key without the role the route needs
+            return ServerError(denied.status, denied.message, "forbidden").to_response(_is_openai(scope["path"]))
+        challenge = REALM if denied.reason == "no key" else f'{REALM}, error="invalid_token"'
+        headers = {"WWW-Authenticate": challenge}
+        if scope["method"] == "GET" and _is_page(scope["path"]):
+            return key_page(headers)
+        return ServerError(401, denied.message, "unauthorized", headers=headers).to_response(_is_openai(scope["path"]))
 
 def audit_denial(request: Request, status: int, reason: str, adapter: str | None) -> None:
     """Write the audit line of a request a route refused for its key (an adapter or the base model it may not
     use, a rate limit)."""
     tenancy: Tenancy = request.app.state.server.tenancy
-    principal = principal_of(request)
-    tenancy.audit.denied(status=status, reason=reason, route=request.url.path, method=request.method,
-                         key_id=principal.key_id if principal.key is not None else None,
-                         tenant=principal.tenant if principal.key is not None else None, adapter=adapter,
-                         client=request.client.host if request.client else "")
+    tenancy.audit_denied(request.scope, status, reason, principal_of(request), adapter)
 
 
 def _presented_key(headers: dict[str, list[str]]) -> str:
