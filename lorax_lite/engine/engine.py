@@ -8,7 +8,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import cast
 
 import torch
@@ -310,6 +310,8 @@ class LLMEngine:
         return EngineSnapshot(
             num_waiting=len(self.scheduler.waiting),
             num_running=len(self.scheduler.running),
+            waiting_adapters=adapter_ids(self.scheduler.waiting),
+            running_adapters=adapter_ids(self.scheduler.running),
             num_kv_blocks_used=self.block_manager.num_used_blocks,
             num_kv_blocks=self.block_manager.num_blocks,
             num_preemptions=self.scheduler.num_preemptions,
@@ -323,6 +325,11 @@ class LLMEngine:
         self.block_manager.check_invariants(idle=idle)
         if self.adapter_manager is not None:
             self.adapter_manager.check_invariants(idle=idle)
+
+
+def adapter_ids(requests: Iterable[Request]) -> tuple[str, ...]:
+    """The distinct adapter ids `requests` named, sorted (base-model requests name none)."""
+    return tuple(sorted({r.adapter_id for r in requests if r.adapter_id is not None}))
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:

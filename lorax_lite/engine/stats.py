@@ -53,6 +53,8 @@ class EngineSnapshot:
 
     num_waiting: int
     num_running: int
+    waiting_adapters: tuple[str, ...]  # adapter ids of the waiting requests, distinct, sorted (base: none)
+    running_adapters: tuple[str, ...]  # adapter ids of the requests in the running batch, distinct, sorted
     num_kv_blocks_used: int
     num_kv_blocks: int
     num_preemptions: int
