@@ -5,21 +5,29 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import threading
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM
 
 from lora_helpers import AdapterSpec, make_peft_adapter
 from lorax_lite import LLM, AsyncLLM, SamplingParams
+from lorax_lite.engine.stats import AdapterCacheSnapshot, EngineSnapshot, EngineStats
+from lorax_lite.lora.manager import AdapterCacheStats
 from lorax_lite.registry import admin
 from lorax_lite.registry.sqlite import SQLiteRegistry
 from lorax_lite.registry.store import AdapterStore
 from lorax_lite.server import create_app
+from lorax_lite.server.metrics import EngineCollector
 from lorax_lite.config import ServerLimits
+from engine_helpers import wait_until_idle
 from server_helpers import call
 
 MODEL_NAME = "tiny-llama"
@@ -266,6 +274,137 @@ def test_metrics_count_requests_tokens_and_the_adapter_cache(app):
     ]:
         assert needle in text, needle
     assert "nope-404" not in text  # label values are adapters the engine accepted, never raw input
+
+
+# ---- the Gateway API Inference Extension's gauges ---------------------------------------------------
+
+GATEWAY = ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc",
+           "vllm:gpu_cache_usage_perc", "vllm:lora_requests_info")
+
+
+def gateway_samples(text: str) -> dict[str, tuple[str, dict[str, str], float]]:
+    """The inference gateway's series in a /metrics text: name -> (type, labels, value), one sample each."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        if family.name in GATEWAY:
+            [sample] = family.samples
+            found[family.name] = (family.type, sample.labels, sample.value)
+    return found
+
+
+def metric_value(text: str, name: str) -> float:
+    [value] = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")]
+    return value
+
+
+def snapshot(num_waiting: int, num_running: int, waiting: tuple[str, ...], running: tuple[str, ...],
+             slot_keys: list[str | None] | None) -> EngineSnapshot:
+    cache = None if slot_keys is None else AdapterCacheSnapshot([], slot_keys, [], AdapterCacheStats())
+    return EngineSnapshot(num_waiting=num_waiting, num_running=num_running, waiting_adapters=waiting,
+                          running_adapters=running, num_kv_blocks_used=3, num_kv_blocks=12, num_preemptions=0,
+                          stats=EngineStats(), adapter_cache=cache)
+
+
+@pytest.mark.parametrize("snap, max_lora, running, waiting", [
+    (snapshot(2, 3, ("logistics",), ("logistics", "pricing"), ["pricing@2", None]), "2", "logistics,pricing",
+     "logistics"),
+    (snapshot(1, 0, (), (), ["pricing@2"]), "1", "", ""),
+    (snapshot(1, 1, (), (), None), "0", "", ""),  # LoRA off: still reported
+], ids=["adapters", "base-only", "lora-off"])
+def test_the_collector_reports_a_snapshot_under_the_gateways_names(snap, max_lora, running, waiting):
+    registry = CollectorRegistry()
+    registry.register(EngineCollector(lambda: snap))
+    before = time.time()
+    found = gateway_samples(generate_latest(registry).decode())
+    assert {name: kind for name, (kind, _, _) in found.items()} == dict.fromkeys(GATEWAY, "gauge")
+    assert found["vllm:num_requests_waiting"][2] == snap.num_waiting
+    assert found["vllm:num_requests_running"][2] == snap.num_running
+    assert found["vllm:kv_cache_usage_perc"][2] == found["vllm:gpu_cache_usage_perc"][2] == 0.25
+    _, labels, value = found["vllm:lora_requests_info"]
+    assert labels == {"max_lora": max_lora, "running_lora_adapters": running, "waiting_lora_adapters": waiting}
+    assert before <= value <= time.time()
+
+
+class HeldSteps:
+    """Holds the engine thread before each step until `take_step`; `held` gets the number of requests in the
+    engine each time it stops. `let_go` lets it run freely again."""
+
+    def __init__(self, llm: AsyncLLM, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.engine, self.real_step = llm.engine, llm.engine.step
+        self.turns = threading.Semaphore(0)
+        self.held: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self.free = False
+        monkeypatch.setattr(llm.engine, "step", self.step)
+
+    def step(self):
+        if not self.free:
+            snap = self.engine.snapshot()
+            self.held.put(snap.num_waiting + snap.num_running)
+            self.turns.acquire(timeout=30)  # no assert: an error here would kill the engine thread
+        return self.real_step()
+
+    async def next_stop(self) -> int:
+        """The number of requests in the engine when it next stops."""
+        return await asyncio.to_thread(self.held.get, timeout=30)
+
+    async def take_step(self) -> int:
+        """One step; returns the number of requests in the engine when it stops before the next."""
+        self.turns.release()
+        return await self.next_stop()
+
+    def let_go(self) -> None:
+        self.free = True
+        self.turns.release(100)
+
+
+@pytest.fixture
+def llm_of_three(tiny_llama_dir: Path, registry, adapters: dict[str, Path]):
+    """At most three requests run at once: the rest wait."""
+    llm = AsyncLLM(str(tiny_llama_dir), registry=registry, **{**ENGINE, "max_num_seqs": 3, "max_loras": 2})
+    llm.add_adapter("logistics", adapters["logistics"])
+    yield llm
+    llm.shutdown()
+
+
+def test_metrics_tell_the_inference_gateway_which_adapters_run_and_wait(llm_of_three, monkeypatch):
+    app = create_app(llm_of_three, MODEL_NAME, ServerLimits(max_queued_requests=8))
+    held = HeldSteps(llm_of_three, monkeypatch)
+    # in this order, one step apart: the first three run (max_num_seqs=3), the last three wait
+    models = ["pricing", MODEL_NAME, "logistics", "logistics", MODEL_NAME, "logistics"]
+
+    async def main() -> tuple[str, list[httpx.Response]]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            sent, in_engine = [], 0
+            try:
+                for model in models:
+                    body = {"model": model, "prompt": "Hi", "max_tokens": 60, "temperature": 0, "ignore_eos": True}
+                    sent.append(asyncio.create_task(client.post("/v1/completions", json=body)))
+                    in_engine = await (held.take_step() if in_engine else held.next_stop())  # the first wakes it
+                    while in_engine < len(sent):  # not in the engine yet: the others step meanwhile
+                        in_engine = await held.take_step()
+                await held.take_step()  # the last one's step: now the snapshot has all six
+                text = (await client.get("/metrics")).text
+            finally:
+                held.let_go()
+            return text, await asyncio.gather(*sent)
+
+    text, responses = asyncio.run(main())
+    assert [r.status_code for r in responses] == [200] * 6, [r.text for r in responses]
+    found = gateway_samples(text)
+    assert {name: kind for name, (kind, _, _) in found.items()} == dict.fromkeys(GATEWAY, "gauge")
+    assert found["vllm:num_requests_running"][2] == 3 and found["vllm:num_requests_waiting"][2] == 3
+    usage = found["vllm:kv_cache_usage_perc"][2]
+    assert 0 < usage < 1 and found["vllm:gpu_cache_usage_perc"][2] == usage
+    assert usage == metric_value(text, "lorax_kv_blocks_used") / metric_value(text, "lorax_kv_blocks_total")
+    # adapter ids as clients name them (the registered "pricing", never its adapter key), base-model ones left out
+    assert found["vllm:lora_requests_info"][1] == {"max_lora": "2", "running_lora_adapters": "logistics,pricing",
+                                                   "waiting_lora_adapters": "logistics"}
+    wait_until_idle(llm_of_three)
+    idle = gateway_samples(call(app, "GET", "/metrics").text)
+    assert idle["vllm:num_requests_running"][2] == idle["vllm:num_requests_waiting"][2] == 0
+    assert idle["vllm:lora_requests_info"][1] == {"max_lora": "2", "running_lora_adapters": "",
+                                                  "waiting_lora_adapters": ""}
 
 
 def test_a_damaged_adapter_is_a_503_that_shows_no_paths_and_disturbs_nothing(app, registry, adapters, tiny_llama_dir, tmp_path):

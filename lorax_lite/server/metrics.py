@@ -1,5 +1,7 @@
 """Prometheus metrics for GET /metrics: per-request figures observed by the HTTP layer, and the
 engine's own state (queues, KV blocks, batch sizes, adapter cache) from its latest snapshot at scrape time.
+The engine's state is also reported under the `vllm:` names the Gateway API Inference Extension's endpoint
+picker reads for load- and LoRA-affinity routing (its Model Server Protocol; see docs/architecture.md).
 
 Each app has its own CollectorRegistry, so several apps can live in one process (tests). Label
 values are bounded: `adapter` is the base model's name or an id the engine accepted, never raw input.
@@ -8,6 +10,7 @@ values are bounded: `adapter` is the base model's name or an id the engine accep
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
@@ -134,6 +137,7 @@ class EngineCollector:
         stats = snap.stats
         yield _gauge("num_requests_waiting", "Requests waiting to be scheduled.", snap.num_waiting)
         yield _gauge("num_requests_running", "Requests in the running batch.", snap.num_running)
+        yield from _inference_gateway(snap)
         yield _gauge("kv_blocks_used", "KV cache blocks in use.", snap.num_kv_blocks_used)
         yield _gauge("kv_blocks_total", "KV cache blocks.", snap.num_kv_blocks)
         yield _counter("preemptions", "Requests preempted (KV cache full) and recomputed later.", snap.num_preemptions)
@@ -161,6 +165,23 @@ class EngineCollector:
                        cache.host_evictions)
         yield _counter("adapter_load_seconds", "Time spent loading adapters from disk.", cache.load_seconds)
         yield _counter("adapter_slot_load_seconds", "Time spent copying adapters into slots.", cache.slot_load_seconds)
+
+
+def _inference_gateway(snap: EngineSnapshot) -> Iterator[GaugeMetricFamily]:
+    """The engine's queues, KV cache use and adapters under the names the Gateway API Inference Extension's
+    endpoint picker scrapes (vLLM's, its defaults)."""
+    yield GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting to be scheduled.", value=snap.num_waiting)
+    yield GaugeMetricFamily("vllm:num_requests_running", "Requests in the running batch.", value=snap.num_running)
+    usage = snap.num_kv_blocks_used / snap.num_kv_blocks if snap.num_kv_blocks else 0.0
+    yield GaugeMetricFamily("vllm:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).", value=usage)
+    yield GaugeMetricFamily("vllm:gpu_cache_usage_perc", "Fraction of KV cache blocks in use (0-1); the older name "
+                            "of vllm:kv_cache_usage_perc.", value=usage)
+    max_loras = 0 if snap.adapter_cache is None else len(snap.adapter_cache.slot_keys)
+    info = GaugeMetricFamily("vllm:lora_requests_info", "Adapters of the running and waiting requests (ids, "
+                             "comma-separated) and max_loras; the value is the time of the scrape (Unix seconds).",
+                             labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+    info.add_metric([str(max_loras), ",".join(snap.running_adapters), ",".join(snap.waiting_adapters)], time.time())
+    yield info
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
