@@ -6,9 +6,10 @@ server and torch are imported when the command runs, so other commands start wit
 
 from __future__ import annotations
 
+import importlib.util
 import os
-from dataclasses import asdict, fields
-from typing import Any
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -17,6 +18,10 @@ from lorax_lite.cli.options import build, config_options, name_options, with_opt
 from lorax_lite.config import EngineConfig, ServerLimits, default_model
 
 AUDIT_STDOUT = "-"
+
+if TYPE_CHECKING:
+    from lorax_lite.cluster.launch import ReplicaOptions
+    from lorax_lite.server.build import ServerSpec
 
 ENGINE_SETTINGS = [f.name for f in fields(EngineConfig) if f.name != "model"]  # serve takes the model as --model
 
@@ -41,6 +46,21 @@ def serve_command(
         "any; default: localhost, 127.0.0.1 and ::1 on a loopback address, else any).")),
     audit_log: str = typer.Option(AUDIT_STDOUT, "--audit-log", help=(
         "Where the audit log of denied requests goes: '-' stdout, a file path (appended), or 'off'.")),
+    num_replicas: int = typer.Option(1, "--num-replicas", help=(
+        "Serve with this many replicas on Ray Serve, routed by adapter (needs `pip install 'lorax-lite[cluster]'` "
+        "and, above 1, a redis:// registry). 1 without --ray-address: this process alone.")),
+    ray_address: str | None = typer.Option(None, "--ray-address", help=(
+        "Join this Ray cluster ('auto': the one `ray start` began on this node) instead of starting Ray here.")),
+    replica_cpus: float | None = typer.Option(None, "--replica-cpus", help=(
+        "CPUs Ray reserves for each replica, also its torch threads (default: this machine's cores shared out "
+        "when Ray starts here, else 1).")),
+    replica_gpus: float = typer.Option(0.0, "--replica-gpus", help=(
+        "GPUs Ray reserves for each replica (0.5: two replicas share one).")),
+    max_ongoing_requests: int | None = typer.Option(None, "--max-ongoing-requests", help=(
+        "Requests in flight on one replica before Ray routes elsewhere (default: --max-num-seqs).")),
+    max_models_per_replica: int | None = typer.Option(None, "--max-models-per-replica", help=(
+        "Adapters each replica reports to Ray's router as held, least recently used dropped first (default: "
+        "--max-cpu-loras).")),
     **settings: Any,
 ) -> None:
     """Serve the base model and every registered adapter over HTTP (LoRAX-native and OpenAI-compatible APIs).
@@ -48,11 +68,10 @@ def serve_command(
     Once the registry holds an API key (`lorax-lite keys create`), every route but /health and /ready needs
     one. SIGTERM drains: in-flight requests finish (within the shutdown timeout) while new ones get a 503;
     the exit status is 0 after a drain, 1 if the engine died."""
-    from lorax_lite.engine.async_llm import AsyncLLM
     from lorax_lite.registry.base import RegistryError
-    from lorax_lite.registry.factory import default_registry_url, open_registry, open_tenant_store
-    from lorax_lite.server.app import create_app
-    from lorax_lite.server.auth import Tenancy, default_allowed_hosts
+    from lorax_lite.registry.factory import default_registry_url
+    from lorax_lite.server.auth import default_allowed_hosts
+    from lorax_lite.server.build import ServerSpec, build_server, open_tenancy
     from lorax_lite.server.serving import run_server
     from lorax_lite.server.usage import AuditLog
 
@@ -64,43 +83,85 @@ def serve_command(
     limits = build(ServerLimits, settings)
     config = build(EngineConfig, settings, model=model or default_model())  # bad settings fail before any loading
     registry_url = registry_url or default_registry_url()
+    clustered = num_replicas > 1 or ray_address is not None
+    replicas = _replica_options(config, num_replicas, replica_cpus, replica_gpus, max_ongoing_requests,
+                                max_models_per_replica, ray_address) if clustered else None
+    if replicas is not None and num_replicas > 1 and not registry_url.startswith(("redis://", "rediss://")):
+        fail(f"--num-replicas {num_replicas} needs a registry every replica shares: --registry redis://HOST:PORT/DB "
+             f"(or $LORAX_REGISTRY), not {registry_url.split('://', 1)[0]}://")
+    name = served_model_name or os.path.basename(os.path.normpath(config.model))
+    audit_to = None if audit_log == "off" else audit_log
+    spec = ServerSpec(config, limits, registry_url, name, store, tuple(hosts), audit_to)
     try:
-        audit = AuditLog(None if audit_log == "off" else audit_log)
+        audit = AuditLog(spec.audit_log)
     except OSError as error:
         fail(f"--audit-log {audit_log}: cannot be written ({error.strerror or error})")
     try:
-        tenant_store = open_tenant_store(registry_url)
-        tenancy = Tenancy(tenant_store, hosts, audit, config.registry_timeout_s, config.registry_stale_s)
-        keys = tenancy.prime()
+        tenancy = open_tenancy(spec, audit)
     except RegistryError as error:
         fail(str(error), code=1)
     except ValueError as error:  # a malformed registry URL
         fail(str(error))
+    keys = tenancy[2]
     if not keys and not no_auth and not is_loopback(host):
-        tenancy.close()
+        tenancy[0].close()
+        tenancy[1].close()
         fail(f"refusing to serve on {host} without API keys: anyone who can reach it could use every adapter. "
              "Create a key (`lorax-lite keys create --tenant T --adapters A`), serve on 127.0.0.1, or pass "
              "--no-auth to serve openly")
+    if replicas is not None:
+        tenancy[0].close()  # each replica opens its own
+        tenancy[1].close()
+        raise typer.Exit(_serve_on_ray(spec, replicas, host, port, ray_address, keys))
     try:
-        registry = open_registry(registry_url)
-        llm = AsyncLLM(registry=registry, store=store, **asdict(config))
+        parts = build_server(spec, tenancy)
     except RegistryError as error:
-        tenancy.close()
         fail(str(error), code=1)
     except (ValueError, OSError) as error:  # missing model, CUDA absent, KV cache too small, malformed registry URL
-        tenancy.close()
         fail(name_options(str(error), ENGINE_SETTINGS))
-    name = served_model_name or os.path.basename(os.path.normpath(config.model))
-    typer.echo(serve_banner(name, registry.url, f"http://{host}:{port}", keys))
+    typer.echo(serve_banner(spec.served_model_name, parts.registry.url, f"http://{host}:{port}", keys))
     try:
-        status = run_server(create_app(llm, name, limits, tenancy), host, port)
+        status = run_server(parts.app, host, port)
     finally:
-        llm.shutdown()
-        tenancy.close()
-        tenant_store.close()
-        registry.close()
+        parts.close()
     if status:
         raise typer.Exit(status)
+
+
+def _replica_options(config: EngineConfig, num_replicas: int, cpus: float | None, gpus: float,
+                     max_ongoing_requests: int | None, max_models: int | None,
+                     ray_address: str | None) -> ReplicaOptions:
+    """Ray's share for each replica; refuses values Ray would refuse later, and a missing Ray."""
+    from lorax_lite.cluster.launch import ReplicaOptions
+
+    if num_replicas < 1:
+        fail(f"--num-replicas must be at least 1, got {num_replicas}")
+    if gpus < 0 or (cpus is not None and cpus <= 0):
+        fail("--replica-cpus must be > 0 and --replica-gpus >= 0")
+    for name, value in (("--max-ongoing-requests", max_ongoing_requests), ("--max-models-per-replica", max_models)):
+        if value is not None and value < 1:
+            fail(f"{name} must be at least 1, got {value}")
+    if importlib.util.find_spec("ray") is None:
+        fail("several replicas run on Ray Serve, which is not installed: pip install 'lorax-lite[cluster]'")
+    if cpus is None:  # on this machine alone, its cores are shared out; on a cluster, one CPU each
+        cpus = (os.cpu_count() or 1) / num_replicas if ray_address is None else 1.0
+    return ReplicaOptions(num_replicas=num_replicas, cpus=cpus, gpus=gpus,
+                          max_ongoing_requests=max_ongoing_requests or config.max_num_seqs,
+                          max_models_per_replica=max_models or max(config.max_cpu_loras, 1))
+
+
+def _serve_on_ray(spec: ServerSpec, replicas: ReplicaOptions, host: str, port: int, ray_address: str | None,
+                  keys: bool) -> int:
+    from lorax_lite.cluster.launch import ClusterError, ClusterOptions, run_cluster
+    from lorax_lite.registry.redis import redacted_url
+
+    typer.echo(serve_banner(spec.served_model_name, redacted_url(spec.registry_url), f"http://{host}:{port}", keys))
+    try:
+        return run_cluster(spec, replicas, ClusterOptions(host, port, ray_address, spec.limits.shutdown_timeout),
+                           typer.echo)
+    except ClusterError as error:
+        fail(str(error), code=1)
+    return 1
 
 
 def is_loopback(host: str) -> bool:

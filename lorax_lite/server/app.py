@@ -28,12 +28,13 @@ from lorax_lite.server.state import ServerState
 
 
 def create_app(llm: AsyncLLM, served_model_name: str, limits: ServerLimits | None = None,
-               tenancy: Tenancy | None = None) -> FastAPI:
+               tenancy: Tenancy | None = None, replica_id: str | None = None) -> FastAPI:
     """An app serving `llm`; the caller owns the engine and the tenancy (starts them before, shuts them down
-    after). Without a tenancy nobody needs a key."""
+    after). Without a tenancy nobody needs a key. `replica_id`: this server's name among the replicas of a
+    deployment (shown in /info)."""
     app = FastAPI(title="lorax-lite", version="0.1.0")
     tenancy = tenancy or Tenancy()
-    state = ServerState(llm, served_model_name, limits or ServerLimits(), tenancy)
+    state = ServerState(llm, served_model_name, limits or ServerLimits(), tenancy, replica_id)
     app.state.server = state
     install_error_handlers(app)
     app.include_router(native_router)
@@ -92,6 +93,7 @@ async def info(request: Request) -> dict:
 
     return {
         "model_id": state.served_model_name,
+        "replica_id": state.replica_id,  # None: a single server (see docs/deploy.md)
         "max_model_len": state.llm.max_seq_len,  # the effective value, as vLLM reports it
         "engine_config": config,
         "quantization": None if state.llm.quantization is None else state.llm.quantization.to_dict(),

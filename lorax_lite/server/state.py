@@ -7,6 +7,7 @@ registry) run in a worker thread, once per request.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from fastapi import Request
@@ -31,8 +32,10 @@ class Stoppable(Protocol):
 class ServerState:
     """Kept on `app.state.server`."""
 
-    def __init__(self, llm: AsyncLLM, served_model_name: str, limits: ServerLimits, tenancy: Tenancy) -> None:
+    def __init__(self, llm: AsyncLLM, served_model_name: str, limits: ServerLimits, tenancy: Tenancy,
+                 replica_id: str | None = None) -> None:
         self.llm = llm
+        self.replica_id = replica_id
         self.served_model_name = served_model_name
         self.limits = limits
         self.tenancy = tenancy
@@ -42,6 +45,8 @@ class ServerState:
         self.num_in_flight = 0  # requests inside the app now (health, readiness and metrics probes aside)
         self.draining = False  # SIGTERM came: not ready, new generation requests get a 503
         self.calls: set[Stoppable] = set()  # engine calls open now (the drain stops what is left at its deadline)
+        # Called with the id of every adapter a request resolved to (a Ray Serve replica reports it to the router).
+        self.on_adapter_resolved: Callable[[str], None] | None = None
 
     def admit(self) -> None:
         """Count a request as queued until `release`; a 429 when the queue is full."""
@@ -104,11 +109,14 @@ class ServerState:
             if not principal.may_use_adapter(adapter_id):  # answered exactly like an unknown id: no oracle
                 audit_denial(request, 404, "adapter not allowed", adapter_id)
                 raise AdapterNotFoundError(adapter_id)
-            return await run_in_threadpool(self.llm.resolve_adapter, adapter_id)
+            resolved = await run_in_threadpool(self.llm.resolve_adapter, adapter_id)
         except InvalidAdapterIdError as exc:
             raise ServerError(400, f"{field}: {exc}", "validation", param="model") from exc
         except Exception as exc:
             raise as_server_error(exc, adapter_id) from exc
+        if self.on_adapter_resolved is not None:
+            self.on_adapter_resolved(adapter_id)
+        return resolved
 
     async def find_adapter(self, request: Request, adapter_id: str) -> ResolvedAdapter | None:
         """Like `resolve_adapter` for a page: None when the id is invalid or unknown, the caller's key may not
