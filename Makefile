@@ -2,7 +2,7 @@
 #   make install   .venv/ with the package and its dev dependencies (idempotent)
 #   make serve     install, fetch the default model, register adapters/*, serve on 127.0.0.1:8080
 #   make lint      ruff, mypy and the import layering contract on lorax_lite/ (configured in pyproject.toml)
-#   make test      install, lint, fetch the default model, make the client venv, run the whole test suite
+#   make test      install, lint, fetch the default model, make the client and compose venvs, run the whole test suite
 #   make bench     install, fetch the default model, run the benchmarks -> docs/benchmarks.md (+ .json)
 #
 # Debian's chromium (apt) is the browser of tests/test_browser_chat.py; playwright never downloads one.
@@ -13,10 +13,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 CLIENTS_VENV ?= .venv-clients
+COMPOSE_VENV ?= .venv-compose
 TORCH  ?= torch==2.13.0
 MODEL_DIR ?= models/SmolLM2-135M-Instruct
 
-.PHONY: install clients lint test bench serve fetch-model clean
+.PHONY: install clients compose lint test bench serve fetch-model clean
 
 install: $(VENV)/.installed
 
@@ -40,14 +41,25 @@ $(CLIENTS_VENV)/.installed: tests/clients/requirements.txt
 	$(CLIENTS_VENV)/bin/python -m pip install --quiet -r tests/clients/requirements.txt
 	touch $@
 
+# docker-compose 1.29.2 and hadolint, in their own venv, for tests/test_deploy_files.py (no Docker daemon needed).
+# PyYAML 5.4.1 (docker-compose's pin) only builds with Cython < 3 and without build isolation.
+compose: $(COMPOSE_VENV)/.installed
+
+$(COMPOSE_VENV)/.installed: tests/compose/requirements.txt
+	test -x $(COMPOSE_VENV)/bin/python || $(PYTHON) -m venv $(COMPOSE_VENV)
+	$(COMPOSE_VENV)/bin/python -m pip install --quiet setuptools wheel "cython<3"
+	$(COMPOSE_VENV)/bin/python -m pip install --quiet --no-build-isolation -r tests/compose/requirements.txt
+	touch $@
+
 # The gate that runs before the tests: findings fail `make test`.
 lint: install
 	$(VENV)/bin/ruff check lorax_lite
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-test: lint fetch-model clients
+test: lint fetch-model clients compose
 	LORAX_REQUIRE_DEFAULT_MODEL=1 LORAX_REQUIRE_REDIS=1 LORAX_REQUIRE_BROWSER=1 LORAX_CLIENTS_PYTHON=$(CLIENTS_VENV)/bin/python \
+	  LORAX_REQUIRE_COMPOSE=1 LORAX_COMPOSE_BIN=$(COMPOSE_VENV)/bin \
 	  LORAX_MODEL=$(MODEL_DIR) $(PY) -m pytest -q tests
 
 # Registers every adapter shipped under adapters/<unit>/ (id = <unit>, owner/description/system prompt from its
@@ -64,4 +76,4 @@ bench: fetch-model
 	$(PY) scripts/bench_quant.py --model $(MODEL_DIR)
 
 clean:
-	rm -rf $(VENV) $(CLIENTS_VENV) build *.egg-info
+	rm -rf $(VENV) $(CLIENTS_VENV) $(COMPOSE_VENV) build *.egg-info
