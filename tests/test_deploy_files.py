@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "docker-compose.yml"
 GPU = ROOT / "docker-compose.gpu.yml"
 PASSWORD = "0123abcd"
+RAY_TOKEN = "feedc0de" * 8
 PROXY_CALLBACK = "lorax_lite.cluster.routing.proxy_middlewares"
 LORAX_SERVICES = ("ray-head", "ray-worker", "admin")
 
@@ -37,14 +38,17 @@ def compose_tool(name: str) -> Path:
     return path
 
 
-def run_compose(tmp_path: Path, *args: str, password: str | None = PASSWORD) -> subprocess.CompletedProcess[str]:
-    """`docker-compose --env-file <empty> ARGS` in the repository, with only PATH, HOME and REDIS_PASSWORD set,
-    so neither a local .env nor the caller's LORAX_*/COMPOSE_* variables change the result."""
+def run_compose(tmp_path: Path, *args: str, password: str | None = PASSWORD,
+                ray_token: str | None = RAY_TOKEN) -> subprocess.CompletedProcess[str]:
+    """`docker-compose --env-file <empty> ARGS` in the repository, with only PATH, HOME, REDIS_PASSWORD and
+    RAY_AUTH_TOKEN set, so neither a local .env nor the caller's LORAX_*/COMPOSE_* variables change the result."""
     env_file = tmp_path / "empty.env"
     env_file.write_text("")
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)}
     if password is not None:
         env["REDIS_PASSWORD"] = password
+    if ray_token is not None:
+        env["RAY_AUTH_TOKEN"] = ray_token
     return subprocess.run([str(compose_tool("docker-compose")), "--env-file", str(env_file), *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
 
@@ -113,6 +117,13 @@ def test_every_lorax_container_shares_registry_store_and_model(cpu_config: dict,
     assert set(cpu_config["volumes"]) == {"redis-data", "adapter-store", "models"}
 
 
+@pytest.mark.parametrize("service", ["ray-head", "ray-worker"])
+def test_ray_nodes_share_an_auth_token(cpu_config: dict, service: str) -> None:
+    environment = cpu_config["services"][service]["environment"]
+    assert environment["RAY_AUTH_MODE"] == "token" and environment["RAY_AUTH_TOKEN"] == RAY_TOKEN
+    assert "RAY_AUTH_TOKEN" not in cpu_config["services"]["admin"]["environment"]  # the CLI needs no Ray
+
+
 def test_ray_worker_scales_and_admin_is_a_profile(cpu_config: dict) -> None:
     worker, admin = cpu_config["services"]["ray-worker"], cpu_config["services"]["admin"]
     assert worker["command"][:3] == ["ray", "start", "--address=ray-head:6380"] and "--block" in worker["command"]
@@ -150,6 +161,8 @@ def test_compose_refuses_to_start_without_a_redis_password(tmp_path: Path, files
     result = run_compose(tmp_path, *[arg for path in files for arg in ("-f", str(path))], "config", password=None)
     assert result.returncode != 0
     assert "set REDIS_PASSWORD" in result.stderr
+    result = run_compose(tmp_path, *[arg for path in files for arg in ("-f", str(path))], "config", ray_token=None)
+    assert result.returncode != 0 and "set RAY_AUTH_TOKEN" in result.stderr
 
 
 def test_dockerfile_passes_hadolint() -> None:
