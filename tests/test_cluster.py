@@ -320,3 +320,24 @@ def test_sigterm_drains_the_replicas_and_exits_0(cluster: Cluster):
     while replica_pids():
         assert time.monotonic() < deadline, "replica processes left behind"
         time.sleep(0.5)
+
+
+def test_the_health_check_fails_only_when_the_engine_stopped():
+    """Ray's health check reads the readiness checks: a stopped engine fails it (Ray replaces the replica); a
+    drain or an unreachable registry does not (every replica shares the registry)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from lorax_lite.cluster.deployment import LoraxReplica
+
+    def replica(running: bool, reachable: bool, draining: bool = False) -> SimpleNamespace:
+        health = SimpleNamespace(reachable=reachable, configured=True, message="redis: connection refused")
+        llm = SimpleNamespace(is_running=running, check_registry=lambda: health)
+        state = SimpleNamespace(llm=llm, draining=draining)
+        return SimpleNamespace(replica_id="r1", parts=SimpleNamespace(app=SimpleNamespace(
+            state=SimpleNamespace(server=state))))
+
+    asyncio.run(LoraxReplica.check_health(replica(running=True, reachable=True)))
+    asyncio.run(LoraxReplica.check_health(replica(running=True, reachable=False, draining=True)))
+    with pytest.raises(RuntimeError, match="engine stopped"):
+        asyncio.run(LoraxReplica.check_health(replica(running=False, reachable=True)))

@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lorax_lite.cluster.launch import MAX_CONSTRUCTOR_RETRIES, ReplicaOptions
 from lorax_lite.cluster.routing import BASE_MODEL_HEADER
+from lorax_lite.server.app import readiness_checks
 from lorax_lite.server.build import ServerParts, ServerSpec, build_server
 
 logger = logging.getLogger(__name__)
@@ -75,8 +76,11 @@ class LoraxReplica:
         task.add_done_callback(self._tasks.discard)
 
     async def check_health(self) -> None:
-        if not self.parts.llm.is_running:
-            raise RuntimeError(f"replica {self.replica_id}: the engine stopped")
+        """Ray's health check: the server's readiness checks, failing only when the engine stopped (a drain is
+        Ray's own doing, and a registry outage is shared by every replica: replacing them would not help)."""
+        checks = await readiness_checks(self.parts.app.state.server)
+        if checks["engine"] != "ok":
+            raise RuntimeError(f"replica {self.replica_id}: the engine stopped ({checks})")
 
     async def __del__(self) -> None:
         """Ray drained this replica (its requests finished, or graceful_shutdown_timeout_s passed): stop what is

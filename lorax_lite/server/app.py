@@ -63,18 +63,22 @@ async def ready(request: Request) -> JSONResponse:
     is not running, the server drains, or the adapter registry is unreachable. The registry is pinged in a
     worker thread (at most registry_timeout_s; at once while it is known to be down), which also lets the
     server notice by itself that it came back."""
-    state: ServerState = request.app.state.server
-    registry = await run_in_threadpool(state.llm.check_registry)
-    checks = {
-        "engine": "ok" if state.llm.is_running else "stopped",
-        "draining": state.draining,
-        "registry": "ok" if registry.reachable else registry.message if registry.configured else "none",
-    }
-    is_ready = checks["engine"] == "ok" and not state.draining and checks["registry"] in ("ok", "none")
+    checks = await readiness_checks(request.app.state.server)
+    is_ready = checks["engine"] == "ok" and not checks["draining"] and checks["registry"] in ("ok", "none")
     if is_ready:
         return JSONResponse({"status": "ready", "checks": checks})
     return JSONResponse({"error": "not ready", "error_type": "unavailable", "status": "not_ready",
                          "checks": checks}, status_code=503, headers={"Retry-After": "1"})
+
+
+async def readiness_checks(state: ServerState) -> dict[str, str | bool]:
+    """What /ready reports (and a Ray Serve replica's health check reads): the engine, the drain, the registry."""
+    registry = await run_in_threadpool(state.llm.check_registry)
+    return {
+        "engine": "ok" if state.llm.is_running else "stopped",
+        "draining": state.draining,
+        "registry": "ok" if registry.reachable else registry.message if registry.configured else "none",
+    }
 
 
 async def info(request: Request) -> dict:
