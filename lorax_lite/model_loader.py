@@ -69,15 +69,20 @@ def load_model_and_tokenizer(
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    check_model_path(model)
     path = Path(model).expanduser()
     if path.exists():
         hf_model, tokenizer = _load_local(path, torch_dtype)
-    elif _looks_like_local_path(model):
-        raise FileNotFoundError(_missing_path_message(model))
     else:
         hf_model, tokenizer = _load_from_hub(model, torch_dtype)
     # transformers wraps .to() in a decorator that mypy sees unbound
     return hf_model.to(torch_device).eval(), tokenizer  # type: ignore[arg-type]
+
+
+def check_model_path(model: str) -> None:
+    """FileNotFoundError when `model` names a local path that does not exist (a hub id is not checked here)."""
+    if not Path(model).expanduser().exists() and _looks_like_local_path(model):
+        raise FileNotFoundError(_missing_path_message(model))
 
 
 def _looks_like_local_path(model: str) -> bool:

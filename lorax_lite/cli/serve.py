@@ -112,6 +112,13 @@ def serve_command(
     if replicas is not None:
         tenancy[0].close()  # each replica opens its own
         tenancy[1].close()
+        if ray_address is None:  # the replicas run here: a missing model fails now, not in each replica
+            from lorax_lite.model_loader import check_model_path
+
+            try:
+                check_model_path(config.model)
+            except FileNotFoundError as error:
+                fail(str(error))
         raise typer.Exit(_serve_on_ray(spec, replicas, host, port, ray_address, keys))
     try:
         parts = build_server(spec, tenancy)

@@ -85,16 +85,20 @@ class LoraxReplica:
     async def __del__(self) -> None:
         """Ray drained this replica (its requests finished, or graceful_shutdown_timeout_s passed): stop what is
         left, flush usage, stop the engine."""
-        state = self.parts.app.state.server
+        parts: ServerParts | None = getattr(self, "parts", None)
+        if parts is None:  # __init__ failed (Ray still calls __del__)
+            return
+        state = parts.app.state.server
         state.draining = True
         if state.calls:
             logger.warning("replica %s: stopping %d requests at shutdown", self.replica_id, len(state.calls))
             await state.stop_calls()
-        await asyncio.get_running_loop().run_in_executor(None, self.parts.close)
+        await asyncio.get_running_loop().run_in_executor(None, parts.close)
 
 
 class ReplicaHeaders:
-    """Adds `x-replica-id` to every response, and the base model's name to successful ones."""
+    """Adds `x-replica-id` to every response, and the base model's name to successful ones. Ray's proxy adds the
+    request's `x-request-id` to every response itself, so the app's copy is left out."""
 
     def __init__(self, app: ASGIApp, replica_id: str, served_model_name: str) -> None:
         self.app = app
@@ -108,10 +112,11 @@ class ReplicaHeaders:
 
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                extra = [self.replica_header]
+                headers = [h for h in message.get("headers", []) if h[0].lower() != b"x-request-id"]
+                headers.append(self.replica_header)
                 if message["status"] < 400:
-                    extra.append(self.base_header)
-                message = {**message, "headers": [*message.get("headers", []), *extra]}
+                    headers.append(self.base_header)
+                message = {**message, "headers": headers}
             await send(message)
 
         await self.app(scope, receive, with_headers)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -19,7 +20,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lorax_lite.cluster.routing import PROXY_CALLBACK, PROXY_CALLBACK_ENV, ROUTED_HEADER
 
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024  # Ray's shared memory on a local start: only small messages use it
 STATUS_INTERVAL_S = 2.0
 MAX_CONSTRUCTOR_RETRIES = 3
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): .+")
 
 
 class ClusterError(Exception):
@@ -82,7 +84,7 @@ def run_cluster(spec: ServerSpec, replicas: ReplicaOptions, cluster: ClusterOpti
         try:
             serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         except RuntimeError as error:
-            raise ClusterError(f"the deployment failed: {str(error).strip().splitlines()[-1]}") from error
+            raise ClusterError(f"the deployment failed: {deployment_error(serve) or error}") from error
         base = f"http://{_probe_host(cluster.host)}:{cluster.port}"
         if not proxy_routes_by_adapter(base):
             logger.warning("Ray's HTTP proxy has no lorax-lite routing middleware, so requests are not routed by "
@@ -98,6 +100,18 @@ def run_cluster(spec: ServerSpec, replicas: ReplicaOptions, cluster: ClusterOpti
         if started_here:
             serve.shutdown()
         ray.shutdown()
+
+
+def deployment_error(serve: Any) -> str | None:
+    """The last exception line of the replicas' failure in Ray Serve's status (e.g. "FileNotFoundError: ...")."""
+    from lorax_lite.cluster.deployment import APP_NAME, DEPLOYMENT_NAME
+
+    try:
+        message = serve.status().applications[APP_NAME].deployments[DEPLOYMENT_NAME].message
+    except (KeyError, AttributeError, RuntimeError):
+        return None
+    errors = [line.strip() for line in message.splitlines() if EXCEPTION_LINE.match(line.strip())]
+    return errors[-1] if errors else None
 
 
 def proxy_routes_by_adapter(base_url: str, timeout_s: float = 30.0) -> bool:
