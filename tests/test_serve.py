@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib.util
 import os
 import subprocess
 import sys
@@ -115,3 +116,34 @@ def test_a_bad_config_option_exits_2_naming_it_before_anything_is_opened(tmp_pat
     assert result.stderr.startswith(f"error: {option} ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "_" not in result.stderr.split(" got ")[0], result.stderr  # options, not field names
     assert not registry.exists()
+
+
+# ---- several replicas on Ray Serve: refused before anything is opened or loaded -----------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num-replicas", "2"], "--registry redis://"),  # a SQLite file cannot be shared by replicas on several nodes
+    (["--num-replicas", "0"], "--num-replicas "),
+    (["--num-replicas", "-1", "--ray-address", "auto"], "--num-replicas "),
+    (["--num-replicas", "2", "--replica-cpus", "0"], "--replica-cpus "),
+    (["--num-replicas", "2", "--replica-gpus", "-1"], "--replica-gpus "),
+    (["--num-replicas", "2", "--max-ongoing-requests", "0"], "--max-ongoing-requests "),
+    (["--ray-address", "auto", "--max-models-per-replica", "0"], "--max-models-per-replica "),
+])
+def test_bad_replica_options_exit_2_before_anything_is_opened(tmp_path, args: list[str], message: str) -> None:
+    registry = tmp_path / "registry.db"
+    result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "missing"), "--registry",
+                                      f"sqlite:///{registry}", "--port", str(free_port()), *args])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not registry.exists()
+
+
+def test_replicas_without_ray_installed_say_how_to_install_it(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else find_spec(name, *a))
+    result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "missing"), "--registry",
+                                      "redis://localhost:1/0", "--port", str(free_port()), "--num-replicas", "2"])
+    assert result.exit_code == 2, result.output
+    assert "pip install 'lorax-lite[cluster]'" in result.stderr, result.stderr

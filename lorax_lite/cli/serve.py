@@ -83,7 +83,7 @@ def serve_command(
     limits = build(ServerLimits, settings)
     config = build(EngineConfig, settings, model=model or default_model())  # bad settings fail before any loading
     registry_url = registry_url or default_registry_url()
-    clustered = num_replicas > 1 or ray_address is not None
+    clustered = num_replicas != 1 or ray_address is not None  # 0 or less: refused by _replica_options
     replicas = _replica_options(config, num_replicas, replica_cpus, replica_gpus, max_ongoing_requests,
                                 max_models_per_replica, ray_address) if clustered else None
     if replicas is not None and num_replicas > 1 and not registry_url.startswith(("redis://", "rediss://")):

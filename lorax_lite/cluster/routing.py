@@ -127,7 +127,7 @@ async def _peek_body(receive: Receive) -> tuple[list[Message], bool]:
     size = 0
     loop = asyncio.get_running_loop()
     deadline = loop.time() + PEEK_TIMEOUT_S
-    while size <= MAX_PEEK_BYTES:
+    while True:
         try:
             message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
         except asyncio.TimeoutError:
@@ -136,9 +136,10 @@ async def _peek_body(receive: Receive) -> tuple[list[Message], bool]:
         if message["type"] != "http.request":
             return messages, False
         size += len(message.get("body", b""))
+        if size > MAX_PEEK_BYTES:  # also when the last chunk takes it over: that body is not parsed
+            return messages, False
         if not message.get("more_body", False):
             return messages, True
-    return messages, False
 
 
 def _replay(messages: list[Message], receive: Receive) -> Receive:
