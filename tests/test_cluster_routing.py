@@ -270,6 +270,7 @@ def test_an_explicit_multiplexed_model_id_is_kept_and_not_duplicated():
     exchange = through(http_scope("/generate", headers=headers), one(NATIVE))
     assert exchange.model_ids == [b"supply_chain"] and exchange.receives_before_app == 0
     assert exchange.scope["headers"] == http_scope("/generate", headers=headers)["headers"]
+    assert routed(exchange) == b"supply_chain"  # the response still says what Ray routed by
 
 
 @pytest.mark.parametrize("method, path", [

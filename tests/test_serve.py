@@ -129,6 +129,8 @@ def test_a_bad_config_option_exits_2_naming_it_before_anything_is_opened(tmp_pat
     (["--num-replicas", "2", "--replica-gpus", "-1"], "--replica-gpus "),
     (["--num-replicas", "2", "--max-ongoing-requests", "0"], "--max-ongoing-requests "),
     (["--ray-address", "auto", "--max-models-per-replica", "0"], "--max-models-per-replica "),
+    (["--replica-gpus", "1"], "--replica-gpus: only with several replicas"),  # one process: no Ray to give them to
+    (["--replica-cpus", "2", "--max-ongoing-requests", "8"], "--replica-cpus, --max-ongoing-requests: only with"),
 ])
 def test_bad_replica_options_exit_2_before_anything_is_opened(tmp_path, args: list[str], message: str) -> None:
     registry = tmp_path / "registry.db"

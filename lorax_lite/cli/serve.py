@@ -86,6 +86,12 @@ def serve_command(
     clustered = num_replicas != 1 or ray_address is not None  # 0 or less: refused by _replica_options
     replicas = _replica_options(config, num_replicas, replica_cpus, replica_gpus, max_ongoing_requests,
                                 max_models_per_replica, ray_address) if clustered else None
+    if not clustered:
+        given = [name for name, value in (("--replica-cpus", replica_cpus), ("--replica-gpus", replica_gpus or None),
+                                          ("--max-ongoing-requests", max_ongoing_requests),
+                                          ("--max-models-per-replica", max_models_per_replica)) if value is not None]
+        if given:
+            fail(f"{', '.join(given)}: only with several replicas on Ray (--num-replicas N > 1 or --ray-address)")
     if replicas is not None and num_replicas > 1 and not registry_url.startswith(("redis://", "rediss://")):
         fail(f"--num-replicas {num_replicas} needs a registry every replica shares: --registry redis://HOST:PORT/DB "
              f"(or $LORAX_REGISTRY), not {registry_url.split('://', 1)[0]}://")
@@ -112,7 +118,7 @@ def serve_command(
     if replicas is not None:
         tenancy[0].close()  # each replica opens its own
         tenancy[1].close()
-        if ray_address is None:  # the replicas run here: a missing model fails now, not in each replica
+        if ray_address in (None, "local"):  # the replicas run here: a missing model fails now, not in each replica
             from lorax_lite.model_loader import check_model_path
 
             try:
@@ -151,7 +157,7 @@ def _replica_options(config: EngineConfig, num_replicas: int, cpus: float | None
     if importlib.util.find_spec("ray") is None:
         fail("several replicas run on Ray Serve, which is not installed: pip install 'lorax-lite[cluster]'")
     if cpus is None:  # on this machine alone, its cores are shared out; on a cluster, one CPU each
-        cpus = (os.cpu_count() or 1) / num_replicas if ray_address is None else 1.0
+        cpus = (os.cpu_count() or 1) / num_replicas if ray_address in (None, "local") else 1.0
     return ReplicaOptions(num_replicas=num_replicas, cpus=cpus, gpus=gpus,
                           max_ongoing_requests=max_ongoing_requests or config.max_num_seqs,
                           max_models_per_replica=max_models or max(config.max_cpu_loras, 1))

@@ -54,7 +54,7 @@ class ReplicaOptions:
 class ClusterOptions:
     host: str
     port: int
-    ray_address: str | None  # None: start Ray on this machine
+    ray_address: str | None  # None (or "local"): start Ray on this machine
     shutdown_timeout: float
 
 
@@ -66,7 +66,7 @@ def run_cluster(spec: ServerSpec, replicas: ReplicaOptions, cluster: ClusterOpti
 
     from lorax_lite.cluster.deployment import APP_NAME, application
 
-    started_here = cluster.ray_address is None
+    started_here = cluster.ray_address in (None, "local")  # Ray's "local": a new cluster on this machine
     if started_here:
         os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)  # inherited by Ray's processes started below
     try:

@@ -90,8 +90,12 @@ class AdapterRoutingMiddleware:
         self.base_names: set[str] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or any(name.lower() == MODEL_ID_HEADER for name, _ in scope["headers"]):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        explicit = [value for name, value in scope["headers"] if name.lower() == MODEL_ID_HEADER]
+        if explicit:  # the client steers Ray itself: left alone
+            await self.app(scope, receive, self._learning(send, explicit[0].decode("latin-1")))
             return
         path = scope["path"]
         named = adapter_from_headers(scope["headers"])
