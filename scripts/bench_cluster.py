@@ -79,6 +79,7 @@ class Setup:
     serve_args: tuple[str, ...]
     on_ray: bool
     affinity: bool
+    threads: int  # torch threads of each replica (the process's default, or --replica-cpus)
 
     def env(self) -> dict[str, str]:
         env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0",
@@ -88,18 +89,21 @@ class Setup:
         return env
 
 
+CORES = os.cpu_count() or 1
 SETUPS = (
-    Setup("single", "1 process, no Ray", 1, (), on_ray=False, affinity=False),
-    Setup("ray1", "1 replica on Ray (2 CPUs)", 1, ("--ray-address", "local", "--num-replicas", "1",
-                                                   "--replica-cpus", "2"), on_ray=True, affinity=True),
-    Setup("affinity", "2 replicas, adapter affinity", 2, ("--num-replicas", "2"), on_ray=True, affinity=True),
-    Setup("default", "2 replicas, Ray's default routing", 2, ("--num-replicas", "2"), on_ray=True, affinity=False),
+    Setup("single", "1 process, no Ray", 1, (), on_ray=False, affinity=False, threads=CORES),
+    Setup("ray1", f"1 replica on Ray ({CORES} CPUs)", 1, ("--ray-address", "local", "--num-replicas", "1",
+          "--replica-cpus", str(CORES)), on_ray=True, affinity=True, threads=CORES),
+    Setup("affinity", "2 replicas, adapter affinity", 2, ("--num-replicas", "2"), on_ray=True, affinity=True,
+          threads=max(1, CORES // 2)),
+    Setup("default", "2 replicas, Ray's default routing", 2, ("--num-replicas", "2"), on_ray=True, affinity=False,
+          threads=max(1, CORES // 2)),
 )
 
 
 def cluster_workload() -> OpenLoopWorkload:
     """16 adapters over 2 x 8 host-cache places; rates from light load to about saturation on 2 CPU cores."""
-    return OpenLoopWorkload(num_adapters=(16,), skewed_alphas=(0.3,), rates=(0.5, 1.0, 2.0), duration=10.0,
+    return OpenLoopWorkload(num_adapters=(16,), skewed_alphas=(0.3,), rates=(0.5, 1.0, 2.0), duration=12.0,
                             slo_ttft=2.0, max_loras=4, max_cpu_loras=8, max_batch=64)
 
 
@@ -338,7 +342,7 @@ def run_setup(setup: Setup, model_dir: str, redis_url: str, store: AdapterStore,
         warm_up(base, setup.num_replicas, warm_text)
         points = []
         for (n, alpha, rate), trace in traces.items():
-            points.append({"setup": setup.key, "num_adapters": n, "alpha": alpha, "rate": rate,
+            points.append({"setup": setup.key, "num_adapters": n, "alpha": alpha, "rate": rate, "cold": not points,
                            **run_point(setup, base, trace, w)})
             _print_point(points[-1])
     return {"ready_s": ready_s, "seconds": time.perf_counter() - start, "points": points}
@@ -393,6 +397,19 @@ def per_request(points: list[dict[str, Any]], key: str) -> float:
     return sum(p[key] for p in points) / requests if requests else 0.0
 
 
+def setup_points(res: dict[str, Any], key: str, alpha: float | None = None, warm: bool = False) -> list[dict[str, Any]]:
+    """A set-up's points (of one series when `alpha` is given; without its cold first point when `warm`)."""
+    return [p for p in res["points"] if p["setup"] == key and alpha in (None, p["alpha"]) and not (warm and p["cold"])]
+
+
+def busiest_share(points: list[dict[str, Any]]) -> float:
+    """The share of the requests served by the replica that served the most, over `points`."""
+    served = Counter()
+    for p in points:
+        served.update(p["replica_requests"])
+    return max(served.values()) / sum(served.values()) if served else 0.0
+
+
 def render(res: dict[str, Any]) -> str:
     tables = [_series_md(res, n, alpha) for n, alpha in res["series"]]
     return "\n".join([_header(res), _workload_md(res), _summary_md(res), *tables, _reading_md(res)])
@@ -419,7 +436,7 @@ def _workload_md(res: dict[str, Any]) -> str:
     n, slots, host = max(w["num_adapters"]), w["max_loras"], w["max_cpu_loras"]
     setups = "\n".join(f"  - **{s['key']}** ({s['label']}): `serve {' '.join(s['serve_args']) or '(no extra options)'}`"
                        + (f", {PROXY_CALLBACK_ENV}=\"\"" if s["on_ray"] and not s["affinity"] else "")
-                       for s in res["setups"])
+                       + f"; {s['threads']} torch thread(s) per replica" for s in res["setups"])
     alphas = "".join(f"; α = {a:g} ({0.1 ** a:.0%} of the requests to the first 10% of the adapters)"
                      for a in w["skewed_alphas"])
     return f"""
@@ -449,20 +466,20 @@ text), {w['output_tokens'][0]}–{w['output_tokens'][1]} greedy output tokens, `
 
 def _summary_md(res: dict[str, Any]) -> str:
     rows = []
-    for n, alpha in res["series"]:
+    for _, alpha in res["series"]:
         for s in res["setups"]:
-            points = [p for p in res["points"] if (p["setup"], p["num_adapters"], p["alpha"]) == (s["key"], n, alpha)]
-            requests = sum(p["num_requests"] for p in points)
-            rows.append(f"| {alpha:g} | {s['label']} | {requests} | {sum(p['disk_loads'] for p in points)} | "
-                        f"{per_request(points, 'disk_loads'):.2f} | {per_request(points, 'slot_loads'):.2f} | "
-                        f"{per_request(points[1:], 'disk_loads'):.2f} |")
+            points, warm = setup_points(res, s["key"], alpha), setup_points(res, s["key"], alpha, warm=True)
+            share = f"{busiest_share(points):.0%}" if s["num_replicas"] > 1 else "–"
+            rows.append(f"| {alpha:g} | {s['label']} | {sum(p['num_requests'] for p in points)} | "
+                        f"{sum(p['disk_loads'] for p in points)} | {per_request(points, 'disk_loads'):.2f} | "
+                        f"{per_request(warm, 'disk_loads'):.2f} | {per_request(points, 'slot_loads'):.2f} | {share} |")
     return f"""
-Adapter loads per request, all rates of a series together (the first column of loads includes each adapter's first
-load; the last leaves out the series' first point):
+Adapter loads per request, summed over the replicas and over every rate of a series. "Warm" leaves out each
+set-up's first point, where every adapter is loaded for the first time:
 
-| α | set-up | requests | disk loads | disk loads / request | host → slot copies / request | \
-disk loads / request after the first point |
-|---:|---|---:|---:|---:|---:|---:|
+| α | set-up | requests | disk loads | disk loads / request | disk loads / request, warm | \
+host → slot copies / request | busiest replica's share of requests |
+|---:|---|---:|---:|---:|---:|---:|---:|
 {chr(10).join(rows)}
 """
 
@@ -492,26 +509,38 @@ def _point_row(p: dict[str, Any], label: str) -> str:
 
 def _reading_md(res: dict[str, Any]) -> str:
     w, env = res["workload"], res["env"]
-    loads = {s["key"]: per_request([p for p in res["points"] if p["setup"] == s["key"]], "disk_loads")
-             for s in res["setups"]}
-    figures = ", ".join(f"{k} {v:.2f}" for k, v in loads.items())
+    keys = [s["key"] for s in res["setups"]]
+    warm = {k: per_request(setup_points(res, k, warm=True), "disk_loads") for k in keys}
+    figures = ", ".join(f"{k} {v:.2f}" for k, v in warm.items())
     return f"""
 ### Reading
 
-- **Routing.** Disk loads per request over every point ({figures}). With affinity the proxy reads the body's
-  `parameters.adapter_id` and Ray sends an adapter's requests to the replica that reported it, so the
-  {max(w['num_adapters'])} adapters split over the two replicas and each host cache of {w['max_cpu_loras']} holds its
-  share; with Ray's default routing (no middleware) every replica serves every adapter and its host cache
-  thrashes like the single engine's. Host → slot copies remain in every set-up: {w['max_loras']} device slots for
-  the adapters a replica serves.
-- **Throughput.** This machine has {env['cores']} cores: the single process and the one Ray replica use both (2 torch
-  threads); two replicas get one CPU and one torch thread each, on the same two cores. So two replicas are not
-  expected to beat one here, and the Ray set-ups pay the proxy's extra hop; the point of this run is the routing,
-  not scale-out. Replicas on separate machines (or GPUs) would each bring their own compute.
-- **Noise.** The load average went from {env['loadavg_start']} to {env['loadavg_end']}, with the client, the proxy
-  and the replicas on the same {env['cores']} cores; past saturation TTFT grows with the {w['duration']:g} s
-  arrival window.
+- **Routing.** Disk loads per request once warm, every series together: {figures}. {_routing_verdict(warm)}
+  With affinity the proxy reads the body's `parameters.adapter_id` and Ray sends an adapter's requests to a
+  replica that reported it, so the {max(w['num_adapters'])} adapters split over the two replicas ("adapters per
+  replica") and each host cache of {w['max_cpu_loras']} holds its share; with Ray's default routing every replica
+  serves nearly every adapter, and its host cache thrashes like the single engine's. Host → slot copies remain in
+  every set-up: a replica has {w['max_loras']} device slots for the adapters it serves.
+- **Balance.** Affinity pins an adapter to a replica; Ray moves its requests elsewhere only when that replica
+  holds 64 requests (`--max-ongoing-requests`) or none reported the adapter yet. Under skew the replica holding
+  the popular adapters gets more of the requests (the busiest replica's share above).
+- **Throughput.** This machine has {env['cores']} cores: the single process and the one Ray replica use both
+  ({env['cores']} torch threads); two replicas get one CPU and one torch thread each, on the same cores. So two
+  replicas are not expected to beat one here, and the Ray set-ups pay the proxy's extra hop; the point of this
+  run is the routing, not scale-out. Replicas on separate machines (or GPUs) would each bring their own compute.
+- **Noise.** The load average went from {env['loadavg_start']} to {env['loadavg_end']}, with the client, Redis, the
+  proxy and the replicas on the same {env['cores']} cores; past saturation TTFT grows with the
+  {w['duration']:g} s arrival window.
 """
+
+
+def _routing_verdict(warm: dict[str, float]) -> str:
+    if "affinity" not in warm or "default" not in warm:
+        return ""
+    if warm["affinity"] < warm["default"]:
+        ratio = f"{warm['default'] / warm['affinity']:.1f}× fewer" if warm["affinity"] else "none"
+        return f"Affinity routing: {ratio} disk loads than Ray's default routing over the same two replicas."
+    return "**Affinity routing did not reduce disk loads here** (see the per-point tables)."
 
 
 # ---------------------------------------------------------------- main
@@ -519,7 +548,7 @@ def _reading_md(res: dict[str, Any]) -> str:
 
 def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rates", type=float, nargs="+", help="arrival rates in req/s (default 0.5 1 2)")
-    p.add_argument("--duration", type=float, help="seconds of arrivals per point (default 10)")
+    p.add_argument("--duration", type=float, help="seconds of arrivals per point (default 12)")
     p.add_argument("--skewed-alphas", type=float, nargs="*", help="power-law alphas besides 1 (default 0.3)")
     p.add_argument("--setups", nargs="+", choices=[s.key for s in SETUPS], help="set-ups to run (default all)")
 
