@@ -397,9 +397,23 @@ def per_request(points: list[dict[str, Any]], key: str) -> float:
     return sum(p[key] for p in points) / requests if requests else 0.0
 
 
-def setup_points(res: dict[str, Any], key: str, alpha: float | None = None, warm: bool = False) -> list[dict[str, Any]]:
-    """A set-up's points (of one series when `alpha` is given; without its cold first point when `warm`)."""
-    return [p for p in res["points"] if p["setup"] == key and alpha in (None, p["alpha"]) and not (warm and p["cold"])]
+def setup_points(res: dict[str, Any], key: str, alpha: float | None = None) -> list[dict[str, Any]]:
+    """A set-up's points in run order (of one series when `alpha` is given)."""
+    return [p for p in res["points"] if p["setup"] == key and alpha in (None, p["alpha"])]
+
+
+def add_first_loads(res: dict[str, Any]) -> None:
+    """Each point's `first_loads`: the adapters it used that no earlier point of its set-up used. Each needs one disk
+    load somewhere however requests are routed; the other disk loads are re-loads."""
+    seen: dict[str, set[str]] = {}
+    for p in res["points"]:
+        used, before = {r[4] for r in p["requests"]}, seen.setdefault(p["setup"], set())
+        p["first_loads"] = len(used - before)
+        before |= used
+
+
+def reloads(points: list[dict[str, Any]]) -> int:
+    return sum(p["disk_loads"] - p["first_loads"] for p in points)
 
 
 def busiest_share(points: list[dict[str, Any]]) -> float:
@@ -468,18 +482,20 @@ def _summary_md(res: dict[str, Any]) -> str:
     rows = []
     for _, alpha in res["series"]:
         for s in res["setups"]:
-            points, warm = setup_points(res, s["key"], alpha), setup_points(res, s["key"], alpha, warm=True)
+            points = setup_points(res, s["key"], alpha)
+            requests, again = sum(p["num_requests"] for p in points), reloads(points)
             share = f"{busiest_share(points):.0%}" if s["num_replicas"] > 1 else "–"
-            rows.append(f"| {alpha:g} | {s['label']} | {sum(p['num_requests'] for p in points)} | "
-                        f"{sum(p['disk_loads'] for p in points)} | {per_request(points, 'disk_loads'):.2f} | "
-                        f"{per_request(warm, 'disk_loads'):.2f} | {per_request(points, 'slot_loads'):.2f} | {share} |")
+            rows.append(f"| {alpha:g} | {s['label']} | {requests} | {sum(p['disk_loads'] for p in points)} | "
+                        f"{per_request(points, 'disk_loads'):.2f} | {again} | {again / requests:.2f} | "
+                        f"{per_request(points, 'slot_loads'):.2f} | {share} |")
     return f"""
-Adapter loads per request, summed over the replicas and over every rate of a series. "Warm" leaves out each
-set-up's first point, where every adapter is loaded for the first time:
+Adapter loads, summed over the replicas and over every rate of a series. A re-load is a disk load beyond each
+adapter's first in the set-up's run (the first is needed however requests are routed; the series run one after
+the other on the same server, so α = 0.3 starts with the adapters of α = 1 in memory):
 
-| α | set-up | requests | disk loads | disk loads / request | disk loads / request, warm | \
+| α | set-up | requests | disk loads | disk loads / request | re-loads from disk | re-loads / request | \
 host → slot copies / request | busiest replica's share of requests |
-|---:|---|---:|---:|---:|---:|---:|---:|
+|---:|---|---:|---:|---:|---:|---:|---:|---:|
 {chr(10).join(rows)}
 """
 
@@ -509,38 +525,74 @@ def _point_row(p: dict[str, Any], label: str) -> str:
 
 def _reading_md(res: dict[str, Any]) -> str:
     w, env = res["workload"], res["env"]
-    keys = [s["key"] for s in res["setups"]]
-    warm = {k: per_request(setup_points(res, k, warm=True), "disk_loads") for k in keys}
-    figures = ", ".join(f"{k} {v:.2f}" for k, v in warm.items())
-    return f"""
-### Reading
-
-- **Routing.** Disk loads per request once warm, every series together: {figures}. {_routing_verdict(warm)}
-  With affinity the proxy reads the body's `parameters.adapter_id` and Ray sends an adapter's requests to a
-  replica that reported it, so the {max(w['num_adapters'])} adapters split over the two replicas ("adapters per
-  replica") and each host cache of {w['max_cpu_loras']} holds its share; with Ray's default routing every replica
-  serves nearly every adapter, and its host cache thrashes like the single engine's. Host → slot copies remain in
-  every set-up: a replica has {w['max_loras']} device slots for the adapters it serves.
-- **Balance.** Affinity pins an adapter to a replica; Ray moves its requests elsewhere only when that replica
-  holds 64 requests (`--max-ongoing-requests`) or none reported the adapter yet. Under skew the replica holding
-  the popular adapters gets more of the requests (the busiest replica's share above).
-- **Throughput.** This machine has {env['cores']} cores: the single process and the one Ray replica use both
-  ({env['cores']} torch threads); two replicas get one CPU and one torch thread each, on the same cores. So two
-  replicas are not expected to beat one here, and the Ray set-ups pay the proxy's extra hop; the point of this
-  run is the routing, not scale-out. Replicas on separate machines (or GPUs) would each bring their own compute.
+    return "\n".join(["", "### Reading", "", _routing_md(res), _balance_md(res), _throughput_md(res), f"""\
 - **Noise.** The load average went from {env['loadavg_start']} to {env['loadavg_end']}, with the client, Redis, the
-  proxy and the replicas on the same {env['cores']} cores; past saturation TTFT grows with the
-  {w['duration']:g} s arrival window.
-"""
+  proxy and the replicas on the same {env['cores']} cores{_busy_note(env)}; past saturation TTFT grows with the
+  {w['duration']:g} s arrival window. One run per point, so single points are noisy; the load counts are the
+  steadier figures.
+"""])
 
 
-def _routing_verdict(warm: dict[str, float]) -> str:
-    if "affinity" not in warm or "default" not in warm:
-        return ""
-    if warm["affinity"] < warm["default"]:
-        ratio = f"{warm['default'] / warm['affinity']:.1f}× fewer" if warm["affinity"] else "none"
-        return f"Affinity routing: {ratio} disk loads than Ray's default routing over the same two replicas."
-    return "**Affinity routing did not reduce disk loads here** (see the per-point tables)."
+def _routing_md(res: dict[str, Any]) -> str:
+    w = res["workload"]
+    runs = {s["key"]: setup_points(res, s["key"]) for s in res["setups"]}
+    totals = {k: (sum(p["disk_loads"] for p in points), reloads(points), sum(p["first_loads"] for p in points))
+              for k, points in runs.items()}
+    figures = "; ".join(f"{k} {d} disk loads, {r} of them re-loads, for {f} adapters used" for k, (d, r, f)
+                        in totals.items())
+    verdict = ""
+    if "affinity" in totals and "default" in totals:
+        verdict = (" Affinity cut the re-loads from disk." if totals["affinity"][1] < totals["default"][1] else
+                   " **Affinity routing did not reduce the re-loads from disk here** (see the per-point tables).")
+    return f"""\
+- **Routing.** The whole run of each set-up: {figures}.{verdict} With affinity the proxy reads the body's
+  `parameters.adapter_id` and Ray sends an adapter's requests to the replica that reported it, so the
+  {max(w['num_adapters'])} adapters split over the two replicas (the "adapters per replica" of a point add up to the
+  adapters it used) and each host cache of {w['max_cpu_loras']} holds its share; with Ray's default routing both
+  replicas serve the same adapters and their host caches thrash like the single engine's. Host → slot copies remain
+  in every set-up: a replica has {w['max_loras']} device slots for the adapters it serves."""
+
+
+def _balance_md(res: dict[str, Any]) -> str:
+    top, skewed = max(res["workload"]["rates"]), [a for _, a in res["series"] if a != 1]
+    at = {(p["setup"], p["alpha"]): p for p in res["points"] if p["rate"] == top}
+    lines = [f"α = {a:g} at {top:g} req/s: the busiest replica served {busiest_share([at[(k, a)]]):.0%} of the "
+             f"requests with affinity ({_split(at[(k, a)])}), TTFT p50 {at[(k, a)]['ttft_p50']:.2f} s vs "
+             f"{at[('default', a)]['ttft_p50']:.2f} s with default routing ({_split(at[('default', a)])})"
+             for a in skewed for k in ("affinity",) if (k, a) in at and ("default", a) in at]
+    figures = (": " + "; ".join(lines)) if lines else ""
+    return f"""\
+- **Balance.** Affinity pins an adapter to a replica; Ray sends its requests elsewhere only when that replica
+  holds 64 requests (`--max-ongoing-requests`) or no replica reported the adapter yet. Under skew the replica
+  holding the popular adapters gets most of the requests and queues while the other idles{figures}. That is the
+  price of affinity on a skewed load: `--max-ongoing-requests` lower than `--max-num-seqs` makes Ray spill sooner
+  (and load the adapter on the other replica too)."""
+
+
+def _throughput_md(res: dict[str, Any]) -> str:
+    env, w = res["env"], res["workload"]
+    top = max(w["rates"])
+    at = {(p["setup"], p["alpha"]): p for p in res["points"] if p["rate"] == top}
+    lines = "; ".join(f"α = {a:g}: " + ", ".join(f"{k} {at[(k, a)]['req_s']:.2f}" for k in
+                                                 [s["key"] for s in res["setups"]] if (k, a) in at)
+                      for _, a in res["series"])
+    return f"""\
+- **Throughput.** This machine has {env['cores']} cores: the single process and the one Ray replica use both
+  ({env['cores']} torch threads); two replicas get one CPU and one torch thread each, on the same cores, so two
+  replicas bring no compute here (the point of this run is the routing, not scale-out). Completed requests/s at
+  {top:g} req/s offered: {lines}. Where two replicas did better, one reason is that a batch holds at most
+  {w['max_loras']} distinct adapters (`--max-loras`) per engine, so two engines run twice as many adapters at once
+  when requests spread over many adapters (uniform) and about as many as one when few adapters take most of them
+  (α = 0.3); another is that one 1-thread
+  process per core suffers less from other load on the machine than one process with 2 threads."""
+
+
+def _busy_note(env: dict[str, Any]) -> str:
+    loads = [float(v.split()[0]) for v in (env["loadavg_start"], env["loadavg_end"]) if v != "unknown"]
+    if loads and max(loads) > 3:
+        return (f"; **other jobs ran on the machine during this run** (1-minute load average up to {max(loads):g}"
+                f" on {env['cores']} cores), which disturbs the times")
+    return ""
 
 
 # ---------------------------------------------------------------- main
@@ -581,6 +633,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         res = run_all(str(Path(args.model).resolve()), w, setups, Path(workdir))
     res.update(workload=asdict(w), series=w.series(), env=env | {"loadavg_end": _loadavg()}, quick=args.quick,
                json_path=args.json, ray_version=ray.__version__, total_seconds=time.perf_counter() - start)
+    add_first_loads(res)
     write(Path(args.json), json.dumps(res, indent=2, default=str))
     write_section(repo_path(args.output), section_name("cluster", args.device), render(res))
     print(f"wrote {args.output} and {args.json} in {res['total_seconds']:.0f} s")
