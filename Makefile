@@ -74,6 +74,7 @@ bench: fetch-model
 	$(PY) scripts/bench_workload.py --model $(MODEL_DIR)
 	$(PY) scripts/bench_server.py --model $(MODEL_DIR)
 	$(PY) scripts/bench_quant.py --model $(MODEL_DIR)
+	$(PY) scripts/bench_cluster.py --model $(MODEL_DIR)
 
 clean:
 	rm -rf $(VENV) $(CLIENTS_VENV) $(COMPOSE_VENV) build *.egg-info

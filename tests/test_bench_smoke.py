@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,3 +74,30 @@ def test_bench_quant_quick_on_the_tiny_model(tiny_llama_dir, tmp_path):
     assert ppl["footprint_bytes"]["int8"] > ppl["footprint_bytes"]["int8_fp32_head"]  # an int8 head beside the embedding
     report = out_md.read_text()
     assert report.count("<!-- section:quant -->") == 1 and "not measured (--quick)" in report
+
+
+@pytest.mark.slow
+def test_bench_cluster_quick_two_replicas_with_and_without_affinity(default_model_dir, tmp_path):
+    """bench_cluster.py end to end on real servers (Redis, `serve --num-replicas 2` on Ray): the proxy routes by
+    adapter, or not at all with the middleware turned off (the script checks `x-lorax-routed-adapter` on every
+    response), and the loads are read from both replicas' /metrics."""
+    pytest.importorskip("ray", reason="Ray Serve is the optional extra `lorax-lite[cluster]` (make install has it)")
+    if shutil.which("redis-server") is None:
+        if os.environ.get("LORAX_REQUIRE_REDIS") == "1":
+            pytest.fail("redis-server is not installed (`make install` installs it with apt-get)")
+        pytest.skip("redis-server is not installed")
+    out_md, out_json = tmp_path / "bench.md", tmp_path / "cluster.json"
+    cmd = [sys.executable, str(REPO_ROOT / "scripts" / "bench_cluster.py"), "--quick", "--device", "cpu",
+           "--model", str(default_model_dir), "--output", str(out_md), "--json", str(out_json),
+           "--setups", "affinity", "default"]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    res = json.loads(out_json.read_text())
+    assert [p["setup"] for p in res["points"]] == ["affinity", "default"]
+    for p in res["points"]:
+        assert p["completed"] == p["num_requests"] > 0
+        assert len(p["per_replica_counters"]) == 2  # /metrics of both replicas
+        assert sum(p["replica_requests"].values()) == p["num_requests"]
+        assert p["disk_loads"] >= len({r[4] for r in p["requests"]})  # started cold: each adapter read from disk
+    report = out_md.read_text()
+    assert report.count("<!-- section:cluster -->") == 1 and "adapter-affinity routing" in report
