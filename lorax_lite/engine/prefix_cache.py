@@ -1,11 +1,13 @@
 """Prefix caching: full KV blocks found again by the hash of everything before and in them, under a salt.
 
 Block `i` of a sequence is named by `hash(i) = sha256(hash(i - 1) || salt || its tokens)`: a chain, so
-a hash names the whole prefix up to the end of its block, not just the block's own tokens. The salt
+a hash names the whole prefix up to the end of its block, not just the block's own tokens (block 0's
+parent is 32 zero bytes). The salt
 is the request's adapter key (`id@version`, `id#n`; none for the base model) and its `cache_salt`
 (a tenant, say): K/V computed under one adapter version, or for one tenant, is never found by a
-request under another. sha256 over a fixed-width encoding makes a collision (two different prefixes,
-one hash, and a request silently attending another's K/V) as unlikely as sha256 being broken.
+request under another. The encoding is injective (a 32-byte parent, a JSON salt, which ends where its
+closing bracket does, then 8 bytes per token), so a collision (two different prefixes, one hash, and a
+request silently attending another's K/V) takes a sha256 collision.
 
 `PrefixCache` maps hashes to the blocks that hold them and keeps the cached blocks that no sequence
 uses in LRU order, for the BlockManager to evict when it runs out of free blocks.
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from lorax_lite.invariants import require
 
 BlockHash = bytes
+_NO_PARENT = bytes(32)  # the parent of block 0: every hashed message starts with 32 bytes
 
 
 def prefix_salt(adapter_key: str | None, cache_salt: str | None) -> bytes:
@@ -37,7 +40,7 @@ def hash_blocks(parent: BlockHash | None, token_ids: list[int], block_size: int,
     width = 8 * block_size
     hashes = []
     for i in range(num_blocks):
-        parent = hashlib.sha256((parent or b"") + salt + data[i * width : (i + 1) * width]).digest()
+        parent = hashlib.sha256((parent or _NO_PARENT) + salt + data[i * width : (i + 1) * width]).digest()
         hashes.append(parent)
     return hashes
 
