@@ -44,7 +44,8 @@ class EngineConfig:
     overhead), each of rank up to `max_lora_rank`; `max_cpu_loras` more are cached in host memory.
     `num_kv_blocks` fixes the size of the paged KV cache; when it is None the cache gets as many
     blocks as fit in `kv_cache_memory_gb`. `max_model_len` None means the model's context length,
-    capped so that one sequence of that length fits in the KV cache.
+    capped so that one sequence of that length fits in the KV cache. `enable_prefix_caching` keeps full
+    KV blocks after their request finishes, found again by a later request with the same prefix.
     """
 
     model: str = field(default_factory=default_model, metadata={
@@ -60,6 +61,9 @@ class EngineConfig:
     num_kv_blocks: int | None = field(default=None, metadata={
         "help": "Size of the paged KV cache in blocks (default: as many as fit in its memory)."})
     kv_cache_memory_gb: float = field(default=1.0, metadata={"help": "Memory for the paged KV cache."})
+    enable_prefix_caching: bool = field(default=True, metadata={
+        "help": "Reuse the KV blocks of a prompt prefix computed before under the same adapter version (and "
+                "cache salt), instead of computing them again."})
     max_model_len: int | None = field(default=None, metadata={
         "help": "Longest prompt + output (default: the model's)."})
     max_loras: int = field(default=8, metadata={"help": "Adapters in device slots at once."})
@@ -82,6 +86,8 @@ class EngineConfig:
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1 (or unset to size it from kv_cache_memory_gb), "
                              f"got {self.num_kv_blocks}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be true or false, got {self.enable_prefix_caching!r}")
         if not self.kv_cache_memory_gb > 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
         _check_positive(self, "max_lora_rank", "max_cpu_loras")

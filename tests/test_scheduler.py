@@ -10,8 +10,9 @@ def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_
     return Scheduler(bm, max_num_seqs, max_num_batched_tokens, max_seq_len, eos_token_ids={0})
 
 
-def make_request(rid, prompt_len, max_tokens=8, **params):
-    return Request(rid, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens, temperature=0, **params))
+def make_request(rid, prompt_len, max_tokens=8, first_token=1, **params):
+    prompt = list(range(first_token, first_token + prompt_len))
+    return Request(rid, prompt, SamplingParams(max_tokens=max_tokens, temperature=0, **params))
 
 
 def run_step(sched, token=7):
@@ -37,7 +38,7 @@ def test_long_prompt_is_chunked_and_decodes_go_first():
     sched = make_scheduler(max_num_batched_tokens=16)
     sched.add(make_request("short", 4, max_tokens=50))
     run_step(sched)  # short prefilled, has one token
-    sched.add(make_request("long", 40))
+    sched.add(make_request("long", 40, first_token=100))  # no prefix in common with "short": nothing cached
     chunks = []
     while True:
         batch = run_step(sched)

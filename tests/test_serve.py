@@ -91,6 +91,9 @@ def test_serve_help_lists_each_config_field_with_its_default_and_help(serve_help
     assert field.metadata["help"] in lines[0]
     if field.default is None:  # no default shown; the help says what happens
         assert "[default:" not in lines[0]
+    elif isinstance(field.default, bool):  # a switch: `--x/--no-x`, its default shown as the flag that is on
+        assert f"--no-{option[2:]}" in lines[0].split()
+        assert f"[default: {option[2:] if field.default else 'no-' + option[2:]}]" in lines[0]
     else:
         assert f"[default: {field.default}]" in lines[0]
 

@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM
 
 from lora_helpers import AdapterSpec, make_peft_adapter
 from lorax_lite import LLM, AsyncLLM, SamplingParams
-from lorax_lite.engine.stats import AdapterCacheSnapshot, EngineSnapshot, EngineStats
+from lorax_lite.engine.prefix_cache import PrefixCacheStats
+from lorax_lite.engine.stats import AdapterCacheSnapshot, EngineSnapshot, EngineStats, PrefixCacheSnapshot
 from lorax_lite.lora.manager import AdapterCacheStats
 from lorax_lite.registry import admin
 from lorax_lite.registry.sqlite import SQLiteRegistry
@@ -302,7 +303,8 @@ def snapshot(num_waiting: int, num_running: int, waiting: tuple[str, ...], runni
     cache = None if slot_keys is None else AdapterCacheSnapshot([], slot_keys, [], AdapterCacheStats())
     return EngineSnapshot(num_waiting=num_waiting, num_running=num_running, waiting_adapters=waiting,
                           running_adapters=running, num_kv_blocks_used=3, num_kv_blocks=12, num_preemptions=0,
-                          stats=EngineStats(), adapter_cache=cache)
+                          stats=EngineStats(), adapter_cache=cache,
+                          prefix_cache=PrefixCacheSnapshot(True, 0, PrefixCacheStats()))
 
 
 @pytest.mark.parametrize("snap, max_lora, running, waiting", [

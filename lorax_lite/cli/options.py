@@ -38,7 +38,10 @@ def config_options(config: type, names: Iterable[str] | None = None) -> list[ins
 def _parameter(field: Field, annotation: Any) -> inspect.Parameter:
     if field.default is MISSING:
         raise TypeError(f"{field.name} has no plain default, so it cannot be a command-line option")
-    option = typer.Option(field.default, option_name(field.name), help=field.metadata["help"])
+    name = option_name(field.name)
+    if annotation is bool:  # a switch: `--enable-x` / `--no-enable-x`
+        name = f"{name}/--no-{name[2:]}"
+    option = typer.Option(field.default, name, help=field.metadata["help"])
     return inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
 
 

@@ -25,7 +25,13 @@ from lorax_lite.config import EngineConfig
 from lorax_lite.engine.catalog import ResolvedAdapter
 from lorax_lite.engine.engine import LLMEngine, Prompt
 from lorax_lite.engine.request import OutputKind, Request, RequestOutput, SamplingParams, deadline_after
-from lorax_lite.engine.stats import BATCH_SIZE_BUCKETS, AdapterCacheSnapshot, EngineSnapshot, EngineStats
+from lorax_lite.engine.stats import (
+    BATCH_SIZE_BUCKETS,
+    AdapterCacheSnapshot,
+    EngineSnapshot,
+    EngineStats,
+    PrefixCacheSnapshot,
+)
 from lorax_lite.lora.naming import check_adapter_id
 from lorax_lite.lora.weights import LoRAWeights
 from lorax_lite.quantize import QuantizationReport
@@ -163,12 +169,14 @@ class AsyncLLM:
         adapter: ResolvedAdapter | None = None,
         output_kind: OutputKind = OutputKind.CUMULATIVE,
         timeout: float | None = None,
+        cache_salt: str | None = None,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Stream one request. Bad input raises ValueError (an unknown adapter: AdapterNotFoundError); leaving
         the loop early aborts the request. The adapter is `adapter_id` (resolved here, in a worker thread) or
         an `adapter` already resolved with `resolve_adapter`; neither means the base model. `timeout`: seconds
         from this call after which the request ends with finish_reason "timeout" and what it generated so
-        far, waiting or running (> 0 and finite; None: no deadline)."""
+        far, waiting or running (> 0 and finite; None: no deadline). `cache_salt`: prefix-cached K/V is shared
+        only between requests with the same salt (a tenant, say) and adapter version."""
         if not self.is_running:
             raise EngineDeadError(f"the engine is not running: {self._error or 'shut down'}")
         if adapter_id is not None and adapter is not None:
@@ -177,7 +185,7 @@ class AsyncLLM:
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         if request_id is not None:
             self._claim(request_id, stream)  # the id is taken from now on, across the worker-thread hop
-        args = (prompt, sampling_params, request_id, adapter_id, adapter, prompt_text, output_kind)
+        args = (prompt, sampling_params, request_id, adapter_id, adapter, prompt_text, output_kind, cache_salt)
         try:
             if isinstance(prompt, str) or adapter_id is not None:  # tokenizer or registry work: off the event loop
                 request = await asyncio.to_thread(self._make_request, *args)
@@ -205,10 +213,11 @@ class AsyncLLM:
 
     def _make_request(self, prompt: Prompt, sampling_params: SamplingParams | None, request_id: str | None,
                       adapter_id: str | None, adapter: ResolvedAdapter | None, prompt_text: str | None,
-                      output_kind: OutputKind) -> Request:
+                      output_kind: OutputKind, cache_salt: str | None) -> Request:
         if adapter_id is not None:
             adapter = self.engine.resolve_adapter(adapter_id)
-        return self.engine.make_request(prompt, sampling_params, request_id, adapter, prompt_text, output_kind)
+        return self.engine.make_request(prompt, sampling_params, request_id, adapter, prompt_text, output_kind,
+                                        cache_salt=cache_salt)
 
     def _claim(self, request_id: str, stream: _Stream) -> None:
         if request_id in self._streams:
@@ -334,5 +343,5 @@ class AsyncLLM:
 # The server's one door into the engine: AsyncLLM and the types its reads return.
 __all__ = [
     "BATCH_SIZE_BUCKETS", "AdapterCacheSnapshot", "AsyncLLM", "EngineDeadError", "EngineSnapshot", "EngineStats",
-    "OutputKind", "RegistryHealth", "RegistryUnavailableError", "ResolvedAdapter",
+    "OutputKind", "PrefixCacheSnapshot", "RegistryHealth", "RegistryUnavailableError", "ResolvedAdapter",
 ]

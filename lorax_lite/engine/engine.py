@@ -22,7 +22,7 @@ from lorax_lite.engine.output import OutputProcessor
 from lorax_lite.engine.request import FinishReason, OutputKind, Request, RequestOutput, SamplingParams
 from lorax_lite.engine.runner import ModelRunner, StepOutput
 from lorax_lite.engine.scheduler import ScheduledBatch, Scheduler
-from lorax_lite.engine.stats import AdapterCacheSnapshot, EngineSnapshot, EngineStats
+from lorax_lite.engine.stats import AdapterCacheSnapshot, EngineSnapshot, EngineStats, PrefixCacheSnapshot
 from lorax_lite.invariants import debug_invariants
 from lorax_lite.lora.errors import AdapterNotFoundError
 from lorax_lite.lora.layers import LoRALayers
@@ -68,7 +68,7 @@ class LLMEngine:
         plan = plan_kv_cache(config, ModelShape.of(model), self.dtype)
         self.max_seq_len = plan.max_seq_len  # the longest prompt + output served (see max_model_len)
         self.runner = ModelRunner(model, plan.num_blocks, config.block_size, self.lora_layers)
-        self.block_manager = BlockManager(plan.num_blocks, config.block_size)
+        self.block_manager = BlockManager(plan.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.block_manager,
             max_num_seqs=config.max_num_seqs,
@@ -172,10 +172,12 @@ class LLMEngine:
         request_id: str | None = None,
         adapter_id: str | None = None,
         timeout: float | None = None,
+        cache_salt: str | None = None,
     ) -> Request:
         """Validate and queue one request; bad input raises ValueError and changes nothing."""
         adapter = self.resolve_adapter(adapter_id) if adapter_id is not None else None
-        request = self.make_request(prompt, sampling_params, request_id, adapter, timeout=timeout)
+        request = self.make_request(prompt, sampling_params, request_id, adapter, timeout=timeout,
+                                    cache_salt=cache_salt)
         self.add(request)
         return request
 
@@ -188,12 +190,15 @@ class LLMEngine:
         prompt_text: str | None = None,
         output_kind: OutputKind = OutputKind.CUMULATIVE,
         timeout: float | None = None,
+        cache_salt: str | None = None,
     ) -> Request:
         """Build a validated Request without queueing it (AsyncLLM builds requests outside the engine thread).
 
         `prompt` is text (tokenized here) or token ids; `prompt_text` names token ids' text in outputs.
         `timeout`: seconds from now after which the request finishes with finish_reason "timeout" (at the
         next step, waiting or running, with what it generated so far); must be > 0 and finite; None: none.
+        `cache_salt`: the request shares prefix-cached K/V only with requests of the same salt (e.g. its tenant)
+        and adapter version; a non-empty string, or None.
         """
         params = sampling_params or SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -207,7 +212,7 @@ class LLMEngine:
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         request = Request(request_id, token_ids, params, prompt=text or prompt_text, adapter=adapter,
-                          output_kind=output_kind, timeout=timeout)
+                          output_kind=output_kind, timeout=timeout, cache_salt=cache_salt)
         if not params.is_greedy:
             request.seed = params.seed if params.seed is not None else random.getrandbits(63)
             request.generator = torch.Generator().manual_seed(request.seed)
@@ -317,6 +322,9 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             stats=self.stats.copy(),
             adapter_cache=adapter_cache,
+            prefix_cache=PrefixCacheSnapshot(self.block_manager.prefix_cache is not None,
+                                             self.block_manager.num_cached_blocks,
+                                             dataclasses.replace(self.scheduler.prefix_cache_stats)),
         )
 
     def check_invariants(self, idle: bool = False) -> None:

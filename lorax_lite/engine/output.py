@@ -96,6 +96,7 @@ class OutputProcessor:
             exception=req.exception,
             logprobs=logprobs,
             seed=req.seed,
+            num_cached_tokens=req.num_cached_tokens or 0,
         )
 
 

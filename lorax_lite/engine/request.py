@@ -173,6 +173,7 @@ class RequestOutput:
     exception: Exception | None = field(default=None, repr=False, compare=False)  # what failed it, e.g. an AdapterError
     logprobs: list[float] = field(default_factory=list, repr=False)  # of each token in token_ids (see Sampler)
     seed: int | None = None  # the seed sampling used (drawn when the request gave none); None when greedy
+    num_cached_tokens: int = 0  # prompt tokens whose K/V the prefix cache held when it was first scheduled
 
 
 class Request:
@@ -192,10 +193,16 @@ class Request:
         arrival_time: float | None = None,
         output_kind: OutputKind = OutputKind.CUMULATIVE,
         timeout: float | None = None,
+        cache_salt: str | None = None,
     ) -> None:
         """`timeout`: seconds from now (its arrival) after which the scheduler finishes it with
-        FinishReason.TIMEOUT, waiting or running; None for no deadline. ValueError unless it is > 0 and finite."""
+        FinishReason.TIMEOUT, waiting or running; None for no deadline. ValueError unless it is > 0 and finite.
+        `cache_salt`: K/V it computes is found in the prefix cache only by requests with the same salt (and
+        adapter version); a tenant's name, say. ValueError unless it is a non-empty string or None."""
         self.deadline = deadline_after(timeout)  # time.monotonic() past which it is finished; None: never
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise ValueError(f"cache_salt must be a non-empty string or None, got {cache_salt!r}")
+        self.cache_salt = cache_salt
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
@@ -214,6 +221,8 @@ class Request:
         self.generator: torch.Generator | None = None  # set by the engine for sampled requests
         self.num_preemptions = 0
         self.seed: int | None = sampling_params.seed  # the seed actually used (drawn when None)
+        self.block_hashes: list[bytes] = []  # prefix-cache hashes of its full blocks so far (engine/prefix_cache.py)
+        self.num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at its first admission
 
     @property
     def adapter_id(self) -> str | None:

@@ -15,6 +15,14 @@ When every slot is busy, the oldest request waiting for a slot gets one reserved
 `AdapterManager.reserve`), so a hot adapter cannot starve cold ones. A request whose adapter fails
 to load finishes with that error; nothing else is affected.
 
+Prefix caching (when the block manager has a PrefixCache): a request is admitted with the cached
+blocks of its longest cached prefix, its computed tokens set past them, and only the rest is
+prefilled; at least its last token is always computed, for the logits. A step whose sampled logits
+were finite vouches for every K/V its request has written so far (the sampled token attended them
+all), so the full blocks among them are offered to the cache then (`_cache_computed`). A request
+that leaves unvouched (failed, aborted, timed out or preempted) clears only its uncached blocks:
+the cached ones were vouched already, and may be shared.
+
 Deadlines: each step first finishes the requests whose deadline has passed (`Request.deadline`),
 waiting or running, with FinishReason.TIMEOUT; their blocks and slot references are freed at once.
 
@@ -32,6 +40,7 @@ from dataclasses import dataclass, field
 
 from lorax_lite.engine.catalog import ResolvedAdapter
 from lorax_lite.engine.kv_cache import BlockManager
+from lorax_lite.engine.prefix_cache import BlockHash, PrefixCacheStats, hash_blocks, prefix_salt
 from lorax_lite.engine.request import FinishReason, Request, RequestStatus
 from lorax_lite.invariants import require
 from lorax_lite.lora.manager import AdapterManager
@@ -101,6 +110,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last is the newest
         self.num_preemptions = 0
+        self.prefix_cache_stats = PrefixCacheStats()
         self._preempted_this_step = False
 
     def add(self, request: Request) -> None:
@@ -209,10 +219,12 @@ class Scheduler:
                     blocked_on_slot = adapter.adapter_key
                 ahead.add(adapter.adapter_key)
                 continue  # no head-of-line blocking: later requests for ready adapters go ahead
-            n = min(req.num_uncomputed_tokens, budget)
-            if not self.block_manager.can_allocate(n):
+            cached = self._cached_prefix(req)
+            num_cached_tokens = len(cached) * self.block_manager.block_size
+            n = min(req.num_tokens - num_cached_tokens, budget)
+            if not self.block_manager.can_allocate(num_cached_tokens + n, cached):
                 break  # first come, first served for KV memory: nobody overtakes this request
-            self._admit(batch, req, n)
+            self._admit(batch, req, n, cached)
             budget -= n
         if self.adapter_manager is not None:
             waiting = {r.adapter_key for r in self.waiting if r.adapter_key is not None}
@@ -233,9 +245,40 @@ class Scheduler:
             raise RuntimeError("a request has an adapter but this scheduler has no adapter manager (LoRA is off)")
         return self.adapter_manager
 
-    def _admit(self, batch: ScheduledBatch, req: Request, n: int) -> None:
+    def _cached_prefix(self, req: Request) -> list[int]:
+        """The cached blocks of its longest cached prefix, short of its last token (which must be computed)."""
+        if self.block_manager.prefix_cache is None:
+            return []
+        hashes = self._block_hashes(req, req.num_tokens)
+        return self.block_manager.find_cached(hashes[: (req.num_tokens - 1) // self.block_manager.block_size])
+
+    def _block_hashes(self, req: Request, num_tokens: int) -> list[BlockHash]:
+        """Its block hashes, extended to cover the full blocks of its first `num_tokens` tokens (at least)."""
+        block_size, hashes = self.block_manager.block_size, req.block_hashes
+        if len(hashes) < num_tokens // block_size:
+            start = len(hashes) * block_size
+            salt = prefix_salt(req.adapter_key, req.cache_salt)
+            hashes += hash_blocks(hashes[-1] if hashes else None, req.token_ids_slice(start, num_tokens), block_size,
+                                  salt)
+        return hashes
+
+    def _cache_computed(self, req: Request) -> None:
+        """Offer its fully computed blocks to the prefix cache: this step sampled from finite logits, which
+        vouches for them."""
+        if self.block_manager.prefix_cache is None:
+            return
+        num_blocks = req.num_computed_tokens // self.block_manager.block_size
+        self.block_manager.cache_blocks(req.request_id, self._block_hashes(req, req.num_computed_tokens), num_blocks)
+
+    def _admit(self, batch: ScheduledBatch, req: Request, n: int, cached: list[int]) -> None:
         self.waiting.remove(req)
-        self.block_manager.allocate(req.request_id, n)
+        num_cached_tokens = len(cached) * self.block_manager.block_size
+        self.block_manager.allocate(req.request_id, num_cached_tokens + n, cached)
+        req.num_computed_tokens = num_cached_tokens
+        if req.num_cached_tokens is None:
+            req.num_cached_tokens = num_cached_tokens
+        if self.block_manager.prefix_cache is not None:
+            self.prefix_cache_stats.observe(req.num_tokens, num_cached_tokens)
         if req.adapter_key is not None:
             req.lora_slot = self._manager().acquire(req.adapter_key)
         req.status = RequestStatus.RUNNING
@@ -273,6 +316,7 @@ class Scheduler:
             samples = batch.samples(i)
             req.num_computed_tokens += batch.num_new_tokens[i]
             if samples:
+                self._cache_computed(req)
                 self._append_token(req, *next(sampling))
                 updated.append(req)
         return updated
@@ -307,8 +351,9 @@ class Scheduler:
 
     def _free(self, req: Request, vouched: bool) -> None:
         """Give back its blocks and its adapter slot reference. `vouched`: its last step sampled from finite
-        logits, which attended every K/V it wrote, so they are finite; otherwise they are cleared first."""
-        if not vouched and self.clear_blocks is not None and self.block_manager.has(req.request_id):
-            self.clear_blocks(self.block_manager.block_table(req.request_id))
+        logits, which attended every K/V it wrote, so they are finite; otherwise its blocks are cleared first,
+        except the cached ones (vouched when they were cached, and maybe shared)."""
+        if not vouched and self.clear_blocks is not None:
+            self.clear_blocks(self.block_manager.uncached_blocks(req.request_id))
         self.block_manager.free(req.request_id)
         self._release_adapter(req)

@@ -10,6 +10,7 @@ import dataclasses
 from bisect import bisect_left
 from dataclasses import dataclass, field
 
+from lorax_lite.engine.prefix_cache import PrefixCacheStats
 from lorax_lite.lora.manager import AdapterCacheStats
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -48,6 +49,21 @@ class AdapterCacheSnapshot:
 
 
 @dataclass(frozen=True)
+class PrefixCacheSnapshot:
+    """The prefix cache at one moment: on or off, the blocks it holds, and its counters."""
+
+    enabled: bool
+    num_cached_blocks: int  # blocks holding cached K/V, in use or evictable
+    stats: PrefixCacheStats
+
+    @property
+    def hit_rate(self) -> float:
+        """Tokens found cached / tokens looked up, at admission, since start-up (0 before any lookup)."""
+        queried = self.stats.num_queried_tokens
+        return self.stats.num_hit_tokens / queried if queried else 0.0
+
+
+@dataclass(frozen=True)
 class EngineSnapshot:
     """The engine at one moment, for /info and /metrics."""
 
@@ -60,6 +76,7 @@ class EngineSnapshot:
     num_preemptions: int
     stats: EngineStats
     adapter_cache: AdapterCacheSnapshot | None  # None: LoRA is turned off (max_loras=0)
+    prefix_cache: PrefixCacheSnapshot
 
 
-__all__ = ["BATCH_SIZE_BUCKETS", "AdapterCacheSnapshot", "EngineSnapshot", "EngineStats"]
+__all__ = ["BATCH_SIZE_BUCKETS", "AdapterCacheSnapshot", "EngineSnapshot", "EngineStats", "PrefixCacheSnapshot"]

@@ -88,7 +88,8 @@ async def info(request: Request) -> dict:
     principal = principal_of(request)
     config = dataclasses.asdict(state.llm.config)
     config.pop("model")  # a filesystem path; the model is named by served_model_name
-    adapters = state.llm.snapshot().adapter_cache
+    snapshot = state.llm.snapshot()
+    adapters, prefix_cache = snapshot.adapter_cache, snapshot.prefix_cache
 
     def visible(keys: list[str | None]) -> list[str | None]:
         """Adapter keys (`<id>@<version>`, `<id>#<n>`) of adapters the key may use; other slots read as empty."""
@@ -107,6 +108,13 @@ async def info(request: Request) -> dict:
             "added": [] if adapters is None else [a for a in adapters.added_ids if principal.may_use_adapter(a)],
             "slots": [] if adapters is None else visible(list(adapters.slot_keys)),
             "host": [] if adapters is None else [k for k in visible(list(adapters.host_keys)) if k is not None],
+        },
+        "prefix_cache": {
+            "enabled": prefix_cache.enabled,
+            "hit_rate": prefix_cache.hit_rate,
+            "cached_blocks": prefix_cache.num_cached_blocks,
+            "queried_tokens": prefix_cache.stats.num_queried_tokens,
+            "hit_tokens": prefix_cache.stats.num_hit_tokens,
         },
     }
 

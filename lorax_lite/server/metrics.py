@@ -141,6 +141,7 @@ class EngineCollector:
         yield _gauge("kv_blocks_used", "KV cache blocks in use.", snap.num_kv_blocks_used)
         yield _gauge("kv_blocks_total", "KV cache blocks.", snap.num_kv_blocks)
         yield _counter("preemptions", "Requests preempted (KV cache full) and recomputed later.", snap.num_preemptions)
+        yield from _prefix_cache(snap)
         yield _counter("engine_steps", "Forward passes.", stats.steps)
         yield _counter("batched_tokens", "Tokens run through the model.", stats.batched_tokens)
         cumulative, buckets = 0, []
@@ -165,6 +166,16 @@ class EngineCollector:
                        cache.host_evictions)
         yield _counter("adapter_load_seconds", "Time spent loading adapters from disk.", cache.load_seconds)
         yield _counter("adapter_slot_load_seconds", "Time spent copying adapters into slots.", cache.slot_load_seconds)
+
+
+def _prefix_cache(snap: EngineSnapshot) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    cache = snap.prefix_cache
+    yield _counter("prefix_cache_queries", "Tokens looked up in the prefix cache when requests were admitted "
+                   "(prompts, and what preempted requests had generated).", cache.stats.num_queried_tokens)
+    yield _counter("prefix_cache_hits", "Tokens found in the prefix cache (not computed again).",
+                   cache.stats.num_hit_tokens)
+    yield _gauge("prefix_cache_blocks", "KV cache blocks holding prefix-cached K/V (in use or evictable).",
+                 cache.num_cached_blocks)
 
 
 def _inference_gateway(snap: EngineSnapshot) -> Iterator[GaugeMetricFamily]:
