@@ -139,6 +139,14 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    cached_tokens: int = 0  # prompt tokens the server's prefix cache held (usage.prompt_tokens_details)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Usage:
+        """From an OpenAI `usage` object; fields this client does not know are ignored."""
+        details = data.get("prompt_tokens_details") or {}
+        return cls(data["prompt_tokens"], data["completion_tokens"], data["total_tokens"],
+                   int(details.get("cached_tokens") or 0))
 
 
 @dataclass(frozen=True)
@@ -418,7 +426,7 @@ def _stream_item(event: dict) -> StreamItem:
 
 def _chat_result(data: dict) -> ChatResult:
     choice = data["choices"][0]
-    return ChatResult(choice["message"]["content"] or "", choice["finish_reason"], Usage(**data["usage"]))
+    return ChatResult(choice["message"]["content"] or "", choice["finish_reason"], Usage.from_json(data["usage"]))
 
 
 def _chat_delta(event: dict) -> str:

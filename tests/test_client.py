@@ -4,6 +4,7 @@ uvicorn in a background thread on a loopback port for the module; both clients t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 from collections.abc import Iterator
@@ -235,7 +236,10 @@ def test_chat_matches_offline_and_stream_joins_to_it(client, offline, base_url, 
     async def work(aclient: AsyncClient):
         return await aclient.chat(MESSAGES, adapter_id, 6, 0), "".join([d async for d in aclient.chat_stream(MESSAGES, adapter_id, 6, 0)])
 
-    assert run_async(base_url, work) == (result, result.content)
+    again, streamed = run_async(base_url, work)
+    assert (again.content, again.finish_reason, streamed) == (result.content, result.finish_reason, result.content)
+    assert again.usage == dataclasses.replace(result.usage, cached_tokens=again.usage.cached_tokens)
+    assert again.usage.cached_tokens > 0  # the same prompt again: its full blocks came from the prefix cache
 
 
 def test_chat_errors_parse_the_openai_body(client):

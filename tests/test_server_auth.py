@@ -428,3 +428,20 @@ def test_while_the_key_store_is_down_known_keys_work_and_others_get_503(llm, sto
         assert call(app, "GET", "/v1/models", headers=bearer(unknown)).status_code == 200
     finally:
         tenancy.close()
+
+
+def test_prefix_cached_kv_is_shared_within_a_tenant_never_across_tenants(app, store):
+    """The tenant salts the prefix cache: the same long prompt hits for its own tenant's second request
+    (usage.prompt_tokens_details.cached_tokens), never for another tenant's, which could otherwise time it."""
+    first, same, other = (add_key(store, tenant, ["pricing"]) for tenant in ("salt_a", "salt_a", "salt_b"))
+    messages = [{"role": "user", "content": " ".join(f"item {i} costs {i * 3}" for i in range(2))}]  # > 2 blocks of 16
+
+    def cached(key: str) -> int:
+        response = call(app, "POST", "/v1/chat/completions", headers=bearer(key),
+                        json={"model": "pricing", "messages": messages, "max_tokens": 2})
+        assert response.status_code == 200, response.text
+        return response.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    assert cached(first) == 0
+    assert cached(other) == 0  # the same tokens, adapter and version: another tenant's blocks
+    assert cached(same) > 0 and cached(first) > 0  # the same tenant, any of its keys

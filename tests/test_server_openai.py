@@ -99,7 +99,10 @@ def test_chat_greedy_matches_offline_chat(app, offline, model):
     assert data["object"] == "chat.completion" and data["model"] == model and data["id"].startswith("chatcmpl-")
     assert data["choices"] == [{"index": 0, "message": {"role": "assistant", "content": expected.text},
                                 "logprobs": None, "finish_reason": "length"}]
-    assert data["usage"] == {"prompt_tokens": len(expected.prompt_token_ids), "completion_tokens": 10, "total_tokens": len(expected.prompt_token_ids) + 10}
+    usage = dict(data["usage"])
+    assert 0 <= usage.pop("prompt_tokens_details")["cached_tokens"] < len(expected.prompt_token_ids)  # prefix cache
+    assert usage == {"prompt_tokens": len(expected.prompt_token_ids), "completion_tokens": 10,
+                     "total_tokens": len(expected.prompt_token_ids) + 10}
     assert resp.headers["x-adapter-id"] == model and resp.headers["x-generated-tokens"] == "10"
 
 
@@ -160,7 +163,8 @@ def test_completions_match_the_native_api(app):
 
 def test_completions_default_to_16_tokens_and_accept_token_ids(app):
     ids = call(app, "POST", "/v1/completions", json={"model": MODEL_NAME, "prompt": [5, 6, 7], "temperature": 0, "ignore_eos": True}).json()
-    assert ids["usage"] == {"prompt_tokens": 3, "completion_tokens": 16, "total_tokens": 19}
+    assert ids["usage"] == {"prompt_tokens": 3, "completion_tokens": 16, "total_tokens": 19,
+                            "prompt_tokens_details": {"cached_tokens": 0}}  # 3 tokens: not one full block
 
 
 def test_models_lists_base_added_and_registered_adapters_without_paths(app):

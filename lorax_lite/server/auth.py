@@ -75,6 +75,12 @@ class Principal:
     def is_admin(self) -> bool:
         return self.key is None or self.key.is_admin
 
+    @property
+    def cache_salt(self) -> str | None:
+        """What keeps this caller's prefix-cached K/V apart from other tenants' (None while nobody needs a key):
+        a tenant never reuses, and so can never time, blocks another tenant's prompts computed."""
+        return f"tenant:{self.key.tenant}" if self.key is not None else None
+
     def may_use_adapter(self, adapter_id: str) -> bool:
         return self.key is None or self.key.allows_adapter(adapter_id)
 

@@ -98,7 +98,8 @@ class EngineCall:
             state.admit()
             try:
                 outputs = state.llm.generate(prompt_ids, params, adapter=adapter, prompt_text=prompt_text,
-                                             output_kind=OutputKind.DELTA, timeout=run_for)
+                                             output_kind=OutputKind.DELTA, timeout=run_for,
+                                             cache_salt=principal.cache_salt)
                 try:
                     first = await next_output(outputs)
                 except BaseException as exc:

@@ -41,6 +41,7 @@ from lorax_lite.server.openai_schemas import (
     CompletionRequest,
     ModelCard,
     ModelList,
+    PromptTokensDetails,
     SamplingFields,
     Usage,
 )
@@ -189,7 +190,8 @@ def _event(payload: dict) -> str:
 
 def _usage(out: RequestOutput) -> Usage:
     prompt, completion = len(out.prompt_token_ids), out.num_generated_tokens
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=out.num_cached_tokens))
 
 
 class _Format(ABC):

@@ -169,10 +169,15 @@ class CompletionRequest(SamplingFields):
         return cast(str | list[int], prompt)  # a list of strings was one prompt, taken out above
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens whose K/V came from the prefix cache (OpenAI's and vLLM's field)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class ModelCard(BaseModel):
