@@ -58,6 +58,7 @@ class Worker:
         self.llm: Any = None
         self.async_llm: Any = None
         self.tokenizer: Any = None
+        self.loop = asyncio.new_event_loop()  # one loop for every chat: AsyncLLM's output task lives in it
 
     def stop(self) -> None:
         if self.llm is not None:
@@ -101,7 +102,7 @@ class Worker:
 
     def chat(self, cmd: dict[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
-        turns = asyncio.run(self._chat_all(cmd["conversations"], cmd["max_tokens"]))
+        turns = self.loop.run_until_complete(self._chat_all(cmd["conversations"], cmd["max_tokens"]))
         return {"seconds": time.perf_counter() - start, "turns": turns}
 
     async def _chat_all(self, conversations: list[dict[str, Any]], max_tokens: int) -> list[dict[str, Any]]:

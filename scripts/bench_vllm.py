@@ -190,7 +190,7 @@ def run_case(model: str, worker: VLLMWorker | None, prompts: list[list[int]], pa
     tokens: dict[str, list[list[int]]] = {}
     for r in range(w.repeats):
         for name in list(runs) if r % 2 == 0 else list(runs)[::-1]:
-            time.sleep(0.5)  # let the other engine's threads go idle
+            time.sleep(1.5)  # let the other engine go idle (vLLM's workers poll for 1 s after their last step)
             elapsed, tokens[name] = runs[name](w.max_tokens)
             seconds[name].append(elapsed)
         figures = ", ".join(f"{k} {v[-1]:.2f}s" for k, v in seconds.items())
@@ -515,7 +515,10 @@ torchvision/torchaudio/torchcodec are uninstalled (they fail to import beside to
 generation needs none of them). Environment: `{env}` (all cores for the model's threads; by default
 vLLM keeps one core for its scheduler). Start-up: importing vLLM {v['import_s']:.0f} s, then each engine
 {starts}{f"; streaming engine {chat['start_s']:.0f} s" if chat else ''} (includes its compilation and warm-up).
-Effective settings (the chat engine's; the offline engines differ only in LoRA slots):
+Settings that differ from lorax-lite's besides the code: vLLM's chunked-prefill budget
+(`max_num_batched_tokens`, lorax-lite 512), its KV block size (lorax-lite 16), and its compiled model
+(`torch.compile`, inductor). Effective settings (the chat engine's; the offline engines differ in LoRA slots
+and their token budget):
 
 | setting | value |
 |---|---|
