@@ -171,16 +171,17 @@ def lorax_generate(llm: LLM, prompts: list[list[int]], specs: list[list[Any] | N
 
 
 def run_case(model: str, worker: VLLMWorker | None, prompts: list[list[int]], paths: list[Path], n: int,
-             w: VLLMWorkload) -> dict[str, Any]:
-    """One case (n adapters; 0: the base model, LoRA off) on both engines: warm-up, then alternating rounds."""
+             slots: int, w: VLLMWorkload) -> dict[str, Any]:
+    """n adapters in the batch (0: the base model) on engines with `slots` adapter slots (0: LoRA off), on both
+    engines: warm-up, then alternating rounds."""
     specs = adapter_specs(paths, n, len(prompts))
-    start_s, llm = timed(lambda: LLM(model, **lorax_config(w, n)))
+    start_s, llm = timed(lambda: LLM(model, **lorax_config(w, slots)))
     for spec, path in {s[0]: (s, s[2]) for s in specs if s is not None}.values():
         llm.add_adapter(spec[0], path)
     runs: dict[str, Any] = {"lorax": lambda m: lorax_generate(llm, prompts, specs, m)}
-    res: dict[str, Any] = {"num_adapters": n, "lorax_start_s": start_s, "loadavg_start": _loadavg()}
+    res: dict[str, Any] = {"num_adapters": n, "slots": slots, "lorax_start_s": start_s, "loadavg_start": _loadavg()}
     if worker is not None:
-        started = worker.call(cmd="start", model=model, lora=vllm_lora(w, n), streaming=False,
+        started = worker.call(cmd="start", model=model, lora=vllm_lora(w, slots), streaming=False,
                               max_num_seqs=w.max_num_seqs, max_model_len=w.max_model_len)
         res["vllm_start_s"], res["vllm_settings"] = started["start_s"], started["settings"]
         runs["vllm"] = lambda m: _vllm_generate(worker, prompts, specs, m)
@@ -220,8 +221,9 @@ def run_throughput(model: str, worker: VLLMWorker | None, tok: PreTrainedTokeniz
                    w: VLLMWorkload) -> dict[str, Any]:
     prompts = chat_prompts(tok, w.num_prompts)
     cases = []
-    for n in (0, *w.adapter_counts):
-        cases.append(run_case(model, worker, prompts, paths, n, w))
+    base_slots = min(w.adapter_counts)  # base requests on the engines of the first adapter case, too
+    for n, slots in ((0, 0), (0, base_slots), *((n, n) for n in w.adapter_counts)):
+        cases.append(run_case(model, worker, prompts, paths, n, slots, w))
         gc.collect()  # the case's lorax-lite engine goes before the next one starts
     return {"prompt_tokens": [len(p) for p in prompts], "cases": cases}
 
@@ -285,7 +287,7 @@ async def _lorax_conversation(llm: AsyncLLM, index: int, conv: dict[str, Any], m
             if first is None and out.token_ids:
                 first = time.perf_counter()
             tokens += out.token_ids
-            if out.finished and out.finish_reason not in ("length", "stop"):
+            if out.finished and out.finish_reason in ("error", "timeout", "abort"):
                 raise RuntimeError(f"lorax-lite chat turn failed: {out.finish_reason} {out.error}")
         end = time.perf_counter()
         messages.append({"role": "assistant", "content": llm.tokenizer.decode(tokens, skip_special_tokens=True)})
@@ -401,7 +403,7 @@ def _throughput_md(res: dict[str, Any]) -> str:
              f'max_num_batched_tokens=512, max_loras=n, max_lora_rank={w["rank"]})')
     vllm = (f'LLM(model, dtype="float32", max_num_seqs={w["max_num_seqs"]}, max_model_len={w["max_model_len"]}, '
             f'enable_lora=True, max_loras=n, max_cpu_loras=n, max_lora_rank={w["rank"]})')
-    runs = "\n".join(f"| {_case_name(c['num_adapters'])} | " + " | ".join(
+    runs = "\n".join(f"| {_case_name(c)} | " + " | ".join(
         ", ".join(f"{s:.2f}" for s in c["seconds"].get(k, [])) or "—" for k in ("lorax", "vllm")) + " |"
         for c in t["cases"])
     return f"""
@@ -411,8 +413,8 @@ Workload: {w['num_prompts']} distinct questions, each rendered alone with the mo
 ({min(p)}–{max(p)} prompt tokens, median {median(p):.0f}), {w['max_tokens']} greedy tokens each with `ignore_eos`, fp32,
 as one `generate` call (tokens/s = {w['num_prompts']} × {w['max_tokens']} / its wall time). Adapters: random
 rank-{w['rank']} PEFT adapters (alpha {w['alpha']:g}) on q, k, v, o, gate, up, down; prompt i uses adapter i mod n;
-each engine has n adapter slots. The base case runs on engines with LoRA off (lorax-lite `max_loras=0`,
-vLLM `enable_lora=False`).
+each engine has n adapter slots. The base model runs twice: on engines with LoRA off (lorax-lite `max_loras=0`,
+vLLM `enable_lora=False`; the bar's row), and on the first adapter case's engines with no adapter in the batch.
 lorax-lite: `{lorax}`.
 vLLM: `{vllm}`,
 `LoRARequest(name, id, path)` per prompt. Warm-up, then {w['repeats']} alternating rounds; medians.
@@ -429,16 +431,18 @@ All runs (s):
 """
 
 
-def _case_name(n: int) -> str:
-    return "base model" if n == 0 else f"{n} distinct adapters"
+def _case_name(c: dict[str, Any]) -> str:
+    if c["num_adapters"]:
+        return f"{c['num_adapters']} distinct adapters"
+    return "base model, LoRA off" if not c.get("slots") else f"base model, LoRA on ({c['slots']} slots, none used)"
 
 
 def _case_row(c: dict[str, Any], res: dict[str, Any]) -> str:
     n, tps = c["num_adapters"], c["tok_s"]
     if "ratio" not in c:
-        return f"| {_case_name(n)} | {tps['lorax']:.1f} | — | — | — | — |"
+        return f"| {_case_name(c)} | {tps['lorax']:.1f} | — | — | — | — |"
     bar = 1.0 if n == 0 else 1.5
-    return (f"| {_case_name(n)} | {tps['lorax']:.1f} | {tps['vllm']:.1f} | **{c['ratio']:.2f}×** | "
+    return (f"| {_case_name(c)} | {tps['lorax']:.1f} | {tps['vllm']:.1f} | **{c['ratio']:.2f}×** | "
             f"≥ {bar:.1f}× — {_met(c['ratio'] >= bar)} | {c['identical_outputs']}/{c['num_outputs']} |")
 
 
@@ -502,7 +506,7 @@ def _vllm_md(res: dict[str, Any]) -> str:
     v = res.get("vllm")
     if not v:
         return ""
-    starts = "; ".join(f"{_case_name(c['num_adapters'])} {c['vllm_start_s']:.0f} s" for c in res["throughput"]["cases"])
+    starts = "; ".join(f"{_case_name(c)} {c['vllm_start_s']:.0f} s" for c in res["throughput"]["cases"])
     chat = res["chat"]["runs"].get("vllm", {})
     settings = chat.get("settings") or res["throughput"]["cases"][-1].get("vllm_settings", {})
     rows = "\n".join(f"| `{k}` | `{val}` |" for k, val in settings.items())
