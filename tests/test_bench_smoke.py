@@ -84,7 +84,8 @@ def test_bench_vllm_quick_without_vllm_on_the_tiny_model(tiny_llama_dir, tmp_pat
     res = json.loads(out_json.read_text())
     assert "vllm" not in res and "no vLLM interpreter" in res["vllm_skipped"]
     cases = res["throughput"]["cases"]
-    assert [(c["num_adapters"], c["slots"]) for c in cases] == [(0, 0), (0, 2), (2, 2)] and all(c["tok_s"]["lorax"] > 0 for c in cases)
+    assert [(c["num_adapters"], c["slots"]) for c in cases] == [(0, 0), (0, 2), (2, 2)]
+    assert all(c["tok_s"]["lorax"] > 0 for c in cases)
     runs = res["chat"]["runs"]
     assert runs and all(len(r["turns"]) == 2 * 2 and r["ttft_p50_s"] > 0 for r in runs.values())
     assert not res["chat"]["shipped_adapters"]  # trained for SmolLM2: random stand-ins on the tiny model
