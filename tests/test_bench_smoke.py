@@ -101,3 +101,23 @@ def test_bench_cluster_quick_two_replicas_with_and_without_affinity(default_mode
         assert p["disk_loads"] >= len({r[4] for r in p["requests"]})  # started cold: each adapter read from disk
     report = out_md.read_text()
     assert report.count("<!-- section:cluster -->") == 1 and "adapter-affinity routing" in report
+
+
+def test_bench_vllm_quick_without_vllm_on_the_tiny_model(tiny_llama_dir, tmp_path):
+    """bench_vllm.py --quick with no vLLM interpreter: vLLM is skipped with a message, lorax-lite's side runs."""
+    import bench_vllm
+
+    out_md, out_json = tmp_path / "bench.md", tmp_path / "vllm.json"
+    bench_vllm.main(["--quick", "--device", "cpu", "--model", str(tiny_llama_dir), "--output", str(out_md),
+                     "--json", str(out_json), "--vllm-python", str(tmp_path / "no-such-venv" / "python")])
+    res = json.loads(out_json.read_text())
+    assert "vllm" not in res and "no vLLM interpreter" in res["vllm_skipped"]
+    cases = res["throughput"]["cases"]
+    assert [(c["num_adapters"], c["slots"]) for c in cases] == [(0, 0), (0, 2), (2, 2)]
+    assert all(c["tok_s"]["lorax"] > 0 for c in cases)
+    runs = res["chat"]["runs"]
+    assert runs and all(len(r["turns"]) == 2 * 2 and r["ttft_p50_s"] > 0 for r in runs.values())
+    assert not res["chat"]["shipped_adapters"]  # trained for SmolLM2: random stand-ins on the tiny model
+    report = out_md.read_text()
+    assert report.count("<!-- section:vllm -->") == 1 and "vLLM was not run" in report
+    assert "lorax-lite vs vLLM-CPU" in report and "Multi-turn chat" in report
