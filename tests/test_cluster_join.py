@@ -102,6 +102,13 @@ def join_args(deployment: Deployment, address: str) -> list[str]:
     return [*deployment.serve_args(), "--ray-address", address, "--num-replicas", "1", "--replica-cpus", "1"]
 
 
+def wait_for_log(server, text: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while text not in server.log.read_text():
+        assert time.monotonic() < deadline, f"{text!r} not in the serve log: {server.log_tail()}"
+        time.sleep(0.2)
+
+
 def generate(url: str, adapter: str) -> httpx.Response:
     body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 3, "ignore_eos_token": True}}
     return httpx.post(f"{url}/generate", json=body, headers={"adapter_id": adapter}, timeout=120)
@@ -115,7 +122,7 @@ def test_serve_joins_a_head_started_with_the_callback(deployment: Deployment, tm
             response = generate(server.url, "pricing")
             assert response.status_code == 200, response.text
             assert response.headers["x-lorax-routed-adapter"] == "pricing" and response.headers["x-replica-id"]
-            assert "(joined)" in server.log.read_text()
+            wait_for_log(server, "(joined)")  # serve says so once the proxy check is done (after /health answers)
             server.proc.send_signal(signal.SIGTERM)
             assert server.proc.wait(timeout=120) == 0, server.log_tail()
         assert PROXY_CALLBACK_ENV not in server.log.read_text()  # no warning: the proxy routes

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import threading
 import time
 import urllib.error
@@ -66,6 +67,7 @@ def run_cluster(spec: ServerSpec, replicas: ReplicaOptions, cluster: ClusterOpti
 
     from lorax_lite.cluster.deployment import APP_NAME, application
 
+    say = _flushing(say)
     started_here = cluster.ray_address in (None, "local")  # Ray's "local": a new cluster on this machine
     if started_here:
         os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)  # inherited by Ray's processes started below
@@ -127,6 +129,16 @@ def proxy_routes_by_adapter(base_url: str, timeout_s: float = 30.0) -> bool:
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.5)
+
+
+def _flushing(say: Callable[[str], None]) -> Callable[[str], None]:
+    """`say`, then flush stdout: a supervisor (or a test) reading the log sees each line when it happens."""
+
+    def said(text: str) -> None:
+        say(text)
+        sys.stdout.flush()
+
+    return said
 
 
 def _probe_host(host: str) -> str:
