@@ -16,6 +16,7 @@ DEFAULT_MODEL_DIR = "models/SmolLM2-135M-Instruct"
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # all but "auto" are torch's names
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 QUANTIZE_MODES = ("none", "int8", "fp8")
+LINEAR_BACKENDS = ("auto", "torch", "onednn")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -55,6 +56,9 @@ class EngineConfig:
     quantize: str = field(default="none", metadata={
         "help": "Base model decoder weights: none; int8 (CPU: int8 activations x int8 weights; CUDA: int8 "
                 "weights); fp8 (CUDA, compute capability 8.9+). Adapters stay in full precision."})
+    linear_backend: str = field(default="auto", metadata={
+        "help": "Base model linear layers: auto (onednn for float32 on CPU, else torch); onednn (weights prepacked "
+                "once for oneDNN's CPU kernels); torch (F.linear)."})
     max_num_seqs: int = field(default=64, metadata={"help": "Most sequences in one step."})
     max_num_batched_tokens: int = field(default=512, metadata={"help": "Most tokens in one step."})
     block_size: int = field(default=16, metadata={"help": "Tokens per KV-cache block."})
@@ -80,6 +84,8 @@ class EngineConfig:
             raise ValueError("model must name a model directory, .gguf file or hub id (leave it out for the default)")
         check_dtype(self.dtype)
         check_device(self.device)
+        if self.linear_backend not in LINEAR_BACKENDS:
+            raise ValueError(f"linear_backend must be one of {', '.join(LINEAR_BACKENDS)}, got {self.linear_backend!r}")
         if self.quantize not in QUANTIZE_MODES:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {self.quantize!r}")
         _check_positive(self, "max_num_seqs", "max_num_batched_tokens", "block_size")

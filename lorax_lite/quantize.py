@@ -268,11 +268,11 @@ def quantize_decoder(model: PreTrainedModel, mode: str, head: bool = True) -> Qu
     head_quantized = head and type(output) is nn.Linear
     if head_quantized:
         model.set_output_embeddings(quantized(output))
-    _own_remaining_weights(model)
+    own_remaining_weights(model)
     return QuantizationReport(mode, layer_class.kind, len(targets), before, after, head_quantized)
 
 
-def _own_remaining_weights(model: nn.Module) -> None:
+def own_remaining_weights(model: nn.Module) -> None:
     """Copy the parameters left in full precision (embeddings, norms) out of the checkpoint's memory map:
     transformers maps the safetensors file, and while any tensor still points into it the whole mapping, fp32
     decoder weights included, stays resident beside their int8 copies (measured: 1307 MiB resident instead of
@@ -293,4 +293,4 @@ def linear_weight_bytes(model: nn.Module) -> int:
 
 
 __all__ = ["Fp8Linear", "Int8DynamicLinear", "Int8WeightOnlyLinear", "QuantizationReport", "QuantizedLinear",
-           "check_supported", "linear_weight_bytes", "quantize_decoder"]
+           "check_supported", "linear_weight_bytes", "own_remaining_weights", "quantize_decoder"]

@@ -30,6 +30,7 @@ from lorax_lite.lora.loader import AdapterReader
 from lorax_lite.lora.manager import AdapterManager
 from lorax_lite.lora.weights import LoRAWeights
 from lorax_lite.model_loader import load_model_and_tokenizer
+from lorax_lite.packed import pack_linears, resolve_linear_backend
 from lorax_lite.quantize import quantize_decoder
 from lorax_lite.registry.base import Registry
 from lorax_lite.registry.guard import NO_REGISTRY, RegistryHealth
@@ -65,6 +66,10 @@ class LLMEngine:
         self.vocab_size = cast(nn.Embedding, model.get_input_embeddings()).num_embeddings
         self._init_lora(model, registry, store)
         self.quantization = quantize_decoder(model, config.quantize)  # after LoRA: it quantizes the base layers
+        param = next(model.parameters())
+        self.linear_backend = resolve_linear_backend(config.linear_backend, param.device, self.dtype, config.quantize)
+        if self.linear_backend == "onednn":
+            pack_linears(model)  # after LoRA too: the LoRALinears' base layers are packed
         plan = plan_kv_cache(config, ModelShape.of(model), self.dtype)
         self.max_seq_len = plan.max_seq_len  # the longest prompt + output served (see max_model_len)
         self.runner = ModelRunner(model, plan.num_blocks, config.block_size, self.lora_layers)
