@@ -32,7 +32,7 @@ class AttentionGroup:
     q_index: torch.Tensor | None  # [B, Q] index of each query in the flat batch (padding: 0); None = all, in order
     block_tables: torch.Tensor  # [B, NB] cache blocks of each sequence (padded with its own first block, masked out)
     q_pos: torch.Tensor  # [B, Q] position of each query in its sequence
-    valid: torch.Tensor | None  # [B * Q] bool, which padded queries are real; None = all
+    valid: torch.Tensor | None  # [n_valid] index in the padded [B * Q] queries of each real one; None = all
     dest: torch.Tensor | None  # [n_valid] index in the flat batch of each real query; None = all, in order
     block_size: int
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
@@ -95,7 +95,7 @@ def paged_attention_forward(
         return _attend_group(q, k_cache, v_cache, meta.groups[0], scaling, sliding_window).unsqueeze(0), None
     out = torch.empty_like(q)
     for group in meta.groups:
-        out[group.dest] = _attend_group(q, k_cache, v_cache, group, scaling, sliding_window)
+        out.index_copy_(0, group.dest, _attend_group(q, k_cache, v_cache, group, scaling, sliding_window))
     return out.unsqueeze(0), None
 
 
@@ -109,17 +109,26 @@ def _attend_group(
 ) -> torch.Tensor:
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_seqs, num_kv_heads = group.block_tables.shape[0], k_cache.shape[1]
-    qb = (q[group.q_index] if group.q_index is not None else q.unsqueeze(1)).transpose(1, 2)  # [B, Hq, Q, D]
-    # k_cache: [num_blocks * bs, Hkv, D] viewed as blocks, gathered a block at a time -> [B, Hkv, L, D]
-    kb = k_cache.view(-1, group.block_size, num_kv_heads, head_dim)[group.block_tables]
-    vb = v_cache.view(-1, group.block_size, num_kv_heads, head_dim)[group.block_tables]
-    kb = kb.view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
-    vb = vb.view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+    if group.q_index is None:
+        qb = q.unsqueeze(1).transpose(1, 2)  # [B, Hq, 1, D]
+    else:  # index_select: whole rows, far cheaper on CPU than advanced indexing
+        qb = q.index_select(0, group.q_index.reshape(-1)).view(*group.q_index.shape, num_heads, head_dim)
+        qb = qb.transpose(1, 2)
+    # k_cache: [num_blocks * bs, Hkv, D] viewed as rows of whole blocks, gathered a block at a time -> [B, Hkv, L, D]
+    # (index_select copies whole rows: ~5x faster on CPU than advanced indexing with the 2-D table)
+    kb = _gather_blocks(k_cache, group).view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+    vb = _gather_blocks(v_cache, group).view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
     ob = F.scaled_dot_product_attention(
         qb, kb, vb, attn_mask=group.mask(sliding_window), scale=scaling, enable_gqa=num_kv_heads != num_heads
     )
     ob = ob.transpose(1, 2).reshape(-1, num_heads, head_dim)  # [B * Q, Hq, D]
-    return ob[group.valid] if group.valid is not None else ob
+    return ob.index_select(0, group.valid) if group.valid is not None else ob
+
+
+def _gather_blocks(cache: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
+    """The cache blocks of `group`'s block tables, in order: [B * NB, block_size * Hkv * D]."""
+    rows = cache.view(-1, group.block_size * cache.shape[1] * cache.shape[2])
+    return rows.index_select(0, group.block_tables.reshape(-1))
 
 
 def _no_mask(*args: object, **kwargs: object) -> None:

@@ -221,7 +221,8 @@ class ModelRunner:
         if len(idx) == len(starts) and bool(valid.all()) and q_len == 1:  # decodes only: queries already in order
             q_index_dev = valid_dev = dest_dev = None
         else:
-            q_index_dev, valid_dev, dest_dev = q_index.to(dev), valid.flatten().to(dev), q_index[valid].to(dev)
+            valid_rows = valid.flatten().nonzero().flatten()  # [n_valid] rows of the padded queries that are real
+            q_index_dev, valid_dev, dest_dev = q_index.to(dev), valid_rows.to(dev), q_index[valid].to(dev)
         return AttentionGroup(
             q_index=q_index_dev,
             block_tables=tables.to(dev),
