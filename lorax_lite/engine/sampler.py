@@ -116,9 +116,13 @@ class Sampler:
     def _pick_greedy(
         raw: torch.Tensor, penalized: torch.Tensor, rows: list[int], token_ids: torch.Tensor, logprobs: torch.Tensor
     ) -> None:
-        index = torch.tensor(rows, device=raw.device)
-        chosen = penalized[index].argmax(dim=-1)  # [G]
-        rows_raw = raw[index]  # [G, V]
+        if len(rows) == raw.shape[0]:  # every row greedy (the common case): no [G, V] copies
+            rows_raw, rows_penalized = raw, penalized
+        else:
+            index = torch.tensor(rows, device=raw.device)
+            rows_raw = raw.index_select(0, index)  # [G, V]
+            rows_penalized = rows_raw if penalized is raw else penalized.index_select(0, index)
+        chosen = rows_penalized.argmax(dim=-1)  # [G]
         lp = rows_raw.gather(1, chosen[:, None])[:, 0] - torch.logsumexp(rows_raw, dim=-1)  # [G]
         token_ids[rows] = chosen.cpu()
         logprobs[rows] = lp.cpu()
