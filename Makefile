@@ -93,6 +93,7 @@ bench: fetch-model vllm
 	$(PY) scripts/bench_quant.py --model $(MODEL_DIR)
 	$(PY) scripts/bench_cluster.py --model $(MODEL_DIR)
 	LORAX_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PY) scripts/bench_vllm.py --model $(MODEL_DIR)
+	$(PY) scripts/bench_profile.py --model $(MODEL_DIR)
 
 clean:
 	rm -rf $(VENV) $(CLIENTS_VENV) $(COMPOSE_VENV) $(VLLM_VENV) build *.egg-info

