@@ -95,7 +95,11 @@ def paged_attention_forward(
         return _attend_group(q, k_cache, v_cache, meta.groups[0], scaling, sliding_window).unsqueeze(0), None
     out = torch.empty_like(q)
     for group in meta.groups:
-        out.index_copy_(0, group.dest, _attend_group(q, k_cache, v_cache, group, scaling, sliding_window))
+        attended = _attend_group(q, k_cache, v_cache, group, scaling, sliding_window)
+        if group.dest is None:  # the group holds every query, in order
+            out.copy_(attended)
+        else:
+            out.index_copy_(0, group.dest, attended)
     return out.unsqueeze(0), None
 
 
