@@ -1,9 +1,10 @@
 """Sampler: turns one row of logits per request into one token id per request.
 
 Order of operations follows transformers' `generate`: repetition penalty -> temperature -> top_k ->
-top_p -> softmax -> draw. Filters run batched over the rows; only the final draw loops over the
-sampled rows, each with its own `torch.Generator`, so a seeded request draws the same tokens
-whatever else shares its batch.
+top_p -> softmax -> draw. Everything runs batched over the rows on the logits' device, the draw included (an
+exponential race: argmax(log p - log E), E ~ Exp(1)); only the noise E is drawn row by row, each row from its own
+`torch.Generator`, so a seeded request draws the same tokens whatever else shares its batch. One host copy of
+the chosen tokens and their log-probs per step.
 
 One row never breaks another. A row whose logits are unusable (NaN, +inf, or nothing above -inf:
 a corrupt adapter's output, say) or whose draw raises is reported in `SamplerOutput.errors`, and
@@ -22,6 +23,7 @@ import torch
 from lorax_lite.engine.request import Request
 
 FLOAT_MAX = torch.finfo(torch.float32).max
+TINY = torch.finfo(torch.float32).tiny  # the noise is clamped to it: log(0) would be -inf
 
 
 class SamplingError(RuntimeError):
@@ -146,22 +148,34 @@ class Sampler:
         shifted = unscaled - unscaled.amax(dim=-1, keepdim=True)  # <= 0, the top token 0: "/ temperature" cannot
         logits = shifted / temperature[:, None]  # overflow (a tiny one sends the others to -inf, as its limit does)
         logits = self._apply_top_k_top_p(logits, [p.top_k for p in params], [p.top_p for p in params])
-        log_probs = torch.log_softmax(logits, dim=-1).cpu()  # [S, V], on CPU for the per-row draw
-        probs = log_probs.exp()
+        log_probs = torch.log_softmax(logits, dim=-1)  # [S, V], stays on the device
+        # The draw, batched: argmax(log p - log E) with E ~ Exp(1) i.i.d. picks token i with probability p_i (the
+        # first of independent exponential clocks with rates p_i to ring). Only the noise is drawn per row, from
+        # the request's own generator, so a seeded row draws the same whatever shares its batch.
+        noise = torch.ones(len(rows), log_probs.shape[1], dtype=torch.float32)
+        drawn = []
         for s, (row, request) in enumerate(zip(rows, requests, strict=True)):
             try:
-                token = self._draw(probs[s], request)
+                self._draw_noise(noise[s], request)
             except Exception as exc:  # this row fails; the others are drawn as if it were not there
                 errors[row] = exc
                 continue
-            token_ids[row] = token
-            logprobs[row] = log_probs[s, token]
+            drawn.append(s)
+        if not drawn:
+            return
+        keys = log_probs - noise.to(device).clamp_(min=TINY).log_()  # a masked token (log p = -inf) never wins
+        chosen = keys.argmax(dim=-1)  # [S]
+        chosen_lp = log_probs.gather(1, chosen[:, None])[:, 0]
+        picked = torch.tensor(drawn)
+        index = torch.tensor([rows[s] for s in drawn])
+        token_ids[index] = chosen.cpu()[picked]
+        logprobs[index] = chosen_lp.cpu()[picked]
 
     @staticmethod
-    def _draw(probs: torch.Tensor, request: Request) -> int:
+    def _draw_noise(noise: torch.Tensor, request: Request) -> None:
         if request.generator is None:
             raise RuntimeError(f"request {request.request_id} samples but has no generator")
-        return int(torch.multinomial(probs, 1, generator=request.generator))
+        noise.exponential_(generator=request.generator)
 
     @staticmethod
     def _apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
