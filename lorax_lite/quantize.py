@@ -285,8 +285,9 @@ def linear_weight_bytes(model: nn.Module) -> int:
     """Bytes of the weights (and biases) of the decoder's linear layers, quantized or not."""
     total = 0
     for module in find_decoder_layers(model).modules():  # type: ignore[arg-type]
-        if isinstance(module, QuantizedLinear):
-            total += module.weight_bytes
+        size = getattr(module, "weight_bytes", None)  # QuantizedLinear, packed.PackedLinear
+        if isinstance(size, int):
+            total += size
         elif type(module) is nn.Linear:
             total += _linear_bytes(module)
     return total

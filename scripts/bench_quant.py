@@ -122,10 +122,12 @@ class QuantWorkload:
 
 
 def engine_kwargs(mode: str) -> dict[str, Any]:
-    """The engine every measurement of `mode` uses: bench_engine.py's, with a small KV cache."""
+    """The engine every measurement of `mode` uses: bench_engine.py's, with a small KV cache. Full precision runs
+    `F.linear` (linear_backend torch): the plain weights int8 replaces, so the memory rows compare like with like
+    (oneDNN's prepacked fp32, the CPU default since, is measured in the `vllm` and `profile` sections)."""
     dtype, quantize = MODES[mode]
     return dict(dtype=dtype, quantize=quantize, device="cpu", max_num_seqs=64, max_num_batched_tokens=512,
-                kv_cache_memory_gb=KV_CACHE_GB)
+                kv_cache_memory_gb=KV_CACHE_GB, linear_backend="torch")
 
 
 def chat_prompts(tokenizer: Any, n: int) -> list[list[int]]:
@@ -505,7 +507,11 @@ def _mib(n: float) -> str:
 
 def _memory_row(m: dict[str, Any], label: str, get: Callable[[dict[str, Any]], float], fmt: str = "{:.0f}") -> str:
     f, q, b = (get(m[mode]) for mode in MODES)
-    return f"| {label} | {fmt.format(f)} | {fmt.format(q)} | {fmt.format(b)} | {q / f:.2f}× | {b / f:.2f}× |"
+
+    def ratio(x: float) -> str:  # fp32's packed linears hold nothing of the mapped checkpoint: 0
+        return f"{x / f:.2f}×" if f else "–"
+
+    return f"| {label} | {fmt.format(f)} | {fmt.format(q)} | {fmt.format(b)} | {ratio(q)} | {ratio(b)} |"
 
 
 def _memory_md(res: dict[str, Any]) -> str:

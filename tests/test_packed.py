@@ -74,3 +74,18 @@ def test_pack_linears_without_the_head(tiny_llama_dir: Path):
     assert pack_linears(model, head=False) == count
     assert type(model.get_output_embeddings()) is nn.Linear
     assert not any(type(m) is nn.Linear for m in find_decoder_layers(model).modules())
+
+
+def test_row_counts_are_padded_to_a_few_buckets():
+    from lorax_lite.packed import padded_rows
+
+    assert [padded_rows(n) for n in (1, 7, 8, 9, 16, 17, 64, 65, 512, 513, 700)] == \
+        [1, 7, 8, 16, 16, 32, 64, 128, 512, 768, 768]
+    assert len({padded_rows(n) for n in range(1, 4097)}) <= 40  # oneDNN compiles one kernel per shape: bounded
+    torch.manual_seed(1)
+    linear = nn.Linear(64, 48)
+    packed = PackedLinear(linear)
+    for rows in (3, 9, 70):
+        x = torch.randn(1, rows, 64)
+        assert packed(x).shape == (1, rows, 48)
+        assert torch.allclose(packed(x), nn.functional.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-5)
