@@ -136,9 +136,6 @@ def test_a_head_without_the_callback_serves_unrouted_and_serve_warns(deployment:
             response = generate(server.url, "pricing")
             assert response.status_code == 200, response.text
             assert "x-lorax-routed-adapter" not in response.headers and response.headers["x-replica-id"]
-            deadline = time.monotonic() + 30  # the warning comes once serve has probed the proxy
-            while f"{PROXY_CALLBACK_ENV}={PROXY_CALLBACK}" not in server.log.read_text():
-                assert time.monotonic() < deadline, server.log_tail()
-                time.sleep(0.2)
+            wait_for_log(server, f"{PROXY_CALLBACK_ENV}={PROXY_CALLBACK}", 30)  # once serve has probed the proxy
             server.proc.send_signal(signal.SIGTERM)
             assert server.proc.wait(timeout=120) == 0, server.log_tail()

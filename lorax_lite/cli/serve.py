@@ -118,7 +118,9 @@ def serve_command(
     if replicas is not None:
         tenancy[0].close()  # each replica opens its own
         tenancy[1].close()
-        if ray_address in (None, "local"):  # the replicas run here: a missing model fails now, not in each replica
+        from lorax_lite.cluster.launch import starts_ray_here
+
+        if starts_ray_here(ray_address):  # the replicas run here: a missing model fails now, not in each replica
             from lorax_lite.model_loader import check_model_path
 
             try:
@@ -145,7 +147,7 @@ def _replica_options(config: EngineConfig, num_replicas: int, cpus: float | None
                      max_ongoing_requests: int | None, max_models: int | None,
                      ray_address: str | None) -> ReplicaOptions:
     """Ray's share for each replica; refuses values Ray would refuse later, and a missing Ray."""
-    from lorax_lite.cluster.launch import ReplicaOptions
+    from lorax_lite.cluster.launch import ReplicaOptions, starts_ray_here
 
     if num_replicas < 1:
         fail(f"--num-replicas must be at least 1, got {num_replicas}")
@@ -157,7 +159,7 @@ def _replica_options(config: EngineConfig, num_replicas: int, cpus: float | None
     if importlib.util.find_spec("ray") is None:
         fail("several replicas run on Ray Serve, which is not installed: pip install 'lorax-lite[cluster]'")
     if cpus is None:  # on this machine alone, its cores are shared out; on a cluster, one CPU each
-        cpus = (os.cpu_count() or 1) / num_replicas if ray_address in (None, "local") else 1.0
+        cpus = (os.cpu_count() or 1) / num_replicas if starts_ray_here(ray_address) else 1.0
     return ReplicaOptions(num_replicas=num_replicas, cpus=cpus, gpus=gpus,
                           max_ongoing_requests=max_ongoing_requests or config.max_num_seqs,
                           max_models_per_replica=max_models or max(config.max_cpu_loras, 1))

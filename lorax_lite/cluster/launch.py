@@ -68,7 +68,7 @@ def run_cluster(spec: ServerSpec, replicas: ReplicaOptions, cluster: ClusterOpti
     from lorax_lite.cluster.deployment import APP_NAME, application
 
     say = _flushing(say)
-    started_here = cluster.ray_address in (None, "local")  # Ray's "local": a new cluster on this machine
+    started_here = starts_ray_here(cluster.ray_address)
     if started_here:
         os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)  # inherited by Ray's processes started below
     try:
@@ -102,6 +102,11 @@ def run_cluster(spec: ServerSpec, replicas: ReplicaOptions, cluster: ClusterOpti
         if started_here:
             serve.shutdown()
         ray.shutdown()
+
+
+def starts_ray_here(ray_address: str | None) -> bool:
+    """Whether `serve` starts Ray on this machine: no address, or Ray's "local" (a new cluster here)."""
+    return ray_address in (None, "local")
 
 
 def deployment_error(serve: Any) -> str | None:
