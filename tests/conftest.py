@@ -28,6 +28,20 @@ from transformers import (
 
 # Every engine in the tests (and the servers they start) checks its allocators' invariants whenever it goes idle.
 os.environ.setdefault("LORAX_DEBUG_INVARIANTS", "1")
+# Without a GPU, Triton kernels (lorax_lite/kernels/) run in Triton's CPU interpreter. Triton reads the variable when
+# a kernel is defined, i.e. when lorax_lite.kernels' modules are first imported, which the tests do lazily.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `cuda` are skipped, with the reason, on a machine without a CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False); run `pytest -m cuda` on one")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
