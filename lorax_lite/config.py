@@ -17,6 +17,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")  # all but "auto" are torch'
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 QUANTIZE_MODES = ("none", "int8", "fp8")
 LINEAR_BACKENDS = ("auto", "torch", "onednn")
+ATTENTION_BACKENDS = ("auto", "sdpa", "triton")
+LORA_BACKENDS = ("auto", "grouped", "segment", "triton")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -59,6 +61,17 @@ class EngineConfig:
     linear_backend: str = field(default="auto", metadata={
         "help": "Base model linear layers: auto (onednn for float32 on CPU, else torch); onednn (weights prepacked "
                 "once for oneDNN's CPU kernels); torch (F.linear)."})
+    attention_backend: str = field(default="auto", metadata={
+        "help": "Paged attention: auto (triton on CUDA when triton is installed, else sdpa); sdpa (each sequence's "
+                "KV blocks gathered, then torch's scaled_dot_product_attention: the reference); triton (kernels that "
+                "read the paged KV cache in place)."})
+    lora_backend: str = field(default="auto", metadata={
+        "help": "Batched LoRA deltas: auto (triton on CUDA when triton is installed, else grouped where torch "
+                "supports it, else segment); grouped (torch grouped GEMMs); segment (a matmul pair per adapter in "
+                "the step); triton (SGMV/BGMV kernels)."})
+    enforce_eager: bool = field(default=False, metadata={
+        "help": "Never replay CUDA graphs. On CUDA with the triton backends, decode-only steps otherwise replay "
+                "graphs captured at start-up for bucketed batch sizes."})
     max_num_seqs: int = field(default=64, metadata={"help": "Most sequences in one step."})
     max_num_batched_tokens: int = field(default=512, metadata={"help": "Most tokens in one step."})
     block_size: int = field(default=16, metadata={"help": "Tokens per KV-cache block."})
@@ -86,6 +99,13 @@ class EngineConfig:
         check_device(self.device)
         if self.linear_backend not in LINEAR_BACKENDS:
             raise ValueError(f"linear_backend must be one of {', '.join(LINEAR_BACKENDS)}, got {self.linear_backend!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                             f"got {self.attention_backend!r}")
+        if self.lora_backend not in LORA_BACKENDS:
+            raise ValueError(f"lora_backend must be one of {', '.join(LORA_BACKENDS)}, got {self.lora_backend!r}")
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be true or false, got {self.enforce_eager!r}")
         if self.quantize not in QUANTIZE_MODES:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {self.quantize!r}")
         _check_positive(self, "max_num_seqs", "max_num_batched_tokens", "block_size")

@@ -16,6 +16,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lorax_lite.config import EngineConfig
+from lorax_lite.engine.attention import select_attention_backend
 from lorax_lite.engine.catalog import AdapterCatalog, ResolvedAdapter
 from lorax_lite.engine.kv_cache import BlockManager, ModelShape, plan_kv_cache
 from lorax_lite.engine.output import OutputProcessor
@@ -72,7 +73,10 @@ class LLMEngine:
             pack_linears(model)  # after LoRA too: the LoRALinears' base layers are packed
         plan = plan_kv_cache(config, ModelShape.of(model), self.dtype)
         self.max_seq_len = plan.max_seq_len  # the longest prompt + output served (see max_model_len)
-        self.runner = ModelRunner(model, plan.num_blocks, config.block_size, self.lora_layers)
+        self.attention_backend = select_attention_backend(config.attention_backend, param.device)
+        self.runner = ModelRunner(
+            model, plan.num_blocks, config.block_size, self.lora_layers, attention=self.attention_backend
+        )
         self.block_manager = BlockManager(plan.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.block_manager,

@@ -18,8 +18,10 @@ from transformers import PreTrainedModel
 
 from lorax_lite.engine.attention import (
     ATTN_IMPLEMENTATION,
-    AttentionGroup,
+    AttentionBackend,
     AttentionMetadata,
+    SdpaBackend,
+    StepLayout,
     forward_context,
     register_attention,
 )
@@ -27,6 +29,7 @@ from lorax_lite.engine.kv_cache import BlockManager, KVCache, ModelShape
 from lorax_lite.engine.request import Request
 from lorax_lite.engine.sampler import Sampler, SamplerOutput
 from lorax_lite.engine.scheduler import ScheduledBatch
+from lorax_lite.engine.staging import StepUploader
 from lorax_lite.lora.layers import LoRALayers
 from lorax_lite.lora.ops import LoRAMapping, lora_context
 
@@ -80,11 +83,18 @@ class ModelRunner:
     """Runs the HF model (its attention swapped for the paged one) over flattened batches."""
 
     def __init__(
-        self, model: PreTrainedModel, num_kv_blocks: int, block_size: int, lora_layers: LoRALayers | None = None
+        self,
+        model: PreTrainedModel,
+        num_kv_blocks: int,
+        block_size: int,
+        lora_layers: LoRALayers | None = None,
+        attention: AttentionBackend | None = None,
     ) -> None:
         self.model = model
         self.lora_layers = lora_layers
+        self.attention = attention or SdpaBackend()
         self.device = next(model.parameters()).device
+        self.uploader = StepUploader(self.device)
         self.dtype = next(model.parameters()).dtype
         self.block_size = block_size
         self.shape = ModelShape.of(model)
@@ -167,6 +177,26 @@ class ModelRunner:
         return LoRAMapping.build(seq_slots, batch.num_new_tokens, self.lora_layers.slot_ranks, self.device)
 
     def _prepare_inputs(self, batch: ScheduledBatch, block_manager: BlockManager) -> StepInputs:
+        """The step's inputs: built on the host, then uploaded in one copy (see engine/staging.py)."""
+        layout, token_ids, positions = self._layout(batch, block_manager)
+        sampling = torch.tensor([batch.samples(i) for i in range(len(batch.requests))])
+        logits_indices = (layout.starts + layout.num_new - 1)[sampling]
+        attention = self.attention.host_tensors(layout)
+        host = {"input_ids": token_ids, "positions": positions, "logits_indices": logits_indices}
+        uploaded = self.uploader.upload(host | {f"attention.{k}": v for k, v in attention.items()})
+        prefix = len("attention.")
+        on_device = {k[prefix:]: v for k, v in uploaded.items() if k.startswith("attention.")}
+        return StepInputs(
+            input_ids=uploaded["input_ids"].unsqueeze(0),
+            position_ids=uploaded["positions"].unsqueeze(0),
+            logits_indices=uploaded["logits_indices"],
+            attention=AttentionMetadata(self.kv_cache, self.attention, self.attention.metadata(layout, on_device)),
+            lora=self._prepare_lora(batch),
+        )
+
+    def _layout(self, batch: ScheduledBatch, block_manager: BlockManager) -> tuple[StepLayout, torch.Tensor,
+                                                                                      torch.Tensor]:
+        """Where the step's tokens go (host tensors), with their token ids [T] and positions [T]."""
         reqs, counts = batch.requests, batch.num_new_tokens
         context = torch.tensor([r.num_computed_tokens for r in reqs])  # [S] tokens already cached
         num_new = torch.tensor(counts)  # [S]
@@ -178,21 +208,8 @@ class ModelRunner:
         block_tables = self._prepare_block_tables(reqs, block_manager)  # [S, max_blocks]
         bs = self.block_size
         kv_rows = block_tables[seq_of_token, positions // bs] * bs + positions % bs  # [T]
-        groups = [
-            self._prepare_group(idx, starts, num_new, context, block_tables)
-            for idx in (torch.nonzero(num_new == 1).flatten(), torch.nonzero(num_new > 1).flatten())
-            if len(idx)
-        ]
-        sampling = torch.tensor([batch.samples(i) for i in range(len(reqs))])
-        logits_indices = (starts + num_new - 1)[sampling]
-        dev = self.device
-        return StepInputs(
-            input_ids=torch.tensor([token_ids], device=dev),
-            position_ids=positions.unsqueeze(0).to(dev),
-            logits_indices=logits_indices.to(dev),
-            attention=AttentionMetadata(self.kv_cache, kv_rows.to(dev), groups),
-            lora=self._prepare_lora(batch),
-        )
+        layout = StepLayout(context, num_new, starts, block_tables, kv_rows, bs)
+        return layout, torch.tensor(token_ids), positions
 
     @staticmethod
     def _prepare_block_tables(reqs: list, block_manager: BlockManager) -> torch.Tensor:
@@ -201,33 +218,3 @@ class ModelRunner:
         tables = [block_manager.block_table(r.request_id) for r in reqs]
         width = max(len(t) for t in tables)
         return torch.tensor([t + t[:1] * (width - len(t)) for t in tables], dtype=torch.long)
-
-    def _prepare_group(
-        self,
-        idx: torch.Tensor,
-        starts: torch.Tensor,
-        num_new: torch.Tensor,
-        context: torch.Tensor,
-        block_tables: torch.Tensor,
-    ) -> AttentionGroup:
-        """Pad the sequences `idx` into one attention batch [B, Q queries, L keys]."""
-        n, ctx = num_new[idx], context[idx]
-        q_len, kv_len = int(n.max()), int((ctx + n).max())
-        j = torch.arange(q_len)
-        valid = j[None, :] < n[:, None]  # [B, Q]
-        q_index = torch.where(valid, starts[idx][:, None] + j[None, :], 0)
-        tables = block_tables[idx][:, : -(-kv_len // self.block_size)]  # [B, NB]
-        dev = self.device
-        if len(idx) == len(starts) and bool(valid.all()) and q_len == 1:  # decodes only: queries already in order
-            q_index_dev = valid_dev = dest_dev = None
-        else:
-            valid_rows = valid.flatten().nonzero().flatten()  # [n_valid] rows of the padded queries that are real
-            q_index_dev, valid_dev, dest_dev = q_index.to(dev), valid_rows.to(dev), q_index[valid].to(dev)
-        return AttentionGroup(
-            q_index=q_index_dev,
-            block_tables=tables.to(dev),
-            q_pos=(ctx[:, None] + j[None, :]).to(dev),
-            valid=valid_dev,
-            dest=dest_dev,
-            block_size=self.block_size,
-        )
