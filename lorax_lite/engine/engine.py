@@ -224,7 +224,8 @@ class LLMEngine:
                           output_kind=output_kind, timeout=timeout, cache_salt=cache_salt)
         if not params.is_greedy:
             request.seed = params.seed if params.seed is not None else random.getrandbits(63)
-            request.generator = torch.Generator().manual_seed(request.seed)
+            # on the model's device: the sampler draws each row's noise there (no host round trip per step)
+            request.generator = torch.Generator(device=self.runner.device).manual_seed(request.seed)
         return request
 
     def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:

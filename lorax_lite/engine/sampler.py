@@ -56,16 +56,18 @@ class Sampler:
             raise ValueError(f"logits must be [N, V] with N={len(requests)}, got {tuple(logits.shape)}")
         raw, errors = self._check_rows(logits.float())  # [N, V], failed rows zeroed
         penalized = self._apply_repetition_penalty(raw, requests)  # [N, V]
-        token_ids = torch.zeros(len(requests), dtype=torch.long)
-        logprobs = torch.zeros(len(requests), dtype=torch.float32)
+        # [2, N] on the device: the chosen token ids and their log-probs, copied to the host once, at the end
+        # (float64 holds every token id exactly)
+        picked = torch.zeros(2, len(requests), dtype=torch.float64, device=logits.device)
         live = [i for i in range(len(requests)) if i not in errors]
         greedy = [i for i in live if requests[i].sampling_params.is_greedy]
         sampled = [i for i in live if not requests[i].sampling_params.is_greedy]
         if greedy:
-            self._pick_greedy(raw, penalized, greedy, token_ids, logprobs)
+            self._pick_greedy(raw, penalized, greedy, picked)
         if sampled:
-            self._pick_sampled(penalized, [requests[i] for i in sampled], sampled, token_ids, logprobs, errors)
-        return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs.tolist(), errors=errors)
+            self._pick_sampled(penalized, [requests[i] for i in sampled], sampled, picked, errors)
+        on_host = picked.cpu()  # the step's one device-to-host copy
+        return SamplerOutput(token_ids=on_host[0].long().tolist(), logprobs=on_host[1].float().tolist(), errors=errors)
 
     @staticmethod
     def _check_rows(logits: torch.Tensor) -> tuple[torch.Tensor, dict[int, Exception]]:
@@ -115,9 +117,7 @@ class Sampler:
     # -- greedy ---------------------------------------------------------------------------------
 
     @staticmethod
-    def _pick_greedy(
-        raw: torch.Tensor, penalized: torch.Tensor, rows: list[int], token_ids: torch.Tensor, logprobs: torch.Tensor
-    ) -> None:
+    def _pick_greedy(raw: torch.Tensor, penalized: torch.Tensor, rows: list[int], picked: torch.Tensor) -> None:
         if len(rows) == raw.shape[0]:  # every row greedy (the common case): no [G, V] copies
             rows_raw, rows_penalized = raw, penalized
         else:
@@ -126,8 +126,11 @@ class Sampler:
             rows_penalized = rows_raw if penalized is raw else penalized.index_select(0, index)
         chosen = rows_penalized.argmax(dim=-1)  # [G]
         lp = rows_raw.gather(1, chosen[:, None])[:, 0] - torch.logsumexp(rows_raw, dim=-1)  # [G]
-        token_ids[rows] = chosen.cpu()
-        logprobs[rows] = lp.cpu()
+        if len(rows) == raw.shape[0]:
+            picked[0].copy_(chosen)
+            picked[1].copy_(lp)
+        else:
+            picked[:, rows] = torch.stack([chosen.double(), lp.double()])
 
     # -- sampled --------------------------------------------------------------------------------
 
@@ -136,8 +139,7 @@ class Sampler:
         penalized: torch.Tensor,
         requests: list[Request],
         rows: list[int],
-        token_ids: torch.Tensor,
-        logprobs: torch.Tensor,
+        picked: torch.Tensor,
         errors: dict[int, Exception],
     ) -> None:
         device = penalized.device
@@ -152,7 +154,7 @@ class Sampler:
         # The draw, batched: argmax(log p - log E) with E ~ Exp(1) i.i.d. picks token i with probability p_i (the
         # first of independent exponential clocks with rates p_i to ring). Only the noise is drawn per row, from
         # the request's own generator, so a seeded row draws the same whatever shares its batch.
-        noise = torch.ones(len(rows), log_probs.shape[1], dtype=torch.float32)
+        noise = torch.ones(len(rows), log_probs.shape[1], dtype=torch.float32, device=device)
         drawn = []
         for s, (row, request) in enumerate(zip(rows, requests, strict=True)):
             try:
@@ -163,13 +165,12 @@ class Sampler:
             drawn.append(s)
         if not drawn:
             return
-        keys = log_probs - noise.to(device).clamp_(min=TINY).log_()  # a masked token (log p = -inf) never wins
+        keys = log_probs - noise.clamp_(min=TINY).log_()  # a masked token (log p = -inf) never wins
         chosen = keys.argmax(dim=-1)  # [S]
         chosen_lp = log_probs.gather(1, chosen[:, None])[:, 0]
-        picked = torch.tensor(drawn)
-        index = torch.tensor([rows[s] for s in drawn])
-        token_ids[index] = chosen.cpu()[picked]
-        logprobs[index] = chosen_lp.cpu()[picked]
+        which = torch.tensor(drawn, device=device)
+        index = torch.tensor([rows[s] for s in drawn], device=device)
+        picked[:, index] = torch.stack([chosen.double(), chosen_lp.double()])[:, which]
 
     @staticmethod
     def _draw_noise(noise: torch.Tensor, request: Request) -> None:
