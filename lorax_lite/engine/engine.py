@@ -18,6 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lorax_lite.config import EngineConfig
 from lorax_lite.engine.attention import select_attention_backend
 from lorax_lite.engine.catalog import AdapterCatalog, ResolvedAdapter
+from lorax_lite.engine.cuda_graphs import CudaGraphFactory
 from lorax_lite.engine.kv_cache import BlockManager, ModelShape, plan_kv_cache
 from lorax_lite.engine.output import OutputProcessor
 from lorax_lite.engine.request import FinishReason, OutputKind, Request, RequestOutput, SamplingParams
@@ -77,6 +78,7 @@ class LLMEngine:
         self.runner = ModelRunner(
             model, plan.num_blocks, config.block_size, self.lora_layers, attention=self.attention_backend
         )
+        self.decode_graphs = self._capture_decode_graphs(param.device)
         self.block_manager = BlockManager(plan.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.block_manager,
@@ -93,6 +95,17 @@ class LLMEngine:
         self._ids = itertools.count()
         self._requests: dict[str, Request] = {}
 
+    def _capture_decode_graphs(self, device: torch.device) -> list[int]:
+        """On CUDA, unless enforce_eager: capture decode graphs (engine/cuda_graphs.py); their batch sizes, or []."""
+        if device.type != "cuda" or self.config.enforce_eager:
+            return []
+        lora_ok = self.lora_layers is None or self.lora_layers.backend.needs_kernel_meta
+        if not (self.attention_backend.graph_capturable and lora_ok):
+            logger.info("decode steps run eagerly: CUDA graphs need attention_backend and lora_backend triton")
+            return []
+        graphs = self.runner.enable_decode_graphs(CudaGraphFactory(), self.config.max_num_seqs, self.max_seq_len)
+        return graphs.sizes
+
     def _init_lora(self, model: PreTrainedModel, registry: Registry | None, store: AdapterStore | None) -> None:
         self.lora_layers: LoRALayers | None = None
         self.adapter_reader: AdapterReader | None = None
@@ -101,7 +114,7 @@ class LLMEngine:
         cfg = self.config
         if cfg.max_loras == 0:
             return
-        self.lora_layers = LoRALayers.inject(model, cfg.max_loras, cfg.max_lora_rank)
+        self.lora_layers = LoRALayers.inject(model, cfg.max_loras, cfg.max_lora_rank, backend=cfg.lora_backend)
         self.adapter_reader = AdapterReader(self.lora_layers.targets, cfg.max_lora_rank, self.dtype)
         on_cuda = next(model.parameters()).device.type == "cuda"
         self.adapter_manager = AdapterManager(

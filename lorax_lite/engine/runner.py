@@ -25,6 +25,7 @@ from lorax_lite.engine.attention import (
     forward_context,
     register_attention,
 )
+from lorax_lite.engine.cuda_graphs import DecodeGraphs, GraphFactory
 from lorax_lite.engine.kv_cache import BlockManager, KVCache, ModelShape
 from lorax_lite.engine.request import Request
 from lorax_lite.engine.sampler import Sampler, SamplerOutput
@@ -95,6 +96,7 @@ class ModelRunner:
         self.attention = attention or SdpaBackend()
         self.device = next(model.parameters()).device
         self.uploader = StepUploader(self.device)
+        self.graphs: DecodeGraphs | None = None  # see enable_decode_graphs
         self.dtype = next(model.parameters()).dtype
         self.block_size = block_size
         self.shape = ModelShape.of(model)
@@ -148,8 +150,28 @@ class ModelRunner:
             key.index_fill_(0, rows, 0)
             value.index_fill_(0, rows, 0)
 
+    def enable_decode_graphs(self, factory: GraphFactory, max_batch: int, max_seq_len: int) -> DecodeGraphs:
+        """Capture decode graphs (engine/cuda_graphs.py) for up to `max_batch` sequences of up to `max_seq_len`
+        tokens; decode-only steps replay them from now on. Raises ValueError when the backends cannot be captured."""
+        graphs = DecodeGraphs(
+            self.model, self.kv_cache, self.attention, self.lora_layers, max_batch,
+            -(-max_seq_len // self.block_size), self.block_size, self.device, factory,
+        )
+        with torch.inference_mode():
+            graphs.capture()
+        self.graphs = graphs
+        return graphs
+
     def _run_once(self, batch: ScheduledBatch, block_manager: BlockManager) -> StepOutput:
         ordered = self._group_by_lora_slot(batch)
+        requests = ordered.sampling_requests
+        if self.graphs is not None and len(requests) == len(ordered.requests):
+            layout, token_ids, positions = self._layout(ordered, block_manager)
+            if self.graphs.fits(layout):
+                slot_ranks = self.lora_layers.slot_ranks if self.lora_layers is not None else []
+                seq_slots = [r.lora_slot for r in ordered.requests]
+                logits = self.graphs.run(layout, token_ids, positions, seq_slots, slot_ranks)
+                return StepOutput.of(requests, self.sampler(logits, requests))
         inputs = self._prepare_inputs(ordered, block_manager)
         with forward_context(inputs.attention), lora_context(inputs.lora):
             out = self.model(
@@ -158,7 +180,6 @@ class ModelRunner:
                 use_cache=False,
                 logits_to_keep=inputs.logits_indices,
             )
-        requests = ordered.sampling_requests
         return StepOutput.of(requests, self.sampler(out.logits[0], requests))
 
     @staticmethod
