@@ -8,7 +8,10 @@ atol = rtol = 5e-2. Rows that get no delta must be bit-identical.
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -162,6 +165,37 @@ def test_kernels_refuse_mismatched_shapes():
         kernels.bgmv_expand(out, lora_a, int32([0, 0, 0]), int32([4]), y)  # lora_a's width is not y's
     with pytest.raises(ValueError, match="do not fit"):
         kernels.sgmv_shrink(x.half(), lora_a, int32([0]), int32([0]), int32([3]), int32([4]), out)
+
+
+COMPILE_FOR_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lorax_lite.kernels import lora
+
+BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_R": 16, "BLOCK_K": 64}
+for dtype in ("fp32", "bf16"):
+    pointers = {"x_ptr": dtype, "a_ptr": dtype, "b_ptr": dtype, "y_ptr": dtype, "s_ptr": "fp32", "out_ptr": "fp32"}
+    for kernel in (lora._sgmv_shrink_kernel, lora._sgmv_expand_kernel, lora._bgmv_shrink_kernel,
+                   lora._bgmv_expand_kernel):
+        names = kernel.arg_names
+        signature = {n: "constexpr" if n in BLOCKS else "*" + pointers.get(n, "i32") if n.endswith("_ptr") else "i32"
+                     for n in names}
+        constexprs = {(names.index(n),): BLOCKS[n] for n in names if n in BLOCKS}
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32))
+        assert "cubin" in compiled.asm, kernel
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_a_gpu_without_one(tmp_path):
+    """The interpreter runs Python, not Triton's compiler: compile every kernel for sm_90 (fp32 and bf16), which
+    needs no GPU, to catch what only the compiler refuses (types, control flow)."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path), "TRITON_DEFAULT_FP_FUSION": "1"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
 
 
 # ---- LoRAMapping's kernel metadata --------------------------------------------------------------

@@ -8,10 +8,10 @@ Two ways to find a program's tokens and slot:
   The grid is (segment, token tile, output tile); a program whose tile starts past its segment's end returns.
   Its grid depends on the number of segments, a host value that changes every step.
 - BGMV (decode steps): every row of x has a slot in `token_slots` (-1: base model, no delta). The grid is
-  (slot, token tile, output tile) over all `max_loras` slots; a program takes the rows of its tile that belong
-  to its slot and returns when there are none. The runner orders tokens by slot, so a tile holds few slots and
-  most programs return at once. The grid and the arguments depend only on tensor shapes, and the kernels read
-  only device tensors, so a CUDA graph can capture them.
+  (token tile, output tile); a program goes over the slots in its tile, from the lowest to the highest, and
+  computes each one's rows (the others masked). The runner orders tokens by slot, so a tile holds few slots.
+  The grid and the arguments depend only on tensor shapes, and the kernels read only device tensors, so a CUDA
+  graph can capture them.
 
 Each slot's rank (`slot_ranks[slot]`) bounds the work: the buffers are zero past the rank, so a rank tile past it
 only stores zeros (shrink), and the expand loop over the rank stops there. Tiles are at least 16 wide in every
@@ -37,10 +37,9 @@ def _shrink_tile(x_ptr, a_ptr, out_ptr, rows, row_mask, slot, rank, r0, K, R,
     r_mask = offs_r < rank
     rows64 = rows.to(tl.int64)
     x_ptrs = x_ptr + rows64[:, None] * stride_xt + offs_k[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
-    a_ptrs = a_ptr + slot.to(tl.int64) * stride_as + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak  # A.T
-    k_end = K
-    if r0 >= rank:
-        k_end = 0
+    a_ptrs = a_ptr + tl.cast(slot, tl.int64) * stride_as + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak
+    # a_ptrs: [BLOCK_K, BLOCK_R], a tile of A[slot].T
+    k_end = tl.where(r0 < rank, K, 0)  # a tile past the rank: no loop, zeros stored
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, k_end, BLOCK_K):
         k_mask = offs_k < K - k0
@@ -63,7 +62,7 @@ def _expand_tile(s_ptr, b_ptr, y_ptr, rows, row_mask, slot, rank, n0, N,
     n_mask = offs_n < N
     rows64 = rows.to(tl.int64)
     s_ptrs = s_ptr + rows64[:, None] * stride_st + offs_r[None, :] * stride_sr  # [BLOCK_M, BLOCK_R]
-    b_ptrs = b_ptr + slot.to(tl.int64) * stride_bs + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn
+    b_ptrs = b_ptr + tl.cast(slot, tl.int64) * stride_bs + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, rank, BLOCK_R):
         r_mask = offs_r < rank - r0
@@ -113,33 +112,43 @@ def _sgmv_expand_kernel(s_ptr, b_ptr, y_ptr, seg_slots_ptr, seg_starts_ptr, seg_
 
 
 @triton.jit
-def _bgmv_shrink_kernel(x_ptr, a_ptr, out_ptr, token_slots_ptr, slot_ranks_ptr, T, K, R,
-                        stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_ot, stride_or,
-                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    slot = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = tl.load(token_slots_ptr + rows, mask=rows < T, other=-1) == slot
-    if tl.max(row_mask.to(tl.int32), axis=0) == 0:
-        return
-    rank = tl.minimum(tl.load(slot_ranks_ptr + slot), R)
-    _shrink_tile(x_ptr, a_ptr, out_ptr, rows, row_mask, slot, rank, tl.program_id(2) * BLOCK_R, K, R,
-                 stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_ot, stride_or,
-                 BLOCK_M, BLOCK_R, BLOCK_K)
+def _tile_slot_range(token_slots_ptr, rows, T, S):
+    # the tile's token slots, and the range [first, last] of the valid ones (empty when the tile has none)
+    slots = tl.load(token_slots_ptr + rows, mask=rows < T, other=-1)
+    valid = (slots >= 0) & (slots < S)
+    first = tl.min(tl.where(valid, slots, S), axis=0)
+    last = tl.max(tl.where(valid, slots, -1), axis=0)
+    return slots, first, last
 
 
 @triton.jit
-def _bgmv_expand_kernel(s_ptr, b_ptr, y_ptr, token_slots_ptr, slot_ranks_ptr, T, N, R,
+def _bgmv_shrink_kernel(x_ptr, a_ptr, out_ptr, token_slots_ptr, slot_ranks_ptr, T, K, S, R,
+                        stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_ot, stride_or,
+                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    slots, first, last = _tile_slot_range(token_slots_ptr, rows, T, S)
+    for slot in range(first, last + 1):  # sorted tokens: the few slots of this tile
+        row_mask = slots == slot
+        if tl.max(row_mask.to(tl.int32), axis=0) > 0:
+            rank = tl.minimum(tl.load(slot_ranks_ptr + slot), R)
+            _shrink_tile(x_ptr, a_ptr, out_ptr, rows, row_mask, slot, rank, tl.program_id(1) * BLOCK_R, K, R,
+                         stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_ot, stride_or,
+                         BLOCK_M, BLOCK_R, BLOCK_K)
+
+
+@triton.jit
+def _bgmv_expand_kernel(s_ptr, b_ptr, y_ptr, token_slots_ptr, slot_ranks_ptr, T, N, S, R,
                         stride_st, stride_sr, stride_bs, stride_br, stride_bn, stride_yt, stride_yn,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    slot = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = tl.load(token_slots_ptr + rows, mask=rows < T, other=-1) == slot
-    if tl.max(row_mask.to(tl.int32), axis=0) == 0:
-        return
-    rank = tl.minimum(tl.load(slot_ranks_ptr + slot), R)
-    _expand_tile(s_ptr, b_ptr, y_ptr, rows, row_mask, slot, rank, tl.program_id(2) * BLOCK_N, N,
-                 stride_st, stride_sr, stride_bs, stride_br, stride_bn, stride_yt, stride_yn,
-                 BLOCK_M, BLOCK_N, BLOCK_R)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    slots, first, last = _tile_slot_range(token_slots_ptr, rows, T, S)
+    for slot in range(first, last + 1):
+        row_mask = slots == slot
+        if tl.max(row_mask.to(tl.int32), axis=0) > 0:
+            rank = tl.minimum(tl.load(slot_ranks_ptr + slot), R)
+            _expand_tile(s_ptr, b_ptr, y_ptr, rows, row_mask, slot, rank, tl.program_id(1) * BLOCK_N, N,
+                         stride_st, stride_sr, stride_bs, stride_br, stride_bn, stride_yt, stride_yn,
+                         BLOCK_M, BLOCK_N, BLOCK_R)
 
 
 def _block(n: int, low: int, high: int) -> int:
@@ -147,7 +156,7 @@ def _block(n: int, low: int, high: int) -> int:
     return max(low, min(high, triton.next_power_of_2(max(n, 1))))
 
 
-_BGMV_BLOCK_M = 16  # decode: few rows per slot; a wider tile would mostly be masked rows
+_BGMV_BLOCK_M = 16  # decode: a tile runs one masked dot per slot in it; a narrow tile holds few slots
 _BLOCK_R = 16  # expand's step over the rank: ranks are multiples of it or masked
 _BLOCK_N = 64
 
@@ -219,7 +228,8 @@ def bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor
     """out[t] = x[t] @ lora_a[token_slots[t]].T for every row t with a slot (-1: none; its row is left as is).
 
     x: [T, in], lora_a: [S, R, in], token_slots: [T] int32, slot_ranks: [S] int32, out: [T, R] fp32; columns past
-    a row's rank get zeros. Capturable in a CUDA graph: the launch depends only on the shapes.
+    a row's rank get zeros; a slot outside [0, S) counts as -1. Capturable in a CUDA graph: the launch depends
+    only on the shapes. Any order of rows works; rows sorted by slot cost least.
     """
     _check_shrink(x, lora_a, out, "bgmv_shrink")
     (T, K), (S, R) = x.shape, lora_a.shape[:2]
@@ -228,8 +238,8 @@ def bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor
     if T == 0 or S == 0 or R == 0:
         return
     block_r = _block(R, 16, 32)
-    grid = (S, triton.cdiv(T, _BGMV_BLOCK_M), triton.cdiv(R, block_r))
-    _bgmv_shrink_kernel[grid](x, lora_a, out, token_slots, slot_ranks, T, K, R,
+    grid = (triton.cdiv(T, _BGMV_BLOCK_M), triton.cdiv(R, block_r))
+    _bgmv_shrink_kernel[grid](x, lora_a, out, token_slots, slot_ranks, T, K, S, R,
                               *x.stride(), *lora_a.stride(), *out.stride(),
                               BLOCK_M=_BGMV_BLOCK_M, BLOCK_R=block_r, BLOCK_K=_block(K, 16, 64))
 
@@ -247,8 +257,8 @@ def bgmv_expand(shrunk: torch.Tensor, lora_b: torch.Tensor, token_slots: torch.T
         raise ValueError(f"bgmv_expand: token_slots {tuple(token_slots.shape)} must have one slot per row of y ({T})")
     if T == 0 or S == 0 or R == 0 or N == 0:
         return
-    grid = (S, triton.cdiv(T, _BGMV_BLOCK_M), triton.cdiv(N, _BLOCK_N))
-    _bgmv_expand_kernel[grid](shrunk, lora_b, y, token_slots, slot_ranks, T, N, R,
+    grid = (triton.cdiv(T, _BGMV_BLOCK_M), triton.cdiv(N, _BLOCK_N))
+    _bgmv_expand_kernel[grid](shrunk, lora_b, y, token_slots, slot_ranks, T, N, S, R,
                               *shrunk.stride(), *lora_b.stride(), *y.stride(),
                               BLOCK_M=_BGMV_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_R=_BLOCK_R)
 
