@@ -284,6 +284,42 @@ def test_triton_backend_matches_torch_backends(kind, seed, dtype):
         torch.testing.assert_close(y, expected, atol=tol, rtol=tol, msg=lambda m, b=backend: f"{type(b).__name__}: {m}")
 
 
+@pytest.mark.parametrize("capture", [False, pytest.param(True, marks=pytest.mark.cuda)])
+def test_decode_delta_with_static_mapping_tensors_as_a_cuda_graph_replays_it(capture):
+    """The BGMV path reads only the kernel metadata's tensors: a graph captured with one decode mapping of B padded
+    rows gives each later step's delta after its token slots are copied into the captured ones."""
+    ranks, num_rows = [4, 0, 8, 16], 20
+    lora_a, lora_b = slot_buffers(ranks, 16, 64, 96, torch.float32)
+    static = LoRAMapping.build([0, 2, None], [1, 1, 1], ranks, DEVICE, kernel_meta=True, num_tokens=num_rows)
+    x, y = rows(num_rows, 64, torch.float32, seed=0), torch.zeros(num_rows, 96, device=DEVICE)
+    backend = TritonLoRABackend()
+
+    def delta() -> None:
+        y.zero_()
+        backend.add_delta(y, x, lora_a, lora_b, static)
+
+    delta()  # compiles the kernels (before any capture)
+    replay = delta
+    if capture:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            delta()
+        replay = graph.replay
+    steps = [[0, 3, 3, None], [0, 1, 2, 3, 3, 3] + [None] * 9, [None] * 5]  # each step's sequences, 1 token each
+    for seed, seq_slots in enumerate(steps):
+        x.copy_(rows(num_rows, 64, torch.float32, seed=seed + 1))
+        expected = torch.zeros_like(y)
+        if any(s is not None for s in seq_slots):
+            step = LoRAMapping.build(seq_slots, [1] * len(seq_slots), ranks, DEVICE, kernel_meta=True,
+                                     num_tokens=num_rows)
+            static.kernel.token_slots.copy_(step.kernel.token_slots)
+            SegmentBackend().add_delta(expected, x, lora_a, lora_b, step)
+        else:  # no adapter this step: the runner publishes no mapping, or every row's slot is -1
+            static.kernel.token_slots.fill_(-1)
+        replay()
+        torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_triton_backend_needs_kernel_meta():
     lora_a, lora_b = slot_buffers([4], 16, 16, 16, torch.float32)
     mapping = LoRAMapping.build([0], [2], [4], DEVICE)
