@@ -26,6 +26,7 @@ from lorax_lite.lora.loader import AdapterReader
 from lorax_lite.lora.ops import (
     LORA_BACKENDS,
     GroupedMatmulBackend,
+    LoRAKernelMeta,
     LoRAMapping,
     SegmentBackend,
     TritonLoRABackend,
@@ -225,6 +226,12 @@ def test_kernel_meta_of_a_decode_step():
     assert m.kernel.seg_slots.tolist() == [1, 3] and m.kernel.max_segment_len == 2
     padded = LoRAMapping.build([1, None], [1, 1], [4, 4], DEVICE, kernel_meta=True, num_tokens=4)
     assert padded.decode and padded.kernel.token_slots.tolist() == [1, -1, -1, -1]
+
+
+def test_kernel_meta_of_rows_without_adapters():
+    k = LoRAKernelMeta.build(torch.full((4,), -1, dtype=torch.int32), [4, 8], [], DEVICE)
+    assert k.token_slots.tolist() == [-1] * 4 and k.slot_ranks.tolist() == [4, 8]
+    assert k.seg_slots.numel() == k.seg_starts.numel() == k.seg_ends.numel() == k.max_segment_len == 0
 
 
 def test_kernel_meta_refuses_fewer_rows_than_tokens():

@@ -55,7 +55,11 @@ class LoRAKernelMeta:
     @classmethod
     def build(cls, token_slots: torch.Tensor, slot_ranks: list[int], segments: list[tuple[int, int, int]],
               device: torch.device) -> LoRAKernelMeta:
-        """Pack everything into one host int32 tensor (pinned for CUDA), copy it once, and take views."""
+        """From `token_slots` ([T] int32 on the host), one rank per slot and the (slot, start, end) segments.
+
+        Everything is packed into one host int32 tensor (pinned for CUDA), copied once, and viewed. With no
+        segments and every token slot -1 it is a decode step without adapters (e.g. a CUDA graph's static tensors).
+        """
         seg_table = torch.tensor(segments, dtype=torch.int32).reshape(-1, 3).T.flatten()  # slots, starts, ends
         parts = [token_slots, torch.tensor(slot_ranks, dtype=torch.int32), seg_table]
         sizes = [len(token_slots), len(slot_ranks), *[len(segments)] * 3]
