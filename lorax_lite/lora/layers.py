@@ -128,14 +128,17 @@ class LoRALayers:
         self._filled: list[set[str]] = [set() for _ in range(max_loras)]  # modules with non-zero weights per slot
 
     @classmethod
-    def inject(cls, model: PreTrainedModel, max_loras: int, max_lora_rank: int) -> LoRALayers:
-        """Wrap every nn.Linear inside the decoder layers in a LoRALinear (once, at start-up)."""
+    def inject(cls, model: PreTrainedModel, max_loras: int, max_lora_rank: int, backend: str = "auto") -> LoRALayers:
+        """Wrap every nn.Linear inside the decoder layers in a LoRALinear (once, at start-up).
+
+        `backend`: one of lorax_lite.lora.ops.LORA_BACKENDS (ValueError when it cannot run on the model's device).
+        """
         param = next(model.parameters())
-        backend = select_backend(param.device, param.dtype)
+        lora_backend = select_backend(param.device, param.dtype, backend)
         layers: dict[str, LoRALinear] = {}
         for name, module in decoder_linears(model):
             parent_name, _, leaf = name.rpartition(".")
-            wrapped = LoRALinear(module, max_loras, max_lora_rank, backend)
+            wrapped = LoRALinear(module, max_loras, max_lora_rank, lora_backend)
             setattr(model.get_submodule(parent_name), leaf, wrapped)
             layers[name] = wrapped
         return cls(layers, max_loras, max_lora_rank)

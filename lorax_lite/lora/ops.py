@@ -13,7 +13,11 @@ slot order, and tokens for the base model come last. It describes that order onc
 Both switch to two plain `bmm` calls over a padded [slots, rows] grid when the step's groups are
 even (decode steps: one token per request), which costs less per call than a grouped GEMM.
 
-A CUDA kernel (SGMV/BGMV, Punica-style) is one more `LoRABackend`.
+- `TritonLoRABackend`: Punica-style Triton kernels (lorax_lite/kernels/lora.py), the default on CUDA: SGMV over
+  the step's segments, or BGMV over every row in decode steps, which a CUDA graph can capture. It reads the
+  step's `LoRAKernelMeta`, device tensors the runner builds with the mapping when the backend `needs_kernel_meta`.
+
+`select_backend` picks one ("auto") or takes the one asked for by name (`LORA_BACKENDS`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,44 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from lorax_lite.kernels import check_triton, triton_unusable_reason
+
+LORA_BACKENDS = ("auto", "grouped", "segment", "triton")
+
+
+@dataclass
+class LoRAKernelMeta:
+    """A step's token->slot mapping as int32 device tensors, for the Triton kernels; copied to the device at once.
+
+    BGMV (decode) reads only `token_slots` and `slot_ranks`; SGMV reads the segments, `slot_ranks` and
+    `max_segment_len`. A CUDA graph that captures BGMV keeps static tensors of these shapes and copies each step's
+    values into them.
+    """
+
+    token_slots: torch.Tensor  # [T] slot of every row of the step's x; -1: base model (and padding rows)
+    slot_ranks: torch.Tensor  # [max_loras] rank of each slot's adapter (0: empty)
+    seg_slots: torch.Tensor  # [G] slot of each segment: the tokens of one slot (the mapping's `segments`)
+    seg_starts: torch.Tensor  # [G] first token of each segment
+    seg_ends: torch.Tensor  # [G] end (exclusive) of each segment
+    max_segment_len: int  # host value: the longest segment's token count (sizes SGMV's grid)
+
+    @classmethod
+    def build(cls, token_slots: torch.Tensor, slot_ranks: list[int], segments: list[tuple[int, int, int]],
+              device: torch.device) -> LoRAKernelMeta:
+        """From `token_slots` ([T] int32 on the host), one rank per slot and the (slot, start, end) segments.
+
+        Everything is packed into one host int32 tensor (pinned for CUDA), copied once, and viewed. With no
+        segments and every token slot -1 it is a decode step without adapters (e.g. a CUDA graph's static tensors).
+        """
+        seg_table = torch.tensor(segments, dtype=torch.int32).reshape(-1, 3).T.flatten()  # slots, starts, ends
+        parts = [token_slots, torch.tensor(slot_ranks, dtype=torch.int32), seg_table]
+        sizes = [len(token_slots), len(slot_ranks), *[len(segments)] * 3]
+        host = torch.empty(sum(sizes), dtype=torch.int32, pin_memory=device.type == "cuda")
+        torch.cat(parts, out=host)
+        token, ranks, seg_slots, seg_starts, seg_ends = host.to(device, non_blocking=True).split(sizes)
+        max_segment_len = max((end - start for _, start, end in segments), default=0)
+        return cls(token, ranks, seg_slots, seg_starts, seg_ends, max_segment_len)
 
 
 @dataclass
@@ -47,14 +89,20 @@ class LoRAMapping:
     max_rank: int  # the largest rank among the step's slots: buffers are sliced to it
     pad_len: int | None = None  # rows per slot in the padded layout; None: no padded layout this step
     pad_dest: torch.Tensor | None = None  # [n] row of each token in the grid; None: row i (no padding)
+    decode: bool = False  # every sequence has exactly one token this step
+    kernel: LoRAKernelMeta | None = None  # device tensors for TritonLoRABackend; None unless asked for
 
     @classmethod
     def build(
-        cls, seq_slots: list[int | None], seq_tokens: list[int], slot_ranks: list[int], device: torch.device
+        cls, seq_slots: list[int | None], seq_tokens: list[int], slot_ranks: list[int], device: torch.device,
+        kernel_meta: bool = False, num_tokens: int | None = None,
     ) -> LoRAMapping:
         """From each sequence's slot (None: base model) and token count, in flat-batch order.
 
         The sequences must already be ordered as described above (adapter ones by slot, then None).
+        `slot_ranks` has one rank per slot (max_loras of them). `kernel_meta`: also build `kernel`, for a backend
+        that `needs_kernel_meta`; its `token_slots` covers `num_tokens` rows (default: the sequences' tokens), the
+        rows past the sequences' tokens (padding, as in a CUDA graph's batch) get -1.
         """
         ordered = [s for s in seq_slots if s is not None]
         if not ordered or ordered != sorted(ordered) or seq_slots[: len(ordered)] != ordered:
@@ -72,8 +120,11 @@ class LoRAMapping:
             ends.append(start)
         max_rank = max(slot_ranks[s] for s, _, _ in segments)
         ends_tensor = torch.tensor(ends, dtype=torch.int32, device=device)
-        mapping = cls(start, first, len(counts), ends_tensor, segments, max_rank)
+        mapping = cls(start, first, len(counts), ends_tensor, segments, max_rank, decode=set(seq_tokens) == {1})
         mapping._plan_padding(counts, device)
+        if kernel_meta:
+            token_slots = _token_slots(seq_slots, seq_tokens, num_tokens)
+            mapping.kernel = LoRAKernelMeta.build(token_slots, slot_ranks, segments, device)
         return mapping
 
     def _plan_padding(self, counts: list[int], device: torch.device) -> None:
@@ -89,8 +140,20 @@ class LoRAMapping:
         self.pad_dest = torch.tensor(dest, device=device)
 
 
+def _token_slots(seq_slots: list[int | None], seq_tokens: list[int], num_tokens: int | None) -> torch.Tensor:
+    """[num_tokens] int32 host tensor: each token's slot, -1 for base-model tokens and padding rows."""
+    slots = torch.tensor([-1 if s is None else s for s in seq_slots], dtype=torch.int32)
+    token_slots = torch.repeat_interleave(slots, torch.tensor(seq_tokens, dtype=torch.long))
+    total = len(token_slots) if num_tokens is None else num_tokens
+    if total < len(token_slots):
+        raise ValueError(f"num_tokens {num_tokens} is less than the sequences' {len(token_slots)} tokens")
+    return torch.cat([token_slots, torch.full((total - len(token_slots),), -1, dtype=torch.int32)])
+
+
 class LoRABackend(ABC):
     """Adds each token's LoRA delta to a linear layer's output."""
+
+    needs_kernel_meta: bool = False  # whether add_delta reads mapping.kernel (LoRAMapping.build(kernel_meta=True))
 
     @abstractmethod
     def add_delta(self, y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
@@ -144,10 +207,64 @@ class SegmentBackend(LoRABackend):
             y[start:end].addmm_(x[start:end] @ lora_a[slot, :r].T, lora_b[slot, :r])
 
 
-def select_backend(device: torch.device, dtype: torch.dtype) -> LoRABackend:
-    """The grouped-GEMM backend when this torch supports it for `device` and `dtype`, else segments."""
-    if not hasattr(F, "grouped_mm"):
+class TritonLoRABackend(LoRABackend):
+    """The Triton kernels: BGMV over every row of x in decode steps, SGMV over the segments otherwise.
+
+    A decode step reads only `mapping.kernel`'s token_slots and slot_ranks and x's shape, so a CUDA graph can
+    capture it with static mapping tensors; rows with slot -1 are left unchanged. (The contract's n is then every
+    row whose slot is not -1.)
+    """
+
+    needs_kernel_meta = True
+
+    def __init__(self) -> None:
+        from lorax_lite.kernels import lora  # triton is optional: imported only when this backend is chosen
+
+        self.kernels = lora
+
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                  mapping: LoRAMapping) -> None:
+        meta = mapping.kernel
+        if meta is None:
+            raise RuntimeError("TritonLoRABackend needs the kernel metadata: LoRAMapping.build(..., kernel_meta=True)")
+        shrunk = torch.empty(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)  # [T, R]
+        k = self.kernels
+        if mapping.decode:
+            k.bgmv_shrink(x, lora_a, meta.token_slots, meta.slot_ranks, shrunk)
+            k.bgmv_expand(shrunk, lora_b, meta.token_slots, meta.slot_ranks, y)
+            return
+        segments = (meta.seg_slots, meta.seg_starts, meta.seg_ends, meta.slot_ranks)
+        k.sgmv_shrink(x, lora_a, *segments, shrunk, max_seg_len=meta.max_segment_len)
+        k.sgmv_expand(shrunk, lora_b, *segments, y, max_seg_len=meta.max_segment_len)
+
+
+def select_backend(device: torch.device, dtype: torch.dtype, name: str = "auto") -> LoRABackend:
+    """The backend called `name` (one of LORA_BACKENDS), or ValueError saying why it cannot run here.
+
+    "auto": the Triton kernels on CUDA when Triton is usable, else grouped GEMMs when this torch supports them for
+    `device` and `dtype`, else segments.
+    """
+    if name not in LORA_BACKENDS:
+        raise ValueError(f"unknown LoRA backend {name!r}; choose one of {', '.join(LORA_BACKENDS)}")
+    if name == "segment":
         return SegmentBackend()
+    if name == "triton":
+        check_triton(device, "lora_backend triton")
+        return TritonLoRABackend()
+    if name == "auto" and device.type == "cuda" and triton_unusable_reason(device) is None:
+        return TritonLoRABackend()
+    reason = _grouped_unusable_reason(device, dtype)
+    if reason is None:
+        return GroupedMatmulBackend()
+    if name == "grouped":
+        raise ValueError(f"lora_backend grouped cannot run here: {reason}")
+    return SegmentBackend()
+
+
+def _grouped_unusable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when grouped_mm gives the right delta for `device` and `dtype` (a probe); else why not."""
+    if not hasattr(F, "grouped_mm"):
+        return f"torch {torch.__version__} has no torch.nn.functional.grouped_mm"
     probe = LoRAMapping.build([0, 1], [2, 1], [16, 16], device)
     probe.pad_len = probe.pad_dest = None  # probe the grouped path
     x = torch.ones(3, 16, dtype=dtype, device=device)
@@ -155,9 +272,11 @@ def select_backend(device: torch.device, dtype: torch.dtype) -> LoRABackend:
     try:
         y = torch.zeros(3, 16, dtype=dtype, device=device)
         GroupedMatmulBackend().add_delta(y, x, a, a, probe)
-    except (RuntimeError, NotImplementedError, TypeError):
-        return SegmentBackend()
-    return GroupedMatmulBackend() if bool((y == 256).all()) else SegmentBackend()
+    except (RuntimeError, NotImplementedError, TypeError) as exc:
+        return f"grouped_mm fails for {dtype} on {device.type}: {type(exc).__name__}: {exc}"
+    if not bool((y == 256).all()):
+        return f"grouped_mm gives wrong results for {dtype} on {device.type}"
+    return None
 
 
 _MAPPING: contextvars.ContextVar[LoRAMapping | None] = contextvars.ContextVar("lorax_lora_mapping", default=None)
