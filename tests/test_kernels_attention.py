@@ -4,7 +4,7 @@ The reference gathers each sequence's keys by its block table and runs SDPA in f
 (and sliding window) mask. Every cache row a sequence does not own holds random values and block-table padding
 points at other sequences' blocks, so a kernel that reads past a sequence's keys gets a wrong answer.
 Without a GPU the kernels run in Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1): shapes are
-kept small. fp32 tolerance: atol = rtol = 1e-5 against float64; bf16/fp16 (GPU only): 2e-2.
+kept small. fp32 tolerance: atol = rtol = 1e-5 against float64; bf16/fp16: 2e-2.
 """
 
 from __future__ import annotations
@@ -91,15 +91,16 @@ DECODE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])  # 3: split-K over the keys, some splits empty for short sequences
 @pytest.mark.parametrize("block_size, num_heads, num_kv_heads, head_dim, seq_lens, window", DECODE_CASES)
 def test_decode_matches_reference(kernels, block_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                                  seq_lens: list[int], window: int | None) -> None:
+                                  seq_lens: list[int], window: int | None, num_splits: int) -> None:
     gen = torch.Generator().manual_seed(sum(seq_lens) + head_dim)
     batch = make_batch(seq_lens, block_size, num_kv_heads, head_dim, torch.float32, gen)
     q = torch.randn(len(seq_lens), num_heads, head_dim, generator=gen).to(DEVICE)
     scale = head_dim ** -0.5
     out = kernels.paged_decode_attention(q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens,
-                                         block_size, scale, sliding_window=window)
+                                         block_size, scale, sliding_window=window, num_splits=num_splits)
     expected = reference(q, batch, list(range(len(seq_lens) + 1)), scale, window)
     assert out.dtype == q.dtype and out.shape == q.shape
     torch.testing.assert_close(out.double(), expected, **FP32_TOL)
@@ -184,9 +185,8 @@ def test_shape_errors_are_clear(kernels) -> None:
                                        12, 1.0)
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_on_gpu(kernels, dtype: torch.dtype) -> None:
+def test_half_precision(kernels, dtype: torch.dtype) -> None:  # on CPU, the interpreter's (bf16: upcast) dots
     gen = torch.Generator().manual_seed(5)
     chunks = [(0, 70), (100, 1), (33, 64)]
     batch = make_batch([c + n for c, n in chunks], 16, 2, 80, dtype, gen)
@@ -204,9 +204,12 @@ def test_half_precision_on_gpu(kernels, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.cuda
-def test_decode_replays_in_a_cuda_graph(kernels) -> None:
+@pytest.mark.parametrize("table_blocks", [8, 256])  # 256 blocks of 16: a long table, split-K on a GPU
+def test_decode_replays_in_a_cuda_graph(kernels, table_blocks: int) -> None:
     gen = torch.Generator().manual_seed(6)
-    batch = make_batch([40, 60, 10], 16, 2, 64, torch.bfloat16, gen)
+    batch = make_batch([40, 60, 2000], 16, 2, 64, torch.bfloat16, gen)
+    padding = torch.randint(0, batch.k_cache.shape[0] // 16, (3, table_blocks), generator=gen, dtype=torch.int32)
+    batch.block_tables = torch.cat([batch.block_tables.cpu(), padding], 1)[:, :table_blocks].contiguous().to(DEVICE)
     q = torch.randn(3, 8, 64, generator=gen).to(DEVICE, torch.bfloat16)
     seq_lens = batch.seq_lens.clone()
     out = torch.empty_like(q)
@@ -215,7 +218,7 @@ def test_decode_replays_in_a_cuda_graph(kernels) -> None:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         kernels.paged_decode_attention(q, *args, out=out)
-    for lens in ([40, 60, 10], [7, 0, 10], [1, 55, 3]):
+    for lens in ([40, 60, 100], [7, 0, 10], [1, 55, 128]):
         seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
         graph.replay()
         batch.seq_lens = seq_lens

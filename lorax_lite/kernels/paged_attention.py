@@ -22,10 +22,14 @@ import torch
 import triton
 import triton.language as tl
 
+from lorax_lite.kernels import interpreting
+
 _MIN_DOT = 16  # tl.dot needs every dimension >= 16 on a GPU
-DECODE_BLOCK_N = 64  # keys per tile in decode
+DECODE_BLOCK_N = 32  # keys per tile in decode (at least one cache block)
 PREFILL_BLOCK_M = 64  # (query, head) rows per tile in prefill
 PREFILL_BLOCK_N = 32  # keys per tile in prefill
+SPLIT_MIN_KEYS = 512  # split-K decode: the fewest keys (of the block table's capacity) worth a split
+MAX_SPLITS = 16
 _LOG2E = 1.4426950408889634
 
 
@@ -59,6 +63,7 @@ def paged_decode_attention(
     scale: float,
     sliding_window: int | None = None,
     out: torch.Tensor | None = None,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence to its cached keys, read in place.
 
@@ -67,6 +72,8 @@ def paged_decode_attention(
     block_tables: [B, NB] int32 (entries past a sequence's blocks are never read);
     seq_lens: [B] int32, keys of each sequence; 0 gives a row of zeros (padding of a CUDA graph).
     out: optional [B, Hq, D] of q's dtype, written in place. Returns [B, Hq, D] in q's dtype.
+    num_splits: split each sequence's keys over this many programs (flash decoding), their partial softmaxes then
+    merged; None picks it from the shapes: > 1 only on a GPU with few (sequence, kv head) pairs and a long table.
     The launch depends only on shapes, never on tensor values: the call can be captured in a CUDA graph.
     """
     num_seqs, num_heads, head_dim = q.shape
@@ -76,14 +83,29 @@ def paged_decode_attention(
     out = _output(q, out)
     if num_seqs == 0:
         return out
-    _decode_kernel[(num_seqs, k_cache.shape[1])](
-        q, k_cache, v_cache, block_tables, seq_lens, out,
+    num_kv_heads = k_cache.shape[1]
+    if num_splits is None:
+        num_splits = _num_splits(num_seqs * num_kv_heads, block_tables.shape[1] * block_size, q.device)
+    _check(num_splits >= 1, f"num_splits must be >= 1, got {num_splits}")
+    block_m, block_d = max(_MIN_DOT, triton.next_power_of_2(group)), _block_d(head_dim)
+    # split partials, one row per (sequence, kv head, split, group row): acc [.., BLOCK_D] and the max and sum
+    part_acc = out if num_splits == 1 else q.new_empty((num_seqs * num_kv_heads * num_splits * block_m, block_d),
+                                                         dtype=torch.float32)
+    part_ml = out if num_splits == 1 else q.new_empty((num_seqs * num_kv_heads * num_splits * block_m, 2),
+                                                        dtype=torch.float32)
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_acc, part_ml,
         scale * _LOG2E, sliding_window or 0,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), *out.stride(),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, HAS_WINDOW=sliding_window is not None,
-        BLOCK_M=max(_MIN_DOT, triton.next_power_of_2(group)), BLOCK_N=max(DECODE_BLOCK_N, block_size),
-        BLOCK_D=_block_d(head_dim),
+        UPCAST_DOT=_upcast_dot(q),
+        IS_SPLIT=num_splits > 1, BLOCK_M=block_m, BLOCK_N=max(DECODE_BLOCK_N, block_size), BLOCK_D=block_d,
     )
+    if num_splits > 1:
+        _merge_splits_kernel[(num_seqs, num_kv_heads)](
+            part_acc, part_ml, out, num_splits, *out.stride(),
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_D=block_d,
+        )
     return out
 
 
@@ -125,9 +147,21 @@ def paged_prefill_attention(
         scale * _LOG2E, sliding_window or 0,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), *out.stride(),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, HAS_WINDOW=sliding_window is not None,
+        UPCAST_DOT=_upcast_dot(q),
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N, BLOCK_D=_block_d(head_dim),
     )
     return out
+
+
+def _num_splits(num_programs: int, max_keys: int, device: torch.device) -> int:
+    """Splits per sequence for decode: enough programs to fill the GPU once, each with >= SPLIT_MIN_KEYS keys of
+    the table's capacity. From shapes only (the true lengths live on the device), so CUDA graphs can capture it."""
+    if device.type != "cuda":
+        return 1
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if num_programs * 2 > num_sms or max_keys < 2 * SPLIT_MIN_KEYS:
+        return 1
+    return min(triton.cdiv(num_sms, num_programs), max_keys // SPLIT_MIN_KEYS, MAX_SPLITS)
 
 
 def _check(condition: bool, message: str) -> None:
@@ -159,6 +193,11 @@ def _output(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     _check(out.shape == q.shape and out.dtype == q.dtype and out.device == q.device,
            f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got {tuple(out.shape)} {out.dtype} on {out.device}")
     return out
+
+
+def _upcast_dot(q: torch.Tensor) -> bool:
+    """Whether tl.dot gets fp32 copies of bf16 tiles: Triton's CPU interpreter (3.9) multiplies bf16 bit patterns."""
+    return q.dtype == torch.bfloat16 and q.device.type != "cuda" and interpreting()
 
 
 def _block_d(head_dim: int) -> int:
@@ -193,15 +232,18 @@ def _attend_keys(  # type: ignore[no-untyped-def]
     q, q_pos, lo, hi, kv_head, table_ptr, k_cache_ptr, v_cache_ptr,
     stride_kr, stride_kh, stride_kd, stride_vr, stride_vh, stride_vd,
     scale_log2, window,
-    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Online softmax of q ([BLOCK_M, BLOCK_D], rows at positions q_pos) over keys lo..hi of one sequence.
 
-    Returns (acc [BLOCK_M, BLOCK_D] fp32, l [BLOCK_M]): the output is acc / l, where l == 0 for a row with no key.
+    Returns (acc [BLOCK_M, BLOCK_D] fp32, m, l [BLOCK_M]): the output is acc / l (l == 0: the row had no key),
+    m is the running max of the scores (log2 units), l the sum of exp2(score - m).
     """
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: a row with no key yet gets exp2(-inf - m_i) = 0, not NaN
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -212,6 +254,8 @@ def _attend_keys(  # type: ignore[no-untyped-def]
         rows = blocks.to(tl.int64) * BLOCK_SIZE + keys % BLOCK_SIZE  # [BLOCK_N] cache rows
         k_t = tl.load(k_cache_ptr + rows[None, :] * stride_kr + kv_head * stride_kh + dims[:, None] * stride_kd,
                       mask=key_ok[None, :] & dim_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+        if UPCAST_DOT:
+            k_t = k_t.to(tl.float32)
         s = tl.dot(q, k_t, input_precision="ieee") * scale_log2  # [BLOCK_M, BLOCK_N], log2 units
         allowed = key_ok[None, :] & (keys[None, :] <= q_pos[:, None])
         if HAS_WINDOW:
@@ -223,9 +267,11 @@ def _attend_keys(  # type: ignore[no-untyped-def]
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + rows[:, None] * stride_vr + kv_head * stride_vh + dims[None, :] * stride_vd,
                     mask=key_ok[:, None] & dim_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        if UPCAST_DOT:
+            v = v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
-    return acc, l_i
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -239,16 +285,19 @@ def _window_start(first_pos, window, HAS_WINDOW: tl.constexpr, BLOCK_N: tl.const
 
 @triton.jit
 def _decode_kernel(  # type: ignore[no-untyped-def]
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
     scale_log2, window,
     stride_qb, stride_qh, stride_qd,
     stride_kr, stride_kh, stride_kd, stride_vr, stride_vh, stride_vd,
     stride_table, stride_ob, stride_oh, stride_od,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    IS_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     group_rows = tl.arange(0, BLOCK_M)  # the query heads of this kv head, padded to BLOCK_M rows
     heads = kv_head * GROUP + group_rows
@@ -257,11 +306,50 @@ def _decode_kernel(  # type: ignore[no-untyped-def]
     q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :] * stride_qd, mask=mask, other=0.0)
     q_pos = tl.full([BLOCK_M], 0, tl.int32) + seq_len - 1
     lo = _window_start(seq_len - 1, window, HAS_WINDOW, BLOCK_N)
+    hi = seq_len
+    if IS_SPLIT:  # this split's share of the key tiles
+        per_split = tl.cdiv(tl.cdiv(seq_len - lo, BLOCK_N), num_splits) * BLOCK_N
+        lo = lo + split * per_split
+        hi = tl.minimum(lo + per_split, seq_len)
     table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_table
-    acc, l_i = _attend_keys(q, q_pos, lo, seq_len, kv_head, table_ptr, k_cache_ptr, v_cache_ptr,
-                            stride_kr, stride_kh, stride_kd, stride_vr, stride_vh, stride_vd, scale_log2, window,
-                            HEAD_DIM, BLOCK_SIZE, HAS_WINDOW, BLOCK_M, BLOCK_N, BLOCK_D)
-    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # seq_len 0: no key, a row of zeros
+    acc, m_i, l_i = _attend_keys(q, q_pos, lo, hi, kv_head, table_ptr, k_cache_ptr, v_cache_ptr,
+                                 stride_kr, stride_kh, stride_kd, stride_vr, stride_vh, stride_vd, scale_log2, window,
+                                 HEAD_DIM, BLOCK_SIZE, HAS_WINDOW, UPCAST_DOT, BLOCK_M, BLOCK_N, BLOCK_D)
+    if not IS_SPLIT:
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # seq_len 0: no key, a row of zeros
+        tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + dims[None, :] * stride_od,
+                 o.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        part = ((seq.to(tl.int64) * tl.num_programs(1) + kv_head) * num_splits + split) * BLOCK_M + group_rows
+        tl.store(part_acc_ptr + part[:, None] * BLOCK_D + dims[None, :], acc)
+        tl.store(part_ml_ptr + part * 2, m_i)
+        tl.store(part_ml_ptr + part * 2 + 1, l_i)
+
+
+@triton.jit
+def _merge_splits_kernel(  # type: ignore[no-untyped-def]
+    part_acc_ptr, part_ml_ptr, out_ptr, num_splits, stride_ob, stride_oh, stride_od,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Merge the partial softmaxes of a (sequence, kv head)'s splits, rescaled to their common max."""
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    group_rows = tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    first = (seq.to(tl.int64) * tl.num_programs(1) + kv_head) * num_splits * BLOCK_M + group_rows
+    m_max = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    for split in range(num_splits):
+        m_max = tl.maximum(m_max, tl.load(part_ml_ptr + (first + split * BLOCK_M) * 2))
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    l_sum = tl.zeros([BLOCK_M], tl.float32)
+    for split in range(num_splits):
+        part = first + split * BLOCK_M
+        weight = tl.exp2(tl.load(part_ml_ptr + part * 2) - m_max)  # 0 for a split that saw no key
+        l_sum += weight * tl.load(part_ml_ptr + part * 2 + 1)
+        acc += weight[:, None] * tl.load(part_acc_ptr + part[:, None] * BLOCK_D + dims[None, :])
+    o = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+    heads = kv_head * GROUP + group_rows
+    mask = (group_rows < GROUP)[:, None] & (dims < HEAD_DIM)[None, :]
     tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + dims[None, :] * stride_od,
              o.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -274,6 +362,7 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]
     stride_kr, stride_kh, stride_kd, stride_vr, stride_vh, stride_vd,
     stride_table, stride_ot, stride_oh, stride_od,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -300,9 +389,9 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]
     lo = _window_start(context + first, window, HAS_WINDOW, BLOCK_N)
     hi = context + last + 1  # causal: no key past the tile's last query
     table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_table
-    acc, l_i = _attend_keys(q, q_pos, lo, hi, kv_head, table_ptr, k_cache_ptr, v_cache_ptr,
-                            stride_kr, stride_kh, stride_kd, stride_vr, stride_vh, stride_vd, scale_log2, window,
-                            HEAD_DIM, BLOCK_SIZE, HAS_WINDOW, BLOCK_M, BLOCK_N, BLOCK_D)
+    acc, m_i, l_i = _attend_keys(q, q_pos, lo, hi, kv_head, table_ptr, k_cache_ptr, v_cache_ptr,
+                                 stride_kr, stride_kh, stride_kd, stride_vr, stride_vh, stride_vd, scale_log2, window,
+                                 HEAD_DIM, BLOCK_SIZE, HAS_WINDOW, UPCAST_DOT, BLOCK_M, BLOCK_N, BLOCK_D)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + tokens[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :] * stride_od,
              o.to(out_ptr.dtype.element_ty), mask=mask)
