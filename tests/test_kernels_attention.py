@@ -127,6 +127,7 @@ PREFILL_CASES = [
     (16, 8, 1, 32, [(0, 45), (20, 13)], 9),
     (8, 4, 2, 48, [(5, 19), (0, 24)], 64),  # window longer than the sequence
     (16, 4, 4, 64, [(50, 40), (7, 1)], 24),  # query tiles whose first key tiles fall outside the window
+    (32, 8, 2, 80, [(30, 21), (0, 9)], None),  # head_dim 80: the smaller fp32 tiles of wide heads
 ]
 
 

@@ -25,9 +25,13 @@ import triton.language as tl
 from lorax_lite.kernels import interpreting
 
 _MIN_DOT = 16  # tl.dot needs every dimension >= 16 on a GPU
-DECODE_BLOCK_N = 32  # keys per tile in decode (at least one cache block)
-PREFILL_BLOCK_M = 64  # (query, head) rows per tile in prefill
-PREFILL_BLOCK_N = 32  # keys per tile in prefill
+DECODE_BLOCK_N = 32  # keys per tile in decode
+# Prefill tiles by BLOCK_D (head_dim rounded up to a power of two; the 64 row serves smaller heads, the 256 row
+# larger ones): ((query, head) rows, keys, warps), chosen so that the sm_90 code of each compiles without register
+# spills (checked with the ptxas bundled with Triton). fp32 tl.dot is IEEE, on FMA units rather than tensor cores,
+# hence smaller fp32 tiles.
+_PREFILL_TILES = {"half": {64: (64, 32, 4), 128: (64, 32, 8), 256: (64, 16, 8)},
+                  "fp32": {64: (64, 32, 8), 128: (32, 16, 4), 256: (16, 16, 4)}}
 SPLIT_MIN_KEYS = 512  # split-K decode: the fewest keys (of the block table's capacity) worth a split
 MAX_SPLITS = 16
 _LOG2E = 1.4426950408889634
@@ -99,7 +103,8 @@ def paged_decode_attention(
         *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), *out.stride(),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, HAS_WINDOW=sliding_window is not None,
         UPCAST_DOT=_upcast_dot(q),
-        IS_SPLIT=num_splits > 1, BLOCK_M=block_m, BLOCK_N=max(DECODE_BLOCK_N, block_size), BLOCK_D=block_d,
+        IS_SPLIT=num_splits > 1, BLOCK_M=block_m, BLOCK_N=DECODE_BLOCK_N, BLOCK_D=block_d,
+        num_warps=4 if block_d <= 64 and q.dtype != torch.float32 else 8,
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_seqs, num_kv_heads)](
@@ -139,7 +144,9 @@ def paged_prefill_attention(
     out = _output(q, out)
     if num_tokens == 0 or num_seqs == 0 or max_query_len <= 0:
         return out
-    block_m = max(PREFILL_BLOCK_M, triton.next_power_of_2(group))
+    block_d = _block_d(head_dim)
+    block_m, block_n, num_warps = _prefill_tiles(block_d, q.dtype)
+    block_m = max(block_m, triton.next_power_of_2(group))
     block_q = block_m // group  # queries per tile
     grid = (triton.cdiv(max_query_len, block_q), num_seqs, k_cache.shape[1])
     _prefill_kernel[grid](
@@ -148,7 +155,7 @@ def paged_prefill_attention(
         *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), *out.stride(),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, HAS_WINDOW=sliding_window is not None,
         UPCAST_DOT=_upcast_dot(q),
-        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N, BLOCK_D=_block_d(head_dim),
+        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
     )
     return out
 
@@ -198,6 +205,11 @@ def _output(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
 def _upcast_dot(q: torch.Tensor) -> bool:
     """Whether tl.dot gets fp32 copies of bf16 tiles: Triton's CPU interpreter (3.9) multiplies bf16 bit patterns."""
     return q.dtype == torch.bfloat16 and q.device.type != "cuda" and interpreting()
+
+
+def _prefill_tiles(block_d: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of prefill for a head of BLOCK_D and a dtype."""
+    return _PREFILL_TILES["fp32" if dtype == torch.float32 else "half"][min(max(block_d, 64), 256)]
 
 
 def _block_d(head_dim: int) -> int:
