@@ -9,7 +9,12 @@ kept small. fp32 tolerance: atol = rtol = 1e-5 against float64; bf16/fp16: 2e-2.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -224,3 +229,16 @@ def test_decode_replays_in_a_cuda_graph(kernels, table_blocks: int) -> None:
         graph.replay()
         batch.seq_lens = seq_lens
         torch.testing.assert_close(out.double(), reference(q, batch, [0, 1, 2, 3], 0.125, None), **HALF_TOL)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia") is None,
+                    reason="this triton has no CUDA backend to compile with")
+def test_kernels_compile_for_sm90() -> None:
+    """The interpreter never runs Triton's GPU compiler: compile for an H100/H200 here, no GPU needed."""
+    repo = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(repo), env.get("PYTHONPATH", "")])
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences triton 3.9's warning about its default changing
+    result = subprocess.run([sys.executable, str(repo / "tests" / "compile_sm90.py")], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
