@@ -15,11 +15,13 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+T = TypeVar("T")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)
 HALF_TOL = dict(atol=2e-2, rtol=2e-2)
@@ -63,6 +65,10 @@ def make_batch(seq_lens: list[int], block_size: int, num_kv_heads: int, head_dim
     k_cache, v_cache = (torch.randn(shape, generator=gen, dtype=torch.float64).to(DEVICE, dtype) for _ in range(2))
     return PagedBatch(k_cache, v_cache, tables.to(DEVICE), torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
                       block_size)
+
+
+def pick(options: list[T], gen: torch.Generator) -> T:
+    return options[int(torch.randint(len(options), (1,), generator=gen))]
 
 
 def reference(q: torch.Tensor, batch: PagedBatch, q_starts: list[int], scale: float,
@@ -150,6 +156,25 @@ def test_prefill_matches_reference(kernels, block_size: int, num_heads: int, num
                                           batch.seq_lens, block_size, scale, max(q_lens), sliding_window=window)
     assert out.dtype == q.dtype and out.shape == q.shape
     torch.testing.assert_close(out.double(), reference(q, batch, q_starts, scale, window), **FP32_TOL)
+
+
+@pytest.mark.parametrize("seed, heads", [(0, (4, 2)), (1, (8, 1)), (2, (9, 3))])
+def test_prefill_random_batches(kernels, seed: int, heads: tuple[int, int]) -> None:
+    """Many sequences of random context and query lengths (some queries empty): query tiles straddle sequences."""
+    gen = torch.Generator().manual_seed(100 + seed)
+    (num_heads, num_kv_heads), block_size = heads, pick([8, 16, 32], gen)
+    head_dim, window = pick([32, 48, 64], gen), pick([None, 5, 30], gen)
+    num_seqs = int(torch.randint(6, 12, (1,), generator=gen))
+    contexts = torch.randint(0, 40, (num_seqs,), generator=gen).tolist()
+    q_lens = torch.randint(0, 3 if seed == 0 else 40, (num_seqs,), generator=gen).tolist()  # seed 0: short tiles
+    batch = make_batch([c + n for c, n in zip(contexts, q_lens, strict=True)], block_size, num_kv_heads, head_dim,
+                       torch.float32, gen)
+    q_starts = [0] + torch.tensor(q_lens).cumsum(0).tolist()
+    q = torch.randn(q_starts[-1], num_heads, head_dim, generator=gen).to(DEVICE)
+    query_start_loc = torch.tensor(q_starts, dtype=torch.int32, device=DEVICE)
+    out = kernels.paged_prefill_attention(q, batch.k_cache, batch.v_cache, batch.block_tables, query_start_loc,
+                                          batch.seq_lens, block_size, 0.2, max(q_lens), sliding_window=window)
+    torch.testing.assert_close(out.double(), reference(q, batch, q_starts, 0.2, window), **FP32_TOL)
 
 
 def test_prefill_of_single_queries_equals_decode(kernels) -> None:

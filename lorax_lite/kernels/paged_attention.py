@@ -138,7 +138,8 @@ def paged_prefill_attention(
 
     q: [T, Hq, D]; sequence b's queries are rows query_start_loc[b]:query_start_loc[b + 1] ([B + 1] int32), and
     query i of it sits at position seq_lens[b] - q_len_b + i (seq_lens: [B] int32, the keys cached before this
-    step plus the new ones, whose K/V are already stored); max_query_len >= every q_len_b (it sizes the grid).
+    step plus the new ones, whose K/V are already stored); max_query_len: the largest q_len_b, or more (it sizes
+    the query tiles). Nothing is read back to the host.
     k_cache, v_cache, block_tables as for `paged_decode_attention`. out: optional [T, Hq, D] of q's dtype.
     Returns [T, Hq, D] in q's dtype.
     """
@@ -153,11 +154,14 @@ def paged_prefill_attention(
         return out
     block_d = _block_d(head_dim)
     block_m, block_n, num_warps = _prefill_tiles(block_d, q.dtype)
-    block_m = max(block_m, triton.next_power_of_2(group))
+    # no more rows than the longest sequence's queries fill (a step of short chunks gets short tiles)
+    block_m = max(min(block_m, triton.next_power_of_2(max_query_len * group)), _MIN_DOT, triton.next_power_of_2(group))
     block_q = block_m // group  # queries per tile
-    grid = (triton.cdiv(max_query_len, block_q), num_seqs, k_cache.shape[1])
+    # Sequence b's tiles are programs qsl[b] // block_q + b onwards: enough for its q_len, and the kernel finds its
+    # sequence by a binary search of query_start_loc. At most B programs idle; nothing read back to the host.
+    grid = (num_tokens // block_q + num_seqs, k_cache.shape[1])
     prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out,
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, num_seqs,
         scale * _LOG2E, sliding_window or 0,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), *out.stride(),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, HAS_WINDOW=sliding_window is not None,

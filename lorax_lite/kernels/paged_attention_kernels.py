@@ -157,8 +157,22 @@ def merge_splits_kernel(  # type: ignore[no-untyped-def]
 
 
 @triton.jit
+def _sequence_of(program, query_start_loc_ptr, num_seqs, BLOCK_Q: tl.constexpr):  # type: ignore[no-untyped-def]
+    """The last sequence b whose first tile, program query_start_loc[b] // BLOCK_Q + b, is <= `program`."""
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid <= program:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
 def prefill_kernel(  # type: ignore[no-untyped-def]
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, out_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, out_ptr, num_seqs,
     scale_log2, window,
     stride_qt, stride_qh, stride_qd,
     stride_kr, stride_kh, stride_kd, stride_vr, stride_vh, stride_vd,
@@ -167,13 +181,13 @@ def prefill_kernel(  # type: ignore[no-untyped-def]
     UPCAST_DOT: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    seq = tl.program_id(1)
-    kv_head = tl.program_id(2)
+    program = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = _sequence_of(program, query_start_loc_ptr, num_seqs, BLOCK_Q)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    first = tile * BLOCK_Q  # the tile's first query, counted from the sequence's first new one
-    if first >= q_len:
+    first = (program - q_start // BLOCK_Q - seq) * BLOCK_Q  # the tile's first query, counted in its sequence
+    if first >= q_len:  # one of the spare programs
         return
     seq_len = tl.load(seq_lens_ptr + seq)
     context = seq_len - q_len
