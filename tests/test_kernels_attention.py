@@ -214,6 +214,9 @@ def test_shape_errors_are_clear(kernels) -> None:
     with pytest.raises(ValueError, match="power of two"):
         kernels.paged_decode_attention(q[:, :2], batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens,
                                        12, 1.0)
+    with pytest.raises(ValueError, match="block_tables must be int32 or int64, contiguous"):
+        kernels.paged_decode_attention(q[:, :2], batch.k_cache, batch.v_cache, batch.block_tables.repeat(1, 2)[:, ::2],
+                                       batch.seq_lens, 8, 1.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -54,6 +54,7 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
     num_tokens, num_kv_heads, head_dim = key.shape
     _check(value.shape == key.shape and kv_rows.shape == (num_tokens,), "key, value and kv_rows disagree in shape")
     _check_cache(k_cache, v_cache, num_kv_heads, head_dim, key.dtype)
+    _check_index(kv_rows, "kv_rows", key.device)
     if num_tokens == 0:
         return
     store_kv_kernel[(num_tokens,)](
@@ -91,6 +92,7 @@ def paged_decode_attention(
     group = _group_size(q, k_cache, v_cache, block_size)
     _check(block_tables.dim() == 2 and block_tables.shape[0] == num_seqs and seq_lens.shape == (num_seqs,),
            f"block_tables [B, NB] and seq_lens [B] must match q's B={num_seqs}")
+    _check_indexes(q.device, block_tables=block_tables, seq_lens=seq_lens)
     out = _output(q, out)
     if num_seqs == 0:
         return out
@@ -149,6 +151,7 @@ def paged_prefill_attention(
     _check(block_tables.dim() == 2 and block_tables.shape[0] == num_seqs
            and query_start_loc.shape == (num_seqs + 1,), "need block_tables [B, NB], query_start_loc [B + 1], "
            f"seq_lens [B]; got {tuple(block_tables.shape)}, {tuple(query_start_loc.shape)}, {tuple(seq_lens.shape)}")
+    _check_indexes(q.device, block_tables=block_tables, query_start_loc=query_start_loc, seq_lens=seq_lens)
     out = _output(q, out)
     if num_tokens == 0 or num_seqs == 0 or max_query_len <= 0:
         return out
@@ -185,6 +188,18 @@ def _num_splits(num_programs: int, max_keys: int, device: torch.device) -> int:
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def _check_indexes(device: torch.device, **indexes: torch.Tensor) -> None:
+    for name, index in indexes.items():
+        _check_index(index, name, device)
+
+
+def _check_index(index: torch.Tensor, name: str, device: torch.device) -> None:
+    """Index tensors are read as flat int32/int64 arrays (a block table row by row) on the queries' device."""
+    _check(index.dtype in (torch.int32, torch.int64) and index.stride(-1) == 1
+           and index.device == device, f"{name} must be int32 or int64, contiguous in its last dimension, on "
+           f"{device}; got {index.dtype}, strides {index.stride()}, on {index.device}")
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, num_kv_heads: int, head_dim: int,
