@@ -140,8 +140,8 @@ def paged_prefill_attention(
 
     q: [T, Hq, D]; sequence b's queries are rows query_start_loc[b]:query_start_loc[b + 1] ([B + 1] int32), and
     query i of it sits at position seq_lens[b] - q_len_b + i (seq_lens: [B] int32, the keys cached before this
-    step plus the new ones, whose K/V are already stored); max_query_len: the largest q_len_b, or more (it sizes
-    the query tiles). Nothing is read back to the host.
+    step plus the new ones, whose K/V are already stored); max_query_len: the largest q_len_b, a hint that sizes
+    the query tiles (any value is correct). Nothing is read back to the host.
     k_cache, v_cache, block_tables as for `paged_decode_attention`. out: optional [T, Hq, D] of q's dtype.
     Returns [T, Hq, D] in q's dtype.
     """
@@ -153,12 +153,13 @@ def paged_prefill_attention(
            f"seq_lens [B]; got {tuple(block_tables.shape)}, {tuple(query_start_loc.shape)}, {tuple(seq_lens.shape)}")
     _check_indexes(q.device, block_tables=block_tables, query_start_loc=query_start_loc, seq_lens=seq_lens)
     out = _output(q, out)
-    if num_tokens == 0 or num_seqs == 0 or max_query_len <= 0:
+    if num_tokens == 0 or num_seqs == 0:
         return out
     block_d = _block_d(head_dim)
     block_m, block_n, num_warps = _prefill_tiles(block_d, q.dtype)
     # no more rows than the longest sequence's queries fill (a step of short chunks gets short tiles)
-    block_m = max(min(block_m, triton.next_power_of_2(max_query_len * group)), _MIN_DOT, triton.next_power_of_2(group))
+    block_m = min(block_m, triton.next_power_of_2(max(max_query_len, 1) * group))
+    block_m = max(block_m, _MIN_DOT, triton.next_power_of_2(group))
     block_q = block_m // group  # queries per tile
     # Sequence b's tiles are programs qsl[b] // block_q + b onwards: enough for its q_len, and the kernel finds its
     # sequence by a binary search of query_start_loc. At most B programs idle; nothing read back to the host.
