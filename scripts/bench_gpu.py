@@ -42,11 +42,12 @@ from collections.abc import Callable, Sequence  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
 from functools import partial  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any, NoReturn  # noqa: E402
 
 import torch  # noqa: E402
 from bench_engine import _loadavg, environment, verdict, write  # noqa: E402
 from bench_report import (  # noqa: E402
+    DEFAULT_MODEL,
     REPO_ROOT,
     command_line,
     median,
@@ -67,6 +68,7 @@ from lorax_lite.engine.request import OutputKind, Request  # noqa: E402
 JSON_NAME = "benchmarks_gpu"
 PARTS = ("decode", "kernels", "generate")  # the order they run in
 SEED = 0
+FALLBACK_ENGINE = {"attention_backend": "sdpa", "lora_backend": "segment", "enforce_eager": True}  # torch only
 SMOKE_GBPS = 50.0  # the smoke run's bandwidth: made up, flagged as such in its report
 # GPU name (lower case) -> HBM bandwidth in GB/s; every listed word must be in the name; the first match wins.
 HBM_GBPS: list[tuple[tuple[str, ...], float | None]] = [
@@ -249,6 +251,7 @@ class Bench:
     _paths: list[Path] | None = None
     _llm: LLM | None = None
     engine_info: dict[str, Any] = field(default_factory=dict)
+    fallback: str | None = None  # why the engine now runs FALLBACK_ENGINE (the asked-for one failed); None: it did not
 
     @property
     def smoke(self) -> bool:
@@ -279,7 +282,12 @@ class Bench:
                     num_kv_blocks=w.max_batch * (max_len // w.block_size) + 8, block_size=w.block_size,
                     enable_prefix_caching=False, max_loras=w.max_adapters, max_lora_rank=w.rank,
                     max_cpu_loras=w.max_adapters, attention_backend=self.args.attention_backend,
-                    lora_backend=self.args.lora_backend, enforce_eager=self.args.enforce_eager)
+                    lora_backend=self.args.lora_backend, enforce_eager=self.args.enforce_eager) | (
+                        FALLBACK_ENGINE if self.fallback else {})
+
+    @property
+    def can_fall_back(self) -> bool:
+        return self.fallback is None and any(self.engine_kwargs()[k] != v for k, v in FALLBACK_ENGINE.items())
 
     def llm(self) -> LLM:
         """The engine every part shares, with every adapter added (read and validated now)."""
@@ -748,7 +756,11 @@ def engine_line(res: dict[str, Any]) -> str:
     if not info:
         return ""
     kw = ", ".join(f"{k}={v!r}" for k, v in info["kwargs"].items())
-    return (f"Engine: `LLM(model, {kw})`: attention backend **{info['attention_backend']}**, LoRA backend "
+    fallback = res.get("engine_fallback")
+    note = "" if not fallback else (
+        f"**The engine with the asked-for backends failed (`{fallback}`); these figures come from an engine on the "
+        f"torch backends ({', '.join(f'{k}={v!r}' for k, v in FALLBACK_ENGINE.items())}).**\n\n")
+    return note + (f"Engine: `LLM(model, {kw})`: attention backend **{info['attention_backend']}**, LoRA backend "
             f"**{info['lora_backend']}**, started (with its adapters added) in {info['seconds_to_start']:.1f} s.\n")
 
 
@@ -925,6 +937,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto")
         p.add_argument("--lora-backend", choices=LORA_BACKENDS, default="auto")
         p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs in the engine")
+        p.add_argument("--random-weights", action="store_true",
+                       help="random weights in the model's architecture (the default when its directory has none)")
 
     args = parse_bench_args(__doc__.splitlines()[0], JSON_NAME, argv, extra)
     if args.smoke:
@@ -937,9 +951,72 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _usage_error(message: str) -> None:
+def _usage_error(message: str) -> NoReturn:
     print(f"bench_gpu.py: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+# ---------------------------------------------------------------- the model
+
+# models/SmolLM2-135M-Instruct/config.json: what the GPU run benchmarks when the directory did not travel with the
+# working tree (its 538 MB of weights cannot: only 64 MiB does, and the device machine reaches no network).
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, head_dim=64, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                    rope_parameters={"rope_theta": 100000.0, "rope_type": "default"}, tie_word_embeddings=True,
+                    vocab_size=49152, bos_token_id=1, eos_token_id=2, pad_token_id=2, initializer_range=0.02)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 as in SmolLM2
+
+
+def prepare_model(args: argparse.Namespace, tmp: Path) -> tuple[str, str | None]:
+    """The model directory to benchmark and, when its weights are random, a note saying so.
+
+    Decode speed does not depend on the weights' values (greedy tokens, `ignore_eos`), so a directory with a config
+    but no weights (or `--random-weights`) gets random ones, and the default model with no directory at all gets
+    SmolLM2-135M's architecture with a synthetic tokenizer of its vocabulary size.
+    """
+    if args.smoke:
+        return str(tiny_llama(tmp / "tiny-llama")), "a tiny random Llama (smoke run)"
+    path = repo_path(args.model)
+    weights = [f for pattern in ("*.safetensors", "*.bin") for f in path.glob(pattern)] if path.is_dir() else []
+    if weights and not args.random_weights:
+        return str(path), None
+    if (path / "config.json").exists():
+        missing = "" if weights else " (the directory has no weights)"
+        note = f"random weights{missing} in {args.model}'s architecture"
+        return str(random_weights_model(path, tmp / "random-weights")), note
+    if Path(args.model).name == Path(DEFAULT_MODEL).name:
+        return (str(random_weights_model(None, tmp / "random-weights")),
+                f"random weights in SmolLM2-135M's architecture ({args.model} is not here), synthetic tokenizer")
+    _usage_error(f"model directory {args.model} not found (its config.json and tokenizer suffice: random weights)")
+
+
+def random_weights_model(source: Path | None, out: Path) -> Path:
+    """Save a model with random weights: `source`'s config and tokenizer, or SmolLM2-135M's config and a synthetic
+    tokenizer; bf16 on disk (the benchmark's dtype)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig
+
+    config = AutoConfig.from_pretrained(source) if source is not None else LlamaConfig(**SMOLLM2_135M)
+    tok = AutoTokenizer.from_pretrained(source) if source is not None else synthetic_tokenizer(config.vocab_size)
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    if source is not None and (source / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(source)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    print(f"  random-weights model saved to {out}", flush=True)
+    return out
+
+
+def synthetic_tokenizer(vocab_size: int) -> Any:
+    """A word-level tokenizer of exactly `vocab_size` tokens (SmolLM2's special tokens first): any id decodes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)} | {f"t{i}": i for i in range(len(SPECIAL_TOKENS), vocab_size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<|endoftext|>", bos_token="<|im_start|>",
+                                   eos_token="<|im_end|>", pad_token="<|im_end|>")
 
 
 def tiny_llama(out: Path) -> Path:
@@ -1000,8 +1077,18 @@ def run_part(b: Bench, part: str, res: dict[str, Any]) -> None:
         res[part] = {"error": f"{type(exc).__name__}: {exc}"}
         if part != "kernels":
             b.drop_engine()
+        if part == "decode" and b.can_fall_back and not b.budget.part_over(part):
+            b.fallback = res[part]["error"]  # the parts after this one use the fallback engine too
+            print(f"{part}: failed; once more with the torch backends {FALLBACK_ENGINE}", flush=True)
+            try:
+                res[part] = fn(b)
+            except Exception as exc2:
+                traceback.print_exc()
+                res[part] = {"error": f"{type(exc2).__name__}: {exc2} (and before, with the asked-for backends: "
+                                      f"{b.fallback})"}
+                b.drop_engine()
     res[part]["part_seconds"] = time.perf_counter() - start
-    res["engine"] = b.engine_info
+    res["engine"], res["engine_fallback"] = b.engine_info, b.fallback
     free_memory(b.device)
     print(f"{part}: {res[part]['part_seconds']:.0f} s{' (failed)' if 'error' in res[part] else ''}", flush=True)
 
@@ -1032,13 +1119,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     dtype = torch.float32 if args.smoke else torch.bfloat16
     budget = Budget(args.time_budget)
     with tempfile.TemporaryDirectory(prefix="lorax-bench-gpu-") as tmp:
-        model_dir = str(tiny_llama(Path(tmp) / "tiny-llama")) if args.smoke else args.model
+        model_dir, weights_note = prepare_model(args, Path(tmp))
         gpu = gpu_info(device)
         gbps, source = hbm_gbps(gpu["name"], args.hbm_gbps, args.smoke)
         facts = ModelFacts.of(model_dir, dtype, w.rank)
         b = Bench(args, w, device, dtype, model_dir, facts, Path(tmp), budget, gbps, source)
         env = software(environment(model_dir, command_line("bench_gpu.py", argv), device))
         env["dtype"] = str(dtype).removeprefix("torch.")
+        env["model"] = args.model if weights_note is None else f"{args.model}: {weights_note}"
         res: dict[str, Any] = {"env": env, "gpu": gpu, "hbm_gbps": gbps, "hbm_source": source,
                                "workload": asdict(w), "facts": asdict(facts), "smoke": args.smoke, "quick": args.quick,
                                "dtype": env["dtype"], "json_path": args.json, "parts": list(args.parts)}
