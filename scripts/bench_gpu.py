@@ -47,6 +47,7 @@ from typing import Any, NoReturn  # noqa: E402
 import torch  # noqa: E402
 from bench_engine import _loadavg, environment, verdict, write  # noqa: E402
 from bench_report import (  # noqa: E402
+    _SECTION,
     DEFAULT_MODEL,
     REPO_ROOT,
     command_line,
@@ -399,10 +400,10 @@ def run_decode(b: Bench) -> dict[str, Any]:
 
 
 def decode_case(b: Bench, batch: int, n: int, rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """One (batch, adapters) figure: the round of median tokens/s, with its roofline."""
+    """One (batch, adapters) figure: the round of median tokens/s (of two, the faster), with its roofline."""
     for r in rounds:
         r["tok_s"] = r["tokens"] / r["seconds"]
-    mid = sorted(rounds, key=lambda r: r["tok_s"])[(len(rounds) - 1) // 2]
+    mid = sorted(rounds, key=lambda r: r["tok_s"])[len(rounds) // 2]
     return {"batch": batch, "adapters": n, "tok_s": mid["tok_s"], "ms_per_step": 1e3 * mid["seconds"] / mid["steps"],
             "steps": mid["steps"], "rounds": rounds,
             "roofline": roofline(b.facts, b.gbps, mid["steps"], n, mid["kv_token_reads"], mid["seconds"])}
@@ -792,8 +793,8 @@ def render_decode(res: dict[str, Any]) -> str:
 Workload: B requests of {w['prompt_tokens']} random prompt tokens (seeded), each `max_tokens={w['decode_tokens']}`
 greedy with `ignore_eos`, submitted together to `LLMEngine`; the engine is stepped until every request has its first
 token (the prefill), then the decode steps are timed until all finish (`torch.cuda.synchronize` at both ends). The
-round of median tokens/s of {w['repeats']} is shown. Adapters: rank {w['rank']} random PEFT adapters
-({facts['adapter_bytes'] / 1e6:.1f} MB each) on all seven projections; request i uses adapter i mod n (n ≤ B).
+round of median tokens/s of {w['repeats']} is shown (of two, the faster). Adapters: rank {w['rank']} random PEFT
+adapters ({facts['adapter_bytes'] / 1e6:.1f} MB each) on all seven projections; request i uses adapter i mod n (n ≤ B).
 
 Roofline: the bytes a decode step must read from HBM, ÷ the bandwidth: the weights
 ({facts['weight_bytes'] / 1e6:.0f} MB), the A and B of each distinct adapter in the step, and each sequence's K/V
@@ -937,10 +938,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto")
         p.add_argument("--lora-backend", choices=LORA_BACKENDS, default="auto")
         p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs in the engine")
+        p.add_argument("--commit", help="the commit to name in the report when git cannot tell (a copy of the tree)")
+        p.add_argument("--merge-from", metavar="REPORT",
+                       help="only copy the -cuda sections of REPORT (a GPU run's --output) into --output, then exit")
         p.add_argument("--random-weights", action="store_true",
                        help="random weights in the model's architecture (the default when its directory has none)")
 
     args = parse_bench_args(__doc__.splitlines()[0], JSON_NAME, argv, extra)
+    if args.merge_from:
+        return args
     if args.smoke:
         if repo_path(args.output) == repo_path("docs/benchmarks.md"):
             _usage_error("--smoke never writes docs/benchmarks.md; give --out PATH")
@@ -1107,8 +1113,22 @@ def save(b: Bench, res: dict[str, Any], parts: Sequence[str]) -> None:
         write_section(repo_path(b.args.output), section_name(part, b.device), text)
 
 
+def merge_sections(source: Path, report: Path) -> list[str]:
+    """Copy every `-cuda` section of the report `source` into `report`, keeping the others there; their names."""
+    names = []
+    for m in _SECTION.finditer(source.read_text()):
+        if m["name"].endswith("-cuda"):
+            write_section(report, m["name"], m["body"])
+            names.append(m["name"])
+    return names
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.merge_from:
+        names = merge_sections(Path(args.merge_from), repo_path(args.output))
+        print(f"copied {', '.join(names) or 'no -cuda sections'} from {args.merge_from} into {args.output}")
+        return
     random.seed(SEED)
     torch.manual_seed(SEED)
     if args.threads > 0:
@@ -1126,7 +1146,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         b = Bench(args, w, device, dtype, model_dir, facts, Path(tmp), budget, gbps, source)
         env = software(environment(model_dir, command_line("bench_gpu.py", argv), device))
         env["dtype"] = str(dtype).removeprefix("torch.")
-        env["model"] = args.model if weights_note is None else f"{args.model}: {weights_note}"
+        env["model"] = weights_note if args.smoke else args.model if weights_note is None else \
+            f"{args.model}: {weights_note}"
+        if args.commit:
+            env["commit"] = args.commit
         res: dict[str, Any] = {"env": env, "gpu": gpu, "hbm_gbps": gbps, "hbm_source": source,
                                "workload": asdict(w), "facts": asdict(facts), "smoke": args.smoke, "quick": args.quick,
                                "dtype": env["dtype"], "json_path": args.json, "parts": list(args.parts)}

@@ -201,3 +201,18 @@ def test_bench_gpu_bandwidth_table_and_smoke_output_guard(tmp_path):
     assert exc.value.code == 2
     args = bench_gpu.parse_args(["--smoke", "--device", "cpu", "--out", str(tmp_path / "x.md")])
     assert args.json == str(tmp_path / "x.json")
+
+
+def test_bench_gpu_merge_from_copies_only_the_cuda_sections(tmp_path):
+    """A GPU run's report comes back from another machine: --merge-from takes its -cuda sections into ours."""
+    import bench_gpu
+    from bench_report import write_section
+
+    theirs, ours = tmp_path / "theirs.md", tmp_path / "ours.md"
+    write_section(theirs, "engine", "their CPU figures")
+    write_section(theirs, "decode-cuda", "GPU decode figures")
+    write_section(ours, "engine", "our CPU figures")
+    bench_gpu.main(["--merge-from", str(theirs), "--output", str(ours), "--device", "cpu"])
+    report = ours.read_text()
+    assert "GPU decode figures" in report and "our CPU figures" in report and "their CPU figures" not in report
+    assert report.index("section:engine") < report.index("section:decode-cuda")
