@@ -14,9 +14,19 @@ Three parts, each independent (one that fails is reported, and the others still 
    `generate(adapter_names=...)` with 32 adapters in one PeftModel, on the same batch of 64 prompts.
 
 Writes the sections `decode-cuda`, `kernels-cuda` and `generate-cuda` of docs/benchmarks.md and
-docs/benchmarks_gpu_cuda.json; `make bench` runs it when torch sees a GPU. `--smoke` runs the same code paths at toy
-scale on the CPU (a tiny random Llama in float32, Triton kernels in its interpreter, a made-up bandwidth) and writes
-only where `--out` says.
+docs/benchmarks_gpu_cuda.json (after each part, so a run cut short keeps what it measured); `make bench` runs it when
+torch sees a GPU. `--time-budget` (default 270 s) skips, and notes, the cases a part would run past its share of it.
+Decode speed does not depend on the weights' values, so a model directory without weights gets random ones in its
+architecture, and a missing default model SmolLM2-135M's architecture (config built in) with a synthetic tokenizer.
+`--smoke` runs the same code paths at toy scale on the CPU (a tiny random Llama in float32, Triton kernels in its
+interpreter, a made-up bandwidth) and writes only where `--out` says.
+
+On a machine that gets a copy of the tree without .git or the weights, write the report where it comes back from,
+then merge its sections here:
+
+    cp docs/benchmarks.md $OUT/ && python3 scripts/bench_gpu.py --commit <sha> --output $OUT/benchmarks.md \
+        --json $OUT/benchmarks_gpu_cuda.json
+    .venv/bin/python scripts/bench_gpu.py --merge-from <returned>/benchmarks.md   # then copy the JSON into docs/
 """
 
 from __future__ import annotations
