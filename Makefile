@@ -3,7 +3,8 @@
 #   make serve     install, fetch the default model, register adapters/*, serve on 127.0.0.1:8080
 #   make lint      ruff, mypy and the import layering contract on lorax_lite/ (configured in pyproject.toml)
 #   make test      install, lint, fetch the default model, make the client and compose venvs, run the whole test suite
-#   make bench     install, fetch the default model, make the vLLM venv, run the benchmarks -> docs/benchmarks.md (+ .json)
+#   make bench     install, fetch the default model, make the vLLM venv, run the benchmarks -> docs/benchmarks.md (+ .json);
+#                  on a machine where torch sees a GPU, also scripts/bench_gpu.py (the -cuda sections)
 #   make vllm      .venv-vllm/ with vLLM's CPU build (~3.5 GB), the baseline of scripts/bench_vllm.py; not needed by `make test`
 #
 # Debian's chromium (apt) is the browser of tests/test_browser_chat.py; playwright never downloads one.
@@ -94,6 +95,9 @@ bench: fetch-model vllm
 	$(PY) scripts/bench_cluster.py --model $(MODEL_DIR)
 	LORAX_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PY) scripts/bench_vllm.py --model $(MODEL_DIR)
 	$(PY) scripts/bench_profile.py --model $(MODEL_DIR)
+	@if $(PY) -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then \
+	  $(PY) scripts/bench_gpu.py --model $(MODEL_DIR); \
+	else echo "GPU benchmark skipped: torch sees no CUDA GPU (scripts/bench_gpu.py writes the -cuda sections on one)"; fi
 
 clean:
 	rm -rf $(VENV) $(CLIENTS_VENV) $(COMPOSE_VENV) $(VLLM_VENV) build *.egg-info

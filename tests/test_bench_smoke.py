@@ -41,7 +41,8 @@ def test_bench_scripts_quick_run_and_share_one_report(default_model_dir, tmp_pat
     assert "Throughput" in report and "100/10/10" in report and "ratio" in report.lower()
     assert "distinct adapters" in report and "PEFT `load_adapter`" in report
     assert "Adapter cold start: request to first token" in report and "cold: registered, never requested" in report
-    assert "](img/lora_adapters_per_batch.png)" in report and (tmp_path / "img" / "lora_adapters_per_batch.png").stat().st_size > 0
+    assert "](img/lora_adapters_per_batch.png)" in report
+    assert (tmp_path / "img" / "lora_adapters_per_batch.png").stat().st_size > 0
     cold = json.loads((tmp_path / "lora.json").read_text())["cold"]
     assert cold["adapter_cache"]["misses"] == len(cold["seconds"]["cold"])  # each cold request loaded from the store
     assert "over HTTP (seed 000)" in report and "`AsyncClient.generate_many(prompts, concurrency=16)`" in report
@@ -71,7 +72,8 @@ def test_bench_quant_quick_on_the_tiny_model(tiny_llama_dir, tmp_path):
         assert 0 <= a["min"] <= a["mean"] <= 1 and 0 <= a["identical"] <= a["n"] == 4
     ppl = res["quality"]["perplexity"]
     assert ppl["tied_head"] and all(v > 1 for v in ppl["ppl"].values())
-    assert ppl["footprint_bytes"]["int8"] > ppl["footprint_bytes"]["int8_fp32_head"]  # an int8 head beside the embedding
+    # an int8 head beside the embedding
+    assert ppl["footprint_bytes"]["int8"] > ppl["footprint_bytes"]["int8_fp32_head"]
     report = out_md.read_text()
     assert report.count("<!-- section:quant -->") == 1 and "not measured (--quick)" in report
 
@@ -134,3 +136,83 @@ def test_bench_profile_quick_groups_the_ops_of_both_linear_backends(tiny_llama_d
     assert runs["torch"]["ms"].get("linear layers (oneDNN, prepacked)", 0) == 0
     assert abs(sum(runs["torch"]["share"].values()) - 1) < 1e-6
     assert out_md.read_text().count("<!-- section:profile -->") == 1
+
+
+def test_bench_gpu_smoke_runs_every_part_on_the_cpu(tmp_path):
+    """bench_gpu.py --smoke: the GPU benchmark's code paths at toy scale (tiny random Llama, fp32, Triton kernels
+    interpreted when the checkout has them), every section written to --out and none to docs/benchmarks.md."""
+    import importlib.util
+
+    docs = REPO_ROOT / "docs" / "benchmarks.md"
+    docs_before = docs.read_text() if docs.exists() else None
+    out_md = tmp_path / "gpu.md"
+    cmd = [sys.executable, str(REPO_ROOT / "scripts" / "bench_gpu.py"), "--smoke", "--device", "cpu", "--threads", "1",
+           "--out", str(out_md)]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    res = json.loads(out_md.with_suffix(".json").read_text())
+    w, facts = res["workload"], res["facts"]
+    assert not any("error" in res[part] for part in ("decode", "kernels", "generate")), result.stdout[-3000:]
+
+    cases = {(c["batch"], c["adapters"]): c for c in res["decode"]["cases"]}
+    assert set(cases) == {(1, 0), (1, 1), (4, 0), (4, 2)}
+    decode_steps = w["decode_tokens"] - 1  # every request has its first token from the prefill
+    for (batch, n), c in cases.items():
+        assert c["tok_s"] > 0 and c["steps"] == decode_steps and c["rounds"][0]["tokens"] == batch * decode_steps
+        keys = batch * sum(w["prompt_tokens"] + g for g in range(1, w["decode_tokens"]))  # prompt + tokens so far
+        assert c["rounds"][0]["kv_token_reads"] == keys
+        roof = c["roofline"]
+        assert roof["weight_bytes_per_step"] == facts["weight_bytes"] + n * facts["adapter_bytes"]
+        assert roof["measured_over_roofline"] > 0 and roof["roofline_ms_per_step"] > 0
+    assert res["decode"]["bars"]["adapters_vs_base"] > 0 and res["decode"]["bars"]["base_vs_roofline"] > 0
+
+    kernels = res["kernels"]
+    triton_here = {"attention": importlib.util.find_spec("lorax_lite.kernels.paged_attention") is not None,
+                   "lora": importlib.util.find_spec("lorax_lite.kernels.lora") is not None}
+    for op in ("attention", "lora"):
+        impls = [i for row in kernels[op]["rows"] for i in row["impls"]]
+        assert impls and all(i["ms"] > 0 and i["max_abs_err"] < 1e-4 for i in impls), impls  # fp32 vs the reference
+        assert any(i["impl"].startswith("Triton") for i in impls) == triton_here[op]
+        assert (kernels[op]["triton_skipped"] is None) == triton_here[op]
+
+    gen = res["generate"]
+    assert set(gen["tok_s"]) == {"engine_base", "hf_base", "engine_lora", "peft_lora"}
+    assert all(v > 0 for v in gen["tok_s"].values()) and gen["engine_vs_hf"] > 0 and gen["engine_vs_peft"] > 0
+
+    report = out_md.read_text()
+    assert all(report.count(f"<!-- section:{name} -->") == 1 for name in ("decode", "kernels", "generate"))
+    assert "Smoke run (`--smoke`)" in report and "made up for the smoke run" in report
+    assert (docs.read_text() if docs.exists() else None) == docs_before
+
+
+def test_bench_gpu_bandwidth_table_and_smoke_output_guard(tmp_path):
+    import bench_gpu
+
+    assert bench_gpu.hbm_gbps("NVIDIA H200", None, smoke=False)[0] == 4800
+    assert bench_gpu.hbm_gbps("NVIDIA H100 80GB HBM3", None, smoke=False)[0] == 3350
+    assert bench_gpu.hbm_gbps("NVIDIA H100 PCIe", None, smoke=False)[0] == 2000
+    assert bench_gpu.hbm_gbps("NVIDIA A100-SXM4-80GB", None, smoke=False)[0] == 2000
+    assert bench_gpu.hbm_gbps("NVIDIA A100-PCIE-40GB", None, smoke=False)[0] == 1555
+    gh200, why = bench_gpu.hbm_gbps("NVIDIA GH200 480GB", None, smoke=False)
+    assert gh200 is None and "--hbm-gbps" in why
+    assert bench_gpu.hbm_gbps("NVIDIA L4", 300.0, smoke=False) == (300.0, "given with --hbm-gbps")
+    with pytest.raises(SystemExit) as exc:  # --smoke never writes the real report
+        bench_gpu.parse_args(["--smoke", "--device", "cpu"])
+    assert exc.value.code == 2
+    args = bench_gpu.parse_args(["--smoke", "--device", "cpu", "--out", str(tmp_path / "x.md")])
+    assert args.json == str(tmp_path / "x.json")
+
+
+def test_bench_gpu_merge_from_copies_only_the_cuda_sections(tmp_path):
+    """A GPU run's report comes back from another machine: --merge-from takes its -cuda sections into ours."""
+    import bench_gpu
+    from bench_report import write_section
+
+    theirs, ours = tmp_path / "theirs.md", tmp_path / "ours.md"
+    write_section(theirs, "engine", "their CPU figures")
+    write_section(theirs, "decode-cuda", "GPU decode figures")
+    write_section(ours, "engine", "our CPU figures")
+    bench_gpu.main(["--merge-from", str(theirs), "--output", str(ours), "--device", "cpu"])
+    report = ours.read_text()
+    assert "GPU decode figures" in report and "our CPU figures" in report and "their CPU figures" not in report
+    assert report.index("section:engine") < report.index("section:decode-cuda")
