@@ -52,8 +52,8 @@ def make_llm(model_dir: Path, adapter_dirs: dict[str, Path], **settings: object)
 
 
 def generate(llm: LLM) -> list[list[int]]:
-    params = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
-              SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True)]
+    params = [SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True)]
     jobs = [(p, sp, a) for p, a in zip(PROMPTS, ADAPTERS, strict=True) for sp in params]
     outs = llm.generate([p for p, _, _ in jobs], [sp for _, sp, _ in jobs], [a for _, _, a in jobs])
     assert all(o.finish_reason == "length" for o in outs), [o.error for o in outs]
@@ -73,9 +73,11 @@ def test_triton_backends_give_the_reference_tokens(tiny_llama_dir, adapter_dirs,
     llm = make_llm(tiny_llama_dir, adapter_dirs, attention_backend=attention, lora_backend=lora)
     assert llm.engine.attention_backend.name == attention
     assert generate(llm) == reference
-    # again: the prompts' blocks now come from the prefix cache, and the kernels read them in place
-    assert generate(llm) == reference
-    assert llm.engine.block_manager.prefix_cache is not None
+    if attention == lora == "triton":  # again: the prompts' blocks now come from the prefix cache, read in place
+        stats = llm.engine.scheduler.prefix_cache_stats
+        hits = stats.num_hit_tokens
+        assert generate(llm) == reference
+        assert stats.num_hit_tokens > hits
 
 
 def test_decode_graphs_replay_the_reference_tokens(tiny_llama_dir, adapter_dirs, reference):

@@ -35,9 +35,9 @@ class TritonBackend(AttentionBackend):
     graph_capturable = True
 
     def __init__(self) -> None:
-        from lorax_lite.kernels import paged_attention  # imports triton: only once this backend is chosen
+        import lorax_lite.kernels.paged_attention as kernels  # imports triton: only once this backend is chosen
 
-        self.kernels = paged_attention
+        self.kernels = kernels
 
     def host_tensors(self, layout: StepLayout) -> HostTensors:
         tensors = {

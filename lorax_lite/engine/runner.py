@@ -195,7 +195,10 @@ class ModelRunner:
         if self.lora_layers is None or all(r.lora_slot is None for r in batch.requests):
             return None
         seq_slots = [r.lora_slot for r in batch.requests]
-        return LoRAMapping.build(seq_slots, batch.num_new_tokens, self.lora_layers.slot_ranks, self.device)
+        needs_kernel_meta = self.lora_layers.backend.needs_kernel_meta
+        return LoRAMapping.build(
+            seq_slots, batch.num_new_tokens, self.lora_layers.slot_ranks, self.device, kernel_meta=needs_kernel_meta
+        )
 
     def _prepare_inputs(self, batch: ScheduledBatch, block_manager: BlockManager) -> StepInputs:
         """The step's inputs: built on the host, then uploaded in one copy (see engine/staging.py)."""

@@ -119,13 +119,25 @@ class LoRAMapping:
             start += n
             ends.append(start)
         max_rank = max(slot_ranks[s] for s, _, _ in segments)
-        ends_tensor = torch.tensor(ends, dtype=torch.int32, device=device)
+        # the kernels read only `kernel`: then the torch backends' tensors stay on the host (one upload per step)
+        ends_tensor = torch.tensor(ends, dtype=torch.int32, device="cpu" if kernel_meta else device)
         mapping = cls(start, first, len(counts), ends_tensor, segments, max_rank, decode=set(seq_tokens) == {1})
-        mapping._plan_padding(counts, device)
         if kernel_meta:
             token_slots = _token_slots(seq_slots, seq_tokens, num_tokens)
             mapping.kernel = LoRAKernelMeta.build(token_slots, slot_ranks, segments, device)
+        else:
+            mapping._plan_padding(counts, device)
         return mapping
+
+    @classmethod
+    def for_graph(cls, token_slots: torch.Tensor, slot_ranks: torch.Tensor) -> LoRAMapping:
+        """A decode mapping over static device tensors (int32): each row's slot (-1: none) and each slot's rank. A
+        CUDA graph captures TritonLoRABackend's decode kernels with it; each step writes new values into the same
+        tensors (engine/cuda_graphs.py)."""
+        empty = token_slots.new_empty(0)
+        kernel = LoRAKernelMeta(token_slots, slot_ranks, empty, empty, empty, max_segment_len=0)
+        rows = len(token_slots)
+        return cls(rows, 0, len(slot_ranks), empty, [], 0, decode=True, kernel=kernel)
 
     def _plan_padding(self, counts: list[int], device: torch.device) -> None:
         pad_len = max(counts)
