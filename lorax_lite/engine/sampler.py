@@ -54,34 +54,34 @@ class Sampler:
         """
         if logits.dim() != 2 or logits.shape[0] != len(requests):
             raise ValueError(f"logits must be [N, V] with N={len(requests)}, got {tuple(logits.shape)}")
-        raw, errors = self._check_rows(logits.float())  # [N, V], failed rows zeroed
+        raw = logits.float()  # [N, V]
+        # Rows with no usable logits (a NaN, a +inf, or only -inf) fail. Every step below works row by row, so such
+        # a row changes no other; which rows they are is read with the tokens, in the step's one device-to-host copy.
+        bad = ~torch.isfinite(raw.amax(dim=-1))  # [N]; amax is NaN when the row has one
         penalized = self._apply_repetition_penalty(raw, requests)  # [N, V]
-        # [2, N] on the device: the chosen token ids and their log-probs, copied to the host once, at the end
-        # (float64 holds every token id exactly)
-        picked = torch.zeros(2, len(requests), dtype=torch.float64, device=logits.device)
-        live = [i for i in range(len(requests)) if i not in errors]
-        greedy = [i for i in live if requests[i].sampling_params.is_greedy]
-        sampled = [i for i in live if not requests[i].sampling_params.is_greedy]
+        # [3, N] on the device: the chosen token ids, their log-probs and the bad-row flags (float64 holds every
+        # token id exactly)
+        picked = torch.zeros(3, len(requests), dtype=torch.float64, device=logits.device)
+        errors: dict[int, Exception] = {}
+        greedy = [i for i, r in enumerate(requests) if r.sampling_params.is_greedy]
+        sampled = [i for i, r in enumerate(requests) if not r.sampling_params.is_greedy]
         if greedy:
             self._pick_greedy(raw, penalized, greedy, picked)
+        # a failed row's generator is put back as it was, as if the row had never been drawn
+        generators = {i: g for i in sampled if isinstance(g := requests[i].generator, torch.Generator)}
+        states = {i: g.get_state() for i, g in generators.items()}
         if sampled:
             self._pick_sampled(penalized, [requests[i] for i in sampled], sampled, picked, errors)
+        picked[2].copy_(bad)
         on_host = picked.cpu()  # the step's one device-to-host copy
+        for i in on_host[2].nonzero().flatten().tolist():
+            if i in states:
+                generators[i].set_state(states[i])
+            errors[i] = SamplingError("the model's logits for this request are not finite (NaN or inf), so no token "
+                                      "can be sampled; an adapter with NaN or inf weights does this")
+        for i in errors:
+            on_host[0:2, i] = 0
         return SamplerOutput(token_ids=on_host[0].long().tolist(), logprobs=on_host[1].float().tolist(), errors=errors)
-
-    @staticmethod
-    def _check_rows(logits: torch.Tensor) -> tuple[torch.Tensor, dict[int, Exception]]:
-        """Fail the rows with no usable logits (a NaN, a +inf, or only -inf); they are zeroed so that the
-        batched steps below stay finite for everyone."""
-        bad = ~torch.isfinite(logits.amax(dim=-1))  # [N]; amax is NaN when the row has one
-        if not bool(bad.any()):
-            return logits, {}
-        errors: dict[int, Exception] = {
-            i: SamplingError("the model's logits for this request are not finite (NaN or inf), so no token can "
-                             "be sampled; an adapter with NaN or inf weights does this")
-            for i in bad.nonzero().flatten().tolist()
-        }
-        return logits.masked_fill(bad[:, None], 0.0), errors
 
     # -- repetition penalty ---------------------------------------------------------------------
 
@@ -130,7 +130,7 @@ class Sampler:
             picked[0].copy_(chosen)
             picked[1].copy_(lp)
         else:
-            picked[:, rows] = torch.stack([chosen.double(), lp.double()])
+            picked[:2, rows] = torch.stack([chosen.double(), lp.double()])
 
     # -- sampled --------------------------------------------------------------------------------
 
@@ -170,7 +170,7 @@ class Sampler:
         chosen_lp = log_probs.gather(1, chosen[:, None])[:, 0]
         which = torch.tensor(drawn, device=device)
         index = torch.tensor([rows[s] for s in drawn], device=device)
-        picked[:, index] = torch.stack([chosen.double(), chosen_lp.double()])[:, which]
+        picked[:2, index] = torch.stack([chosen.double(), chosen_lp.double()])[:, which]
 
     @staticmethod
     def _draw_noise(noise: torch.Tensor, request: Request) -> None:
