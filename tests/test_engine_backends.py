@@ -147,3 +147,20 @@ def test_the_uploader_copies_once_into_views_of_the_same_shapes():
                                                                                                        [3, 4, 5]]
     assert out["b"].cpu().tolist() == [7, 8] and out["c"].numel() == 0
     assert uploader._pinned.is_pinned()
+
+
+def test_info_reports_the_resolved_backends(tiny_llama_dir):
+    from server_helpers import call
+
+    from lorax_lite import AsyncLLM
+    from lorax_lite.server import create_app
+
+    llm = AsyncLLM(str(tiny_llama_dir), **{**ENGINE, "attention_backend": "triton"})
+    try:
+        info = call(create_app(llm, "tiny"), "GET", "/info").json()
+        assert info["backends"] == {"device": "cpu", "dtype": "float32", "linear": "onednn", "attention": "triton",
+                                    "lora": llm.engine.lora_layers.backend.name, "cuda_graph_batch_sizes": []}
+        assert info["backends"]["lora"] in ("grouped", "segment")  # auto on the CPU: torch's kernels
+        assert info["engine_config"]["attention_backend"] == "triton" and info["engine_config"]["enforce_eager"] is False
+    finally:
+        llm.shutdown()

@@ -113,6 +113,11 @@ class AsyncLLM:
         return self.engine.config
 
     @property
+    def backends(self) -> dict[str, object]:
+        """The engine's resolved device, dtype and backends (see LLMEngine.backends); set at start-up."""
+        return self.engine.backends()
+
+    @property
     def quantization(self) -> QuantizationReport | None:
         """What the base model's quantization did (None: full precision); set at start-up, never changes."""
         return self.engine.quantization

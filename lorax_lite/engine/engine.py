@@ -95,6 +95,17 @@ class LLMEngine:
         self._ids = itertools.count()
         self._requests: dict[str, Request] = {}
 
+    def backends(self) -> dict[str, object]:
+        """How this engine computes, as resolved at start-up from the `auto` settings (shown in /info)."""
+        return {
+            "device": str(self.runner.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "linear": self.linear_backend,
+            "attention": self.attention_backend.name,
+            "lora": None if self.lora_layers is None else self.lora_layers.backend.name,
+            "cuda_graph_batch_sizes": self.decode_graphs,  # [] when decode steps run eagerly
+        }
+
     def _capture_decode_graphs(self, device: torch.device) -> list[int]:
         """On CUDA, unless enforce_eager: capture decode graphs (engine/cuda_graphs.py); their batch sizes, or []."""
         if device.type != "cuda" or self.config.enforce_eager:

@@ -165,6 +165,7 @@ def _token_slots(seq_slots: list[int | None], seq_tokens: list[int], num_tokens:
 class LoRABackend(ABC):
     """Adds each token's LoRA delta to a linear layer's output."""
 
+    name: str  # its name in config.LORA_BACKENDS
     needs_kernel_meta: bool = False  # whether add_delta reads mapping.kernel (LoRAMapping.build(kernel_meta=True))
 
     @abstractmethod
@@ -194,6 +195,8 @@ def add_padded_delta(
 class GroupedMatmulBackend(LoRABackend):
     """Padded bmm for even groups, else two grouped GEMMs (`grouped_mm`) over the slots in use."""
 
+    name = "grouped"
+
     def add_delta(self, y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                   mapping: LoRAMapping) -> None:
         if mapping.pad_len is not None:
@@ -208,6 +211,8 @@ class GroupedMatmulBackend(LoRABackend):
 
 class SegmentBackend(LoRABackend):
     """Padded bmm for even groups, else one matmul pair per slot with tokens (at most max_loras)."""
+
+    name = "segment"
 
     def add_delta(self, y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                   mapping: LoRAMapping) -> None:
@@ -227,6 +232,7 @@ class TritonLoRABackend(LoRABackend):
     row whose slot is not -1.)
     """
 
+    name = "triton"
     needs_kernel_meta = True
 
     def __init__(self) -> None:

@@ -101,6 +101,7 @@ async def info(request: Request) -> dict:
         "replica_id": state.replica_id,  # None: a single server (see docs/deploy.md)
         "max_model_len": state.llm.max_seq_len,  # the effective value, as vLLM reports it
         "engine_config": config,
+        "backends": state.llm.backends,
         "quantization": None if state.llm.quantization is None else state.llm.quantization.to_dict(),
         "limits": dataclasses.asdict(state.limits),
         "auth": {"keys_required": principal.key is not None, "tenant": principal.tenant, "key_id": principal.key_id},
