@@ -8,11 +8,9 @@ from typing import TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from lorax_lite.registry.base import Registry
-from lorax_lite.registry.redis import DEFAULT_PREFIX, RedisRegistry
 from lorax_lite.registry.sqlite import SQLiteRegistry
 from lorax_lite.registry.store import AdapterStore
 from lorax_lite.registry.tenants import TenantStore
-from lorax_lite.registry.tenants_redis import RedisTenantStore
 from lorax_lite.registry.tenants_sqlite import SQLiteTenantStore
 
 DEFAULT_REGISTRY_URL = "sqlite:///data/registry.db"
@@ -35,12 +33,26 @@ def open_registry(url: str | None = None) -> Registry:
     or `redis://host:port/db[?prefix=name]`. Anything else raises ValueError; a registry that
     cannot be opened or reached raises RegistryError naming the URL.
     """
-    return _open(url, SQLiteRegistry, RedisRegistry)
+    return _open(url, SQLiteRegistry, _redis_registry)
 
 
 def open_tenant_store(url: str | None = None) -> TenantStore:
     """The keys and usage kept in the registry at `url` (the same URL forms, file and prefix as `open_registry`)."""
-    return _open(url, SQLiteTenantStore, RedisTenantStore)
+    return _open(url, SQLiteTenantStore, _redis_tenant_store)
+
+
+# redis-py is imported only for a redis:// URL: the engine and the sqlite registry run without it
+
+def _redis_registry(url: str, prefix: str) -> Registry:
+    from lorax_lite.registry.redis import RedisRegistry
+
+    return RedisRegistry(url, prefix)
+
+
+def _redis_tenant_store(url: str, prefix: str) -> TenantStore:
+    from lorax_lite.registry.tenants_redis import RedisTenantStore
+
+    return RedisTenantStore(url, prefix)
 
 
 def _open(url: str | None, sqlite: Callable[[str], T], redis: Callable[[str, str], T]) -> T:
@@ -66,6 +78,8 @@ def _sqlite_path(url: str) -> str:
 
 def _redis_prefix(url: str) -> tuple[str, str]:
     """(`url` without its `prefix=` query parameters, the last prefix given or the default)."""
+    from lorax_lite.registry.redis import DEFAULT_PREFIX
+
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
     prefixes = [value for key, value in query if key == "prefix"]
