@@ -309,12 +309,11 @@ class Bench:
             llm = LLM(self.model_dir, **kwargs)
             for i, path in enumerate(paths):
                 llm.add_adapter(adapter_name(i), path)
-            engine = llm.engine
-            lora_backend = None if engine.lora_layers is None else type(engine.lora_layers.backend).__name__
-            self.engine_info = {"kwargs": kwargs, "attention_backend": engine.attention_backend.name,
-                                "lora_backend": lora_backend, "seconds_to_start": time.perf_counter() - start}
-            print(f"  engine up in {self.engine_info['seconds_to_start']:.1f} s: attention "
-                  f"{engine.attention_backend.name}, LoRA {lora_backend}", flush=True)
+            backends = llm.engine.backends()
+            self.engine_info = {"kwargs": kwargs, "attention_backend": backends["attention"],
+                                "lora_backend": backends["lora"], "backends": backends,
+                                "seconds_to_start": time.perf_counter() - start}
+            print(f"  engine up in {self.engine_info['seconds_to_start']:.1f} s: {backends}", flush=True)
             self._llm = llm
         return self._llm
 
@@ -772,7 +771,9 @@ def engine_line(res: dict[str, Any]) -> str:
         f"**The engine with the asked-for backends failed (`{fallback}`); these figures come from an engine on the "
         f"torch backends ({', '.join(f'{k}={v!r}' for k, v in FALLBACK_ENGINE.items())}).**\n\n")
     return note + (f"Engine: `LLM(model, {kw})`: attention backend **{info['attention_backend']}**, LoRA backend "
-            f"**{info['lora_backend']}**, started (with its adapters added) in {info['seconds_to_start']:.1f} s.\n")
+            f"**{info['lora_backend']}**, CUDA graphs for batch sizes "
+            f"{(info.get('backends') or {}).get('cuda_graph_batch_sizes') or 'none (eager)'}, started (with its "
+            f"adapters added and graphs captured) in {info['seconds_to_start']:.1f} s.\n")
 
 
 def part_failed(res: dict[str, Any], part: str) -> str | None:
