@@ -103,6 +103,9 @@ def test_a_forward_that_reads_device_values_on_the_host_cannot_be_captured():
         factory.capture(lambda: x * int(x.sum().item()))
     with pytest.raises(HostSyncError, match="nonzero"):
         factory.capture(lambda: x.nonzero())
+    with pytest.raises(HostSyncError, match="tolist"):
+        factory.capture(lambda: torch.tensor(x.tolist()))
+    assert x.tolist() == [0, 1, 2, 3]  # refused only during a capture
     graph = factory.capture(lambda: x * 2)
     x += 1  # a replay reads the buffers' new values into the same output tensor
     output = graph.output
@@ -123,6 +126,8 @@ def test_backend_choice_and_refusals(monkeypatch: pytest.MonkeyPatch):
     cpu = torch.device("cpu")
     assert isinstance(select_attention_backend("auto", cpu), SdpaBackend)  # auto: Triton only on CUDA
     assert select_attention_backend("triton", cpu).name == "triton"  # the interpreter is on in the tests
+    with pytest.raises(ValueError, match="block_size that is a power of two, got 12"):
+        select_attention_backend("triton", cpu, block_size=12)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="attention_backend triton needs Triton: .*CUDA device.*TRITON_INTERPRET"):
         select_attention_backend("triton", cpu)
@@ -146,7 +151,6 @@ def test_the_uploader_copies_once_into_views_of_the_same_shapes():
     assert out["a"].device.type == "cuda" and out["a"].shape == (2, 3) and out["a"].cpu().tolist() == [[0, 1, 2],
                                                                                                        [3, 4, 5]]
     assert out["b"].cpu().tolist() == [7, 8] and out["c"].numel() == 0
-    assert uploader._pinned.is_pinned()
 
 
 def test_info_reports_the_resolved_backends(tiny_llama_dir):
@@ -158,9 +162,21 @@ def test_info_reports_the_resolved_backends(tiny_llama_dir):
     llm = AsyncLLM(str(tiny_llama_dir), **{**ENGINE, "attention_backend": "triton"})
     try:
         info = call(create_app(llm, "tiny"), "GET", "/info").json()
-        assert info["backends"] == {"device": "cpu", "dtype": "float32", "linear": "onednn", "attention": "triton",
+        assert info["backends"] == {"device": "cpu", "dtype": "float32", "linear": llm.engine.linear_backend,
+                                    "attention": "triton",
                                     "lora": llm.engine.lora_layers.backend.name, "cuda_graph_batch_sizes": []}
         assert info["backends"]["lora"] in ("grouped", "segment")  # auto on the CPU: torch's kernels
         assert info["engine_config"]["attention_backend"] == "triton" and info["engine_config"]["enforce_eager"] is False
     finally:
         llm.shutdown()
+
+
+@pytest.mark.cuda
+def test_on_a_gpu_replayed_graphs_give_the_reference_tokens(tiny_llama_dir, adapter_dirs):
+    """The real thing: CudaGraphFactory's graphs, the Triton kernels compiled, fp32, against the torch backends."""
+    reference = make_llm(tiny_llama_dir, adapter_dirs, device="cuda", attention_backend="sdpa",
+                         lora_backend="segment", enforce_eager=True)
+    fast = make_llm(tiny_llama_dir, adapter_dirs, device="cuda")
+    assert fast.engine.backends()["attention"] == "triton" and fast.engine.backends()["lora"] == "triton"
+    assert fast.engine.cuda_graph_sizes == [1, 2, 4, 8]
+    assert generate(fast) == generate(reference)

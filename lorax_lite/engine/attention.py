@@ -280,15 +280,20 @@ def _gather_blocks(cache: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
 # ---- choosing and registering ----------------------------------------------------------------------------------
 
 
-def select_attention_backend(name: str, device: torch.device) -> AttentionBackend:
-    """`name` (config.ATTENTION_BACKENDS) for `device`: auto = triton on CUDA when Triton is usable, else sdpa.
-    Raises ValueError when triton is asked for and cannot run (see lorax_lite.kernels)."""
+def select_attention_backend(name: str, device: torch.device, block_size: int = 16) -> AttentionBackend:
+    """`name` (config.ATTENTION_BACKENDS) for `device`: auto = triton on CUDA when Triton is usable (and the block
+    size a power of two, as its kernels need), else sdpa. Raises ValueError when triton is asked for and cannot run
+    (see lorax_lite.kernels)."""
+    power_of_two = block_size > 0 and block_size & (block_size - 1) == 0
     if name == "auto":
-        name = "triton" if device.type == "cuda" and triton_unusable_reason(device) is None else "sdpa"
+        usable = device.type == "cuda" and triton_unusable_reason(device) is None and power_of_two
+        name = "triton" if usable else "sdpa"
     if name == "sdpa":
         return SdpaBackend()
     if name == "triton":
         check_triton(device, "attention_backend triton")
+        if not power_of_two:
+            raise ValueError(f"attention_backend triton needs a block_size that is a power of two, got {block_size}")
         from lorax_lite.engine.attention_triton import TritonBackend  # imports triton: only when chosen
 
         return TritonBackend()

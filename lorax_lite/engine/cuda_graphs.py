@@ -22,16 +22,17 @@ would read a device value on the host (`.item()`, `.tolist()`, `nonzero`...), wh
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lorax_lite.engine.attention import AttentionMetadata, StepLayout, forward_context
+from lorax_lite.engine.attention import AttentionBackend, AttentionMetadata, StepLayout, forward_context
 from lorax_lite.engine.attention_triton import TritonMetadata
 from lorax_lite.engine.kv_cache import KVCache
 from lorax_lite.lora.layers import LoRALayers
@@ -81,8 +82,9 @@ class CudaGraphFactory(GraphFactory):
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up outside the graph: Triton compiles, cuBLAS picks its kernels
-            for _ in range(2):
+            with refusing_host_syncs():  # a clear HostSyncError here rather than a failed capture
                 forward()
+            forward()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
@@ -94,6 +96,27 @@ class CudaGraphFactory(GraphFactory):
 
 class HostSyncError(RuntimeError):
     """A captured forward pass read a device value on the host: a CUDA graph cannot record that."""
+
+
+@contextlib.contextmanager
+def refusing_host_syncs() -> Iterator[None]:
+    """Within: every operation that reads a device value on the host raises HostSyncError. The aten ops below
+    are caught by a dispatch mode; `tolist()` and `numpy()`, which dispatch no aten op on the CPU, are patched."""
+
+    def refuse(name: str) -> Callable[..., Any]:
+        def refused(*args: Any, **kwargs: Any) -> Any:
+            raise HostSyncError(f"Tensor.{name}() reads device values on the host; a CUDA graph cannot capture it")
+        return refused
+
+    originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+    try:
+        for name in originals:
+            setattr(torch.Tensor, name, refuse(name))
+        with _RefuseHostSyncs():
+            yield
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
 
 
 class _RefuseHostSyncs(TorchDispatchMode):
@@ -108,33 +131,29 @@ class _RefuseHostSyncs(TorchDispatchMode):
 
 
 class _EagerGraph(CapturedGraph):
-    def __init__(self, forward: Forward, output: torch.Tensor) -> None:
-        self.forward, self.output = forward, output
+    def __init__(self, forward: Forward, output: torch.Tensor, factory: CheckedEagerFactory) -> None:
+        self.forward, self.output, self.factory = forward, output, factory
 
     def replay(self) -> None:
+        self.factory.replays += 1
         self.output.copy_(self.forward())
 
 
 class CheckedEagerFactory(GraphFactory):
     """A graph without a GPU: "replay" runs the forward pass again into the same output tensor. "Capture" runs it
-    once with every host read of a device value refused, so the CPU tests catch what would break a real capture."""
+    once with every host read of a device value refused (`refusing_host_syncs`), so the CPU tests catch much of
+    what would break a real capture. Not all: on the CPU, a host-to-device copy inside the forward pass (a
+    `torch.tensor(..., device=...)`, which a graph would record as a constant) is invisible."""
 
     def __init__(self) -> None:
         self.captures = 0
         self.replays = 0
 
     def capture(self, forward: Forward) -> CapturedGraph:
-        with _RefuseHostSyncs():
+        with refusing_host_syncs():
             output = forward()
         self.captures += 1
-        factory = self
-
-        class Counted(_EagerGraph):
-            def replay(self) -> None:
-                factory.replays += 1
-                super().replay()
-
-        return Counted(forward, output)
+        return _EagerGraph(forward, output, self)
 
 
 @dataclass
@@ -157,7 +176,7 @@ class DecodeGraphs:
         self,
         model: torch.nn.Module,
         kv_cache: KVCache,
-        attention: Any,
+        attention: AttentionBackend,
         lora_layers: LoRALayers | None,
         max_batch: int,
         max_blocks_per_seq: int,
@@ -165,7 +184,7 @@ class DecodeGraphs:
         device: torch.device,
         factory: GraphFactory,
     ) -> None:
-        if not getattr(attention, "graph_capturable", False):
+        if not attention.graph_capturable:
             raise ValueError(f"attention backend {attention.name!r} cannot be captured in a CUDA graph")
         if lora_layers is not None and not lora_layers.backend.needs_kernel_meta:
             raise ValueError("CUDA graphs with LoRA need lora_backend triton (its decode kernel reads tensors only)")
@@ -179,8 +198,9 @@ class DecodeGraphs:
         self._host_buffer = torch.zeros(total, dtype=torch.int32, pin_memory=device.type == "cuda")
         self.static = _StaticInputs(**self._views(self._device_buffer))
         self._host = _StaticInputs(**self._views(self._host_buffer))
-        self._reset_host(max_batch)
+        self._reset_host(0, max_batch)
         self._device_buffer.copy_(self._host_buffer)
+        self._copied: torch.cuda.Event | None = None  # the last upload from the host buffer (CUDA only)
         self.graphs: dict[int, CapturedGraph] = {}
 
     @staticmethod
@@ -197,14 +217,14 @@ class DecodeGraphs:
             offset += numel
         return views
 
-    def _reset_host(self, rows: int) -> None:
-        """Padding in the host buffer's first `rows` rows: nothing written, nothing attended, no adapter."""
+    def _reset_host(self, start: int, end: int) -> None:
+        """Padding in rows [start, end) of the host buffer: nothing written, nothing attended, no adapter. (A row's
+        block-table entries past its length are never read, so they need no reset.)"""
         h = self._host
         for t in (h.input_ids, h.positions, h.seq_lens):
-            t[:rows] = 0
-        h.kv_rows[:rows] = -1
-        h.token_slots[:rows] = -1
-        h.block_tables[:rows] = 0
+            t[start:end] = 0
+        h.kv_rows[start:end] = -1
+        h.token_slots[start:end] = -1
 
     # ---- capture ------------------------------------------------------------------------------------------------
 
@@ -258,7 +278,9 @@ class DecodeGraphs:
         num_seqs = len(seq_slots)
         size = self.sizes[bisect.bisect_left(self.sizes, num_seqs)]
         h = self._host
-        self._reset_host(size)
+        if self._copied is not None:  # the previous step's upload must have left the host buffer before it changes
+            self._copied.synchronize()
+        self._reset_host(num_seqs, size)
         h.input_ids[:num_seqs] = token_ids
         h.positions[:num_seqs] = positions
         h.kv_rows[:num_seqs] = layout.kv_rows
@@ -270,6 +292,9 @@ class DecodeGraphs:
         # the step's one host-to-device copy: everything but the block tables' rows past this bucket (last section)
         used = self._device_buffer.numel() - self.static.block_tables.numel() + size * self.max_blocks
         self._device_buffer[:used].copy_(self._host_buffer[:used], non_blocking=True)
+        if self.device.type == "cuda":
+            self._copied = torch.cuda.Event()
+            self._copied.record()
         graph = self.graphs[size]
         graph.replay()
         return graph.output[:num_seqs]

@@ -74,11 +74,11 @@ class LLMEngine:
             pack_linears(model)  # after LoRA too: the LoRALinears' base layers are packed
         plan = plan_kv_cache(config, ModelShape.of(model), self.dtype)
         self.max_seq_len = plan.max_seq_len  # the longest prompt + output served (see max_model_len)
-        self.attention_backend = select_attention_backend(config.attention_backend, param.device)
+        self.attention_backend = select_attention_backend(config.attention_backend, param.device, config.block_size)
         self.runner = ModelRunner(
             model, plan.num_blocks, config.block_size, self.lora_layers, attention=self.attention_backend
         )
-        self.decode_graphs = self._capture_decode_graphs(param.device)
+        self.cuda_graph_sizes = self._capture_decode_graphs(param.device)
         self.block_manager = BlockManager(plan.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.block_manager,
@@ -103,7 +103,7 @@ class LLMEngine:
             "linear": self.linear_backend,
             "attention": self.attention_backend.name,
             "lora": None if self.lora_layers is None else self.lora_layers.backend.name,
-            "cuda_graph_batch_sizes": self.decode_graphs,  # [] when decode steps run eagerly
+            "cuda_graph_batch_sizes": self.cuda_graph_sizes,  # [] when decode steps run eagerly
         }
 
     def _capture_decode_graphs(self, device: torch.device) -> list[int]:
@@ -114,7 +114,15 @@ class LLMEngine:
         if not (self.attention_backend.graph_capturable and lora_ok):
             logger.info("decode steps run eagerly: CUDA graphs need attention_backend and lora_backend triton")
             return []
-        graphs = self.runner.enable_decode_graphs(CudaGraphFactory(), self.config.max_num_seqs, self.max_seq_len)
+        try:
+            graphs = self.runner.enable_decode_graphs(CudaGraphFactory(), self.config.max_num_seqs, self.max_seq_len)
+        except Exception as exc:  # a model whose forward cannot be captured is still served, eagerly
+            logger.warning("decode steps run eagerly: capturing CUDA graphs failed (%s: %s); enforce_eager skips "
+                           "the attempt", type(exc).__name__, exc)
+            self.runner.graphs = None
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+            return []
         return graphs.sizes
 
     def _init_lora(self, model: PreTrainedModel, registry: Registry | None, store: AdapterStore | None) -> None:

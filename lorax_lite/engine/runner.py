@@ -10,6 +10,7 @@ memory, say) thus costs no request at all.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -115,14 +116,20 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch, block_manager: BlockManager) -> StepOutput:
         """A token for each of `batch.sampling_requests`, or the error of each request that failed: its row could
         not be sampled, or its forward pass raised even alone (ForwardError)."""
-        try:
-            return self._run_once(batch, block_manager)
-        except Exception as exc:
-            if len(batch.requests) == 1:
-                return self._failed_alone(batch, exc)
-            logger.warning("forward pass of %d requests failed (%s: %s); running it again in halves to find the "
-                           "requests it fails for", len(batch.requests), type(exc).__name__, exc)
-            return self._bisect(batch, block_manager)
+        with self._on_device():
+            try:
+                return self._run_once(batch, block_manager)
+            except Exception as exc:
+                if len(batch.requests) == 1:
+                    return self._failed_alone(batch, exc)
+                logger.warning("forward pass of %d requests failed (%s: %s); running it again in halves to find "
+                               "the requests it fails for", len(batch.requests), type(exc).__name__, exc)
+                return self._bisect(batch, block_manager)
+
+    def _on_device(self) -> contextlib.AbstractContextManager:
+        """The model's GPU as the current CUDA device (Triton kernels and graphs launch on the current one, and
+        the engine thread's is cuda:0 whatever the model's is); nothing on the CPU."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     def _bisect(self, batch: ScheduledBatch, block_manager: BlockManager) -> StepOutput:
         outputs = []
@@ -157,7 +164,7 @@ class ModelRunner:
             self.model, self.kv_cache, self.attention, self.lora_layers, max_batch,
             -(-max_seq_len // self.block_size), self.block_size, self.device, factory,
         )
-        with torch.inference_mode():
+        with torch.inference_mode(), self._on_device():
             graphs.capture()
         self.graphs = graphs
         return graphs
@@ -165,13 +172,9 @@ class ModelRunner:
     def _run_once(self, batch: ScheduledBatch, block_manager: BlockManager) -> StepOutput:
         ordered = self._group_by_lora_slot(batch)
         requests = ordered.sampling_requests
-        if self.graphs is not None and len(requests) == len(ordered.requests):
-            layout, token_ids, positions = self._layout(ordered, block_manager)
-            if self.graphs.fits(layout):
-                slot_ranks = self.lora_layers.slot_ranks if self.lora_layers is not None else []
-                seq_slots = [r.lora_slot for r in ordered.requests]
-                logits = self.graphs.run(layout, token_ids, positions, seq_slots, slot_ranks)
-                return StepOutput.of(requests, self.sampler(logits, requests))
+        logits = self._run_graph(ordered, block_manager)
+        if logits is not None:
+            return StepOutput.of(requests, self.sampler(logits, requests))
         inputs = self._prepare_inputs(ordered, block_manager)
         with forward_context(inputs.attention), lora_context(inputs.lora):
             out = self.model(
@@ -181,6 +184,18 @@ class ModelRunner:
                 logits_to_keep=inputs.logits_indices,
             )
         return StepOutput.of(requests, self.sampler(out.logits[0], requests))
+
+    def _run_graph(self, batch: ScheduledBatch, block_manager: BlockManager) -> torch.Tensor | None:
+        """The logits [S, V] of a decode step replayed from a CUDA graph; None when the step must run eagerly."""
+        if self.graphs is None or not all(batch.samples(i) for i in range(len(batch.requests))):
+            return None
+        if any(n != 1 for n in batch.num_new_tokens) or len(batch.requests) > self.graphs.sizes[-1]:
+            return None  # checked before the layout is built: it would be built again for the eager step
+        layout, token_ids, positions = self._layout(batch, block_manager)
+        if not self.graphs.fits(layout):
+            return None
+        slot_ranks = self.lora_layers.slot_ranks if self.lora_layers is not None else []
+        return self.graphs.run(layout, token_ids, positions, [r.lora_slot for r in batch.requests], slot_ranks)
 
     @staticmethod
     def _group_by_lora_slot(batch: ScheduledBatch) -> ScheduledBatch:

@@ -29,6 +29,9 @@ def triton_unusable_reason(device: torch.device) -> str | None:
     if not triton_available():
         return "the triton package is not installed (it comes with CUDA builds of torch; or pip install triton)"
     if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:  # bf16 tensor-core dots, and what Triton's recent releases support
+            return f"the kernels need a GPU of compute capability 8.0 or newer, this one is {major}.{minor}"
         return None
     if interpreting():
         return None

@@ -31,9 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lorax_lite.config import LORA_BACKENDS
 from lorax_lite.kernels import check_triton, triton_unusable_reason
-
-LORA_BACKENDS = ("auto", "grouped", "segment", "triton")
 
 
 @dataclass
