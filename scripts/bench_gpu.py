@@ -491,32 +491,13 @@ def attention_inputs(b: Bench, batch: int, context: int) -> dict[str, Any]:
 
 def sdpa_decode_fn(x: dict[str, Any], block_size: int) -> tuple[str, Callable[[], torch.Tensor]]:
     """The SDPA backend's decode attention (engine/attention.py `_attend_group`: gather the blocks, then SDPA)."""
+    from lorax_lite.engine.attention import AttentionGroup, _attend_group
+
     q, tables = x["q"], x["tables"]
-    try:
-        from lorax_lite.engine.attention import AttentionGroup, _attend_group
-
-        group = AttentionGroup(q_index=None, block_tables=tables, q_pos=(x["seq_lens"].long() - 1)[:, None],
-                               valid=None, dest=None, block_size=block_size)
-        group.mask(None)  # built once per step in the engine, shared by every layer
-        return "SDPA backend (gather + SDPA)", lambda: _attend_group(q, x["k"], x["v"], group, x["scale"], None)
-    except (ImportError, TypeError):  # its internals changed: the same computation written out here
-        import torch.nn.functional as F
-
-        batch, heads, dim = q.shape
-        kv_heads = x["k"].shape[1]
-        keys = torch.arange(tables.shape[1] * block_size, device=q.device)
-        mask = (keys[None, :] < x["seq_lens"][:, None])[:, None, None, :]  # [B, 1, 1, L]
-
-        def gather(cache: torch.Tensor) -> torch.Tensor:
-            rows = cache.view(-1, block_size * kv_heads * dim).index_select(0, tables.reshape(-1))
-            return rows.view(batch, -1, kv_heads, dim).transpose(1, 2)
-
-        def run() -> torch.Tensor:
-            out = F.scaled_dot_product_attention(q[:, :, None], gather(x["k"]), gather(x["v"]), attn_mask=mask,
-                                                 scale=x["scale"], enable_gqa=kv_heads != heads)
-            return out[:, :, 0]
-
-        return "gather + SDPA (written out in bench_gpu.py)", run
+    group = AttentionGroup(q_index=None, block_tables=tables, q_pos=(x["seq_lens"].long() - 1)[:, None],
+                           valid=None, dest=None, block_size=block_size)
+    group.mask(None)  # built once per step in the engine, shared by every layer
+    return "SDPA backend (gather + SDPA)", lambda: _attend_group(q, x["k"], x["v"], group, x["scale"], None)
 
 
 def attention_reference(x: dict[str, Any], block_size: int) -> torch.Tensor:
@@ -592,16 +573,11 @@ def lora_impls(b: Bench, li: dict[str, Any]) -> tuple[list[tuple[str, Any, Any]]
     impls: list[tuple[str, Any, Any]] = []
     reason = missing_reason("lorax_lite.kernels.lora", b.device)
     if reason is None:
-        try:
-            from lorax_lite.lora.ops import TritonLoRABackend  # type: ignore[attr-defined]
+        from lorax_lite.lora.ops import TritonLoRABackend
 
-            kmap = LoRAMapping.build(li["seq_slots"], tokens, li["ranks"], b.device, kernel_meta=True)  # type: ignore[call-arg]
-            impls.append(("Triton backend, BGMV (decode steps)", TritonLoRABackend(), kmap))
-            if hasattr(kmap, "decode"):
-                impls.append(("Triton backend, SGMV (segments)", TritonLoRABackend(),
-                              dataclasses.replace(kmap, decode=False)))
-        except (ImportError, TypeError) as exc:
-            reason = f"TritonLoRABackend or LoRAMapping.build(kernel_meta=True) is not in this checkout ({exc})"
+        kmap = LoRAMapping.build(li["seq_slots"], tokens, li["ranks"], b.device, kernel_meta=True)
+        impls.append(("Triton backend, BGMV (decode steps)", TritonLoRABackend(), kmap))
+        impls.append(("Triton backend, SGMV (segments)", TritonLoRABackend(), dataclasses.replace(kmap, decode=False)))
     impls += [("GroupedMatmulBackend / SegmentBackend on a decode step (padded bmm)", GroupedMatmulBackend(), mapping),
               ("GroupedMatmulBackend, grouped_mm path (uneven steps)", GroupedMatmulBackend(), unpadded),
               ("SegmentBackend, matmul pair per adapter (uneven steps)", SegmentBackend(), unpadded)]
