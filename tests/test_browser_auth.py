@@ -91,6 +91,7 @@ def test_a_wrong_key_is_not_accepted_and_not_kept(page, deployment):
         enter_key(page, wrong)
         expect(page.locator("#key-error")).to_have_text("That key was not accepted.")
         expect(page.locator("#key-form")).to_be_visible()
+        page.wait_for_function(f"sessionStorage.getItem({KEY_STORAGE!r}) === null", timeout=5000)
         assert stored_key(page) is None and page.locator("a.card").count() == 0
 
 

@@ -81,6 +81,8 @@
     sessionStorage.setItem(STORAGE, key);
     input.value = "";
     submit.disabled = true;
+    errorBox.textContent = ""; // the last key's error is not this one's
+    errorBox.hidden = true;
     show(location.href, false);
   });
 
