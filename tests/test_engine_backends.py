@@ -139,7 +139,7 @@ def test_backend_choice_and_refusals(monkeypatch: pytest.MonkeyPatch):
 def test_the_uploader_passes_host_tensors_through_on_the_cpu():
     uploader = StepUploader(torch.device("cpu"))
     tensors = {"a": torch.arange(6).view(2, 3), "b": torch.tensor([1, 2], dtype=torch.int32)}
-    out = uploader.upload(tensors)
+    (out,) = uploader.upload(tensors)
     assert out["a"] is tensors["a"] and out["b"].dtype == torch.int64 and out["b"].tolist() == [1, 2]
 
 
@@ -147,7 +147,7 @@ def test_the_uploader_passes_host_tensors_through_on_the_cpu():
 def test_the_uploader_copies_once_into_views_of_the_same_shapes():
     uploader = StepUploader(torch.device("cuda"))
     tensors = {"a": torch.arange(6).view(2, 3), "b": torch.tensor([7, 8], dtype=torch.int32), "c": torch.tensor([])}
-    out = uploader.upload(tensors)
+    (out,) = uploader.upload(tensors)
     assert out["a"].device.type == "cuda" and out["a"].shape == (2, 3) and out["a"].cpu().tolist() == [[0, 1, 2],
                                                                                                        [3, 4, 5]]
     assert out["b"].cpu().tolist() == [7, 8] and out["c"].numel() == 0

@@ -184,10 +184,9 @@ class DecodeGraphs:
         device: torch.device,
         factory: GraphFactory,
     ) -> None:
-        if not attention.graph_capturable:
-            raise ValueError(f"attention backend {attention.name!r} cannot be captured in a CUDA graph")
-        if lora_layers is not None and not lora_layers.backend.needs_kernel_meta:
-            raise ValueError("CUDA graphs with LoRA need lora_backend triton (its decode kernel reads tensors only)")
+        reason = self.unsupported_reason(attention, lora_layers)
+        if reason is not None:
+            raise ValueError(reason)
         self.model, self.kv_cache, self.attention, self.lora_layers = model, kv_cache, attention, lora_layers
         self.block_size, self.device, self.factory = block_size, device, factory
         self.sizes = graph_batch_sizes(max_batch)
@@ -202,6 +201,15 @@ class DecodeGraphs:
         self._device_buffer.copy_(self._host_buffer)
         self._copied: torch.cuda.Event | None = None  # the last upload from the host buffer (CUDA only)
         self.graphs: dict[int, CapturedGraph] = {}
+
+    @staticmethod
+    def unsupported_reason(attention: AttentionBackend, lora_layers: LoRALayers | None) -> str | None:
+        """None when these backends can be captured; else why not, as a sentence."""
+        if not attention.graph_capturable:
+            return f"attention backend {attention.name!r} cannot be captured in a CUDA graph"
+        if lora_layers is not None and not lora_layers.backend.needs_kernel_meta:
+            return "CUDA graphs with LoRA need lora_backend triton (its decode kernel reads tensors only)"
+        return None
 
     @staticmethod
     def _layout(rows: int, slots: int, blocks: int) -> list[tuple[str, int, tuple[int, ...]]]:
@@ -257,14 +265,10 @@ class DecodeGraphs:
 
     # ---- replay -------------------------------------------------------------------------------------------------
 
-    def fits(self, layout: StepLayout) -> bool:
-        """Whether a step can replay a graph: decode-only, at most the largest bucket, block tables that fit."""
-        return (
-            bool(self.graphs)
-            and layout.is_decode
-            and len(layout.num_new) <= self.sizes[-1]
-            and layout.block_tables.shape[1] <= self.max_blocks
-        )
+    def fits(self, num_new_tokens: list[int]) -> bool:
+        """Whether a step of sequences computing these token counts may replay a graph: decode-only (one token
+        each), at most the largest bucket. (Its block tables must also be at most `max_blocks` wide.)"""
+        return bool(self.graphs) and len(num_new_tokens) <= self.sizes[-1] and all(n == 1 for n in num_new_tokens)
 
     def run(
         self,
@@ -274,7 +278,8 @@ class DecodeGraphs:
         seq_slots: list[int | None],
         slot_ranks: list[int],
     ) -> torch.Tensor:
-        """The logits [S, V] of a decode step that `fits`: its inputs copied into the static buffers, then a replay."""
+        """The logits [S, V] of a decode step that `fits` (and whose block tables do): its inputs copied into the
+        static buffers, then a replay."""
         num_seqs = len(seq_slots)
         size = self.sizes[bisect.bisect_left(self.sizes, num_seqs)]
         h = self._host

@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lorax_lite.config import EngineConfig
 from lorax_lite.engine.attention import select_attention_backend
 from lorax_lite.engine.catalog import AdapterCatalog, ResolvedAdapter
-from lorax_lite.engine.cuda_graphs import CudaGraphFactory
+from lorax_lite.engine.cuda_graphs import CudaGraphFactory, DecodeGraphs
 from lorax_lite.engine.kv_cache import BlockManager, ModelShape, plan_kv_cache
 from lorax_lite.engine.output import OutputProcessor
 from lorax_lite.engine.request import FinishReason, OutputKind, Request, RequestOutput, SamplingParams
@@ -110,9 +110,9 @@ class LLMEngine:
         """On CUDA, unless enforce_eager: capture decode graphs (engine/cuda_graphs.py); their batch sizes, or []."""
         if device.type != "cuda" or self.config.enforce_eager:
             return []
-        lora_ok = self.lora_layers is None or self.lora_layers.backend.needs_kernel_meta
-        if not (self.attention_backend.graph_capturable and lora_ok):
-            logger.info("decode steps run eagerly: CUDA graphs need attention_backend and lora_backend triton")
+        reason = DecodeGraphs.unsupported_reason(self.attention_backend, self.lora_layers)
+        if reason is not None:
+            logger.info("decode steps run eagerly: %s", reason)
             return []
         try:
             graphs = self.runner.enable_decode_graphs(CudaGraphFactory(), self.config.max_num_seqs, self.max_seq_len)

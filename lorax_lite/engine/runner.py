@@ -187,15 +187,16 @@ class ModelRunner:
 
     def _run_graph(self, batch: ScheduledBatch, block_manager: BlockManager) -> torch.Tensor | None:
         """The logits [S, V] of a decode step replayed from a CUDA graph; None when the step must run eagerly."""
-        if self.graphs is None or not all(batch.samples(i) for i in range(len(batch.requests))):
+        graphs = self.graphs
+        if graphs is None or not graphs.fits(batch.num_new_tokens):  # before the layout: an eager step builds its own
             return None
-        if any(n != 1 for n in batch.num_new_tokens) or len(batch.requests) > self.graphs.sizes[-1]:
-            return None  # checked before the layout is built: it would be built again for the eager step
+        if not all(batch.samples(i) for i in range(len(batch.requests))):  # a one-token chunk of a long prompt
+            return None
         layout, token_ids, positions = self._layout(batch, block_manager)
-        if not self.graphs.fits(layout):
+        if layout.block_tables.shape[1] > graphs.max_blocks:
             return None
         slot_ranks = self.lora_layers.slot_ranks if self.lora_layers is not None else []
-        return self.graphs.run(layout, token_ids, positions, [r.lora_slot for r in batch.requests], slot_ranks)
+        return graphs.run(layout, token_ids, positions, [r.lora_slot for r in batch.requests], slot_ranks)
 
     @staticmethod
     def _group_by_lora_slot(batch: ScheduledBatch) -> ScheduledBatch:
@@ -220,16 +221,13 @@ class ModelRunner:
         layout, token_ids, positions = self._layout(batch, block_manager)
         sampling = torch.tensor([batch.samples(i) for i in range(len(batch.requests))])
         logits_indices = (layout.starts + layout.num_new - 1)[sampling]
-        attention = self.attention.host_tensors(layout)
         host = {"input_ids": token_ids, "positions": positions, "logits_indices": logits_indices}
-        uploaded = self.uploader.upload(host | {f"attention.{k}": v for k, v in attention.items()})
-        prefix = len("attention.")
-        on_device = {k[prefix:]: v for k, v in uploaded.items() if k.startswith("attention.")}
+        uploaded, attention = self.uploader.upload(host, self.attention.host_tensors(layout))
         return StepInputs(
             input_ids=uploaded["input_ids"].unsqueeze(0),
             position_ids=uploaded["positions"].unsqueeze(0),
             logits_indices=uploaded["logits_indices"],
-            attention=AttentionMetadata(self.kv_cache, self.attention, self.attention.metadata(layout, on_device)),
+            attention=AttentionMetadata(self.kv_cache, self.attention, self.attention.metadata(layout, attention)),
             lora=self._prepare_lora(batch),
         )
 

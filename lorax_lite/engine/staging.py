@@ -23,16 +23,20 @@ class StepUploader:
         self.device = device
         self.on_host = device.type == "cpu"
 
-    def upload(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The same tensors (any integer dtype, any shape) on the device, as int64, under the same names."""
+    def upload(self, *groups: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """The same tensors (any integer dtype, any shape) on the device, as int64, in the same groups and names:
+        every group in the one copy."""
         if self.on_host:
-            return {name: t.to(torch.int64) for name, t in tensors.items()}
-        total = sum(t.numel() for t in tensors.values())
-        buffer = torch.empty(total, dtype=torch.int64, pin_memory=True)
-        torch.cat([t.reshape(-1).to(torch.int64) for t in tensors.values()], out=buffer)
+            return [{name: t.to(torch.int64) for name, t in group.items()} for group in groups]
+        tensors = [t for group in groups for t in group.values()]
+        buffer = torch.empty(sum(t.numel() for t in tensors), dtype=torch.int64, pin_memory=True)
+        torch.cat([t.reshape(-1).to(torch.int64) for t in tensors], out=buffer)
         on_device = buffer.to(self.device, non_blocking=True)
-        out, offset = {}, 0
-        for name, t in tensors.items():
-            out[name] = on_device[offset : offset + t.numel()].view(t.shape)
-            offset += t.numel()
+        out, offset = [], 0
+        for group in groups:
+            views = {}
+            for name, t in group.items():
+                views[name] = on_device[offset : offset + t.numel()].view(t.shape)
+                offset += t.numel()
+            out.append(views)
         return out
