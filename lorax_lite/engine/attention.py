@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -190,7 +191,7 @@ class SdpaBackend(AttentionBackend):
                 dest=tensors.get(f"{g}.dest"),
                 block_size=layout.block_size,
             )
-            for g in range(len(self._groups(layout)))
+            for g in itertools.takewhile(lambda g: f"{g}.block_tables" in tensors, itertools.count())
         ]
         return SdpaMetadata(tensors["kv_rows"], groups)
 
